@@ -1,0 +1,220 @@
+"""Run configuration: plain dataclasses, mirrored by YAML files in `configs/`.
+
+Precedence: dataclass defaults < YAML file (`--config`) < dotted overrides (`--set a.b=v`) < explicit CLI flags.
+The resolved config is saved in each run's manifest so the run can be repeated exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import InputError
+
+
+@dataclass
+class IngestConfig:
+    """How a folder becomes a list of images."""
+
+    follow_symlinks: bool = True
+    max_pixels: int = 100_000_000  # decompression-bomb limit (width * height)
+    min_side: int = 1
+    gt_csv: str | None = None  # optional CSV path,label of ground truth
+    dedupe: bool = False  # label byte-identical files once and copy the label
+
+
+@dataclass
+class BackboneConfig:
+    """Which network gives the features, and how it runs."""
+
+    name: str = "mobilenet_v2"
+    weights: str | None = None
+    image_size: int | None = None  # None: the backbone's own
+    batch_size: int = 64
+    num_workers: int = -1  # -1: min(4, cpu count)
+    amp: str = "auto"  # auto | bf16 | fp32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    cache_dir: str | None = None  # None: $SELFLABEL_CACHE or ~/.cache/selflabel
+
+
+@dataclass
+class ClusterConfig:
+    """Image-level pseudo-labelling."""
+
+    method: str = "sinkhorn"  # sinkhorn | sela | swav | kmeans
+    k: int | None = None  # None: chosen from N (see cluster.default_k)
+    heads: list[int] = field(default_factory=list)  # extra heads (SeLa hierarchy), e.g. [50, 100]
+    eps: float = 0.05  # Sinkhorn entropic regularisation on cosine scores
+    temperature: float = 0.1  # softmax temperature for confidences
+    iters: int = 30  # alternations of assignment and prototype update
+    finetune: bool = False  # end-to-end training of the backbone (SeLa/SwAV)
+    prior: list[float] | None = None  # optional cluster-size prior (sums to 1), length k
+
+
+@dataclass
+class SelaConfig:
+    """SeLa (Asano et al., ICLR 2020) on frozen features or end-to-end."""
+
+    epochs: int = 30
+    label_updates: int = 10  # number of Sinkhorn label re-optimisations over the schedule
+    lamb: float = 25.0  # SeLa's lambda: P ** lamb, i.e. eps = 1 / lamb on log-probabilities
+    lr: float = 0.05
+    weight_decay: float = 1e-5
+    batch_size: int = 256
+    hidden_dim: int = 512
+    feature_noise: float = 0.05  # augmentation in frozen-feature mode
+    finetune_epochs: int = 2
+    finetune_lr: float = 1e-4
+
+
+@dataclass
+class SwavConfig:
+    """SwAV (Caron et al., NeurIPS 2020)."""
+
+    epochs: int = 30
+    lr: float = 0.05
+    weight_decay: float = 1e-6
+    batch_size: int = 256
+    eps: float = 0.05
+    sinkhorn_iters: int = 3
+    temperature: float = 0.1
+    hidden_dim: int = 512
+    proj_dim: int = 128
+    queue_length: int = 0  # 0: automatic (enabled when batch_size < 4 * k)
+    queue_start_epoch: int = 1
+    freeze_prototypes_iters: int = 100
+    nmb_crops: list[int] = field(default_factory=lambda: [2, 4])
+    feature_noise: float = 0.05
+
+
+@dataclass
+class DenseConfig:
+    """Leopart-style dense concepts (Ziegler & Asano, CVPR 2022)."""
+
+    enabled: bool = False
+    image_size: int = 448
+    k_parts: int = 150
+    fg_threshold: float = 0.5
+    resolution: float = 1.0  # Louvain resolution: higher -> more, finer concepts
+    edge_threshold: float = 0.0
+    min_area: int = 64  # instance minimum area in pixels
+    mask_size: int = 0  # 0: original image size
+    n_overlays: int = 16
+    epochs: int = 10
+
+
+@dataclass
+class RunConfig:
+    """Everything a `selflabel label` run needs."""
+
+    data: str = ""
+    out: str = "runs/latest"
+    seed: int = 0
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    sela: SelaConfig = field(default_factory=SelaConfig)
+    swav: SwavConfig = field(default_factory=SwavConfig)
+    dense: DenseConfig = field(default_factory=DenseConfig)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(value: Any, target_type: Any, where: str) -> Any:
+    """Coerce a YAML/CLI value to the field's declared type, or raise InputError."""
+    t = str(target_type)
+    if value is None:
+        if "None" in t:
+            return None
+        raise InputError(f"config {where}: null is not allowed")
+    try:
+        if t.startswith("list") or t.startswith("typing.List"):
+            if isinstance(value, str):
+                value = [v for v in value.replace(" ", "").split(",") if v]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError("expected a list")
+            inner = float if "float" in t else int if "int" in t else str
+            return [inner(v) for v in value]
+        if t.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in {"1", "true", "yes", "on"}:
+                return True
+            if str(value).lower() in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError("expected true/false")
+        if t.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError("expected an integer")
+            return int(value)
+        if t.startswith("float"):
+            return float(value)
+        if t.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"config {where}: {value!r} is not valid ({exc})") from None
+    return value
+
+
+def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise InputError(f"config {prefix or 'root'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in fields:
+            raise InputError(f"config: unknown key '{where}' (known: {', '.join(sorted(fields))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, prefix=f"{where}.")
+        else:
+            setattr(obj, key, _coerce(value, fields[key].type, where))
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str] | dict[str, Any]) -> RunConfig:
+    """Apply `a.b=value` strings (YAML-parsed values) or a nested dict to `cfg` in place."""
+    if isinstance(overrides, dict):
+        _apply(cfg, overrides)
+        return cfg
+    for item in overrides:
+        if "=" not in item:
+            raise InputError(f"override {item!r}: expected KEY=VALUE, e.g. cluster.k=10")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else None
+        nested: dict[str, Any] = {}
+        node = nested
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+        _apply(cfg, nested)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the YAML file (if any), then dotted overrides."""
+    cfg = RunConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise InputError(f"{p}: not valid YAML ({exc})") from None
+        _apply(cfg, data)
+    if overrides:
+        apply_overrides(cfg, overrides)
+    return cfg
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from a manifest's `config` entry."""
+    cfg = RunConfig()
+    _apply(cfg, data)
+    return cfg
