@@ -2,9 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 
 @dataclass
@@ -17,3 +24,146 @@ class LabelResult:
     head_labels: dict[int, np.ndarray] = field(default_factory=dict)  # K -> int64 [N]
     probs: np.ndarray | None = None  # float32 [N, K] or None
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def default_k(n: int, n_classes: int | None = None) -> int:
+    """K when the user gives none: the number of ground-truth class folders if there are any
+    (the user already told us the granularity), else sqrt(N / 2) clipped to [2, 100]."""
+    if n_classes and n_classes >= 2:
+        return min(n_classes, n)
+    return int(max(2, min(100, round((n / 2) ** 0.5), n)))
+
+
+def prepare_features(features: np.ndarray, device: str | torch.device = "cpu", chunk: int = 65536) -> torch.Tensor:
+    """Centre and L2-normalise (cosine geometry). Post-ReLU CNN features all share a large mean
+    direction; removing it makes cosine similarity discriminative. Reads a memmap in chunks."""
+    n, d = features.shape
+    mean = np.zeros(d, dtype=np.float64)
+    for s in range(0, n, chunk):
+        mean += np.asarray(features[s:s + chunk], dtype=np.float64).sum(0)
+    mean /= max(n, 1)
+    out = torch.empty((n, d), dtype=torch.float32, device=device)
+    m = torch.as_tensor(mean, dtype=torch.float32, device=device)
+    for s in range(0, n, chunk):
+        x = torch.as_tensor(np.asarray(features[s:s + chunk], dtype=np.float32), device=device) - m
+        out[s:s + chunk] = F.normalize(x, dim=1)
+    return out
+
+
+def kmeanspp_init(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding on unit vectors (distance = 1 - cosine)."""
+    n = x.shape[0]
+    first = int(torch.randint(n, (1,), generator=generator))
+    centers = [x[first]]
+    d2 = (2 - 2 * x @ x[first]).clamp_min(0)
+    for _ in range(1, k):
+        probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / n)
+        idx = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        centers.append(x[idx])
+        d2 = torch.minimum(d2, (2 - 2 * x @ x[idx]).clamp_min(0))
+    return torch.stack(centers)
+
+
+@torch.no_grad()
+def sinkhorn_cluster(
+    features: np.ndarray,
+    k: int,
+    *,
+    eps: float = 0.05,
+    temperature: float = 0.1,
+    iters: int = 30,
+    seed: int = 0,
+    prior: list[float] | None = None,
+    device: str | torch.device = "cpu",
+) -> LabelResult:
+    """Balanced k-means whose assignment step is an optimal transport problem (SeLa's label step).
+
+    Alternate: plan = Sinkhorn(cosine(x, prototypes) / eps) with equal (or `prior`) cluster
+    sizes; labels = argmax of the plan; prototypes = normalised plan-weighted means.
+    """
+    from .ot import sinkhorn
+
+    n = features.shape[0]
+    if k < 1 or k > n:
+        raise InputError(f"k={k} must be between 1 and the number of images ({n})")
+    x = prepare_features(features, device)
+    gen = torch.Generator().manual_seed(seed)
+    protos = kmeanspp_init(x, k, gen)
+    b = None
+    if prior is not None:
+        if len(prior) != k:
+            raise InputError(f"cluster prior has {len(prior)} entries but k={k}")
+        b = torch.as_tensor(prior, dtype=torch.float32, device=x.device)
+        if (b <= 0).any():
+            raise InputError("cluster prior entries must be positive")
+        b = b / b.sum()
+    labels = torch.full((n,), -1, dtype=torch.long, device=x.device)
+    sink_iters = []
+    for it in range(iters):
+        scores = x @ protos.T
+        res = sinkhorn(scores, None, b, eps=eps, tol=1e-4, max_iters=500)
+        sink_iters.append(int(res.n_iters))
+        new = res.plan.argmax(1)
+        protos = F.normalize(res.plan.T @ x, dim=1)
+        changed = int((new != labels).sum())
+        labels = new
+        if changed == 0:
+            break
+    scores = x @ protos.T
+    probs = torch.softmax(scores / temperature, dim=1)
+    conf = probs.gather(1, labels[:, None])[:, 0]
+    protos_np = _mean_prototypes(x, labels, k)
+    return LabelResult(
+        labels=labels.cpu().numpy().astype(np.int64),
+        confidence=conf.cpu().numpy().astype(np.float32),
+        prototypes=protos_np,
+        probs=probs.cpu().numpy().astype(np.float32),
+        info={"method": "sinkhorn", "alternations": it + 1, "sinkhorn_iters": sink_iters},
+    )
+
+
+def _mean_prototypes(x: torch.Tensor, labels: torch.Tensor, k: int) -> np.ndarray:
+    """L2-normalised mean of each cluster's (prepared) features; zero for an empty cluster."""
+    sums = torch.zeros((k, x.shape[1]), dtype=x.dtype, device=x.device).index_add_(0, labels, x)
+    return F.normalize(sums, dim=1).cpu().numpy().astype(np.float32)
+
+
+def kmeans_cluster(features: np.ndarray, k: int, *, seed: int = 0, temperature: float = 0.1) -> LabelResult:
+    """scikit-learn k-means on the same prepared features (the baseline)."""
+    from sklearn.cluster import KMeans
+
+    x = prepare_features(features)
+    km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(x.numpy())
+    labels = torch.as_tensor(km.labels_, dtype=torch.long)
+    protos = _mean_prototypes(x, labels, k)
+    probs = torch.softmax(x @ torch.as_tensor(protos).T / temperature, dim=1)
+    conf = probs.gather(1, labels[:, None])[:, 0]
+    return LabelResult(labels.numpy().astype(np.int64), conf.numpy().astype(np.float32), protos,
+                       probs=probs.numpy().astype(np.float32), info={"method": "kmeans"})
+
+
+def cluster_features(features: np.ndarray, k: int, cfg: "RunConfig", *, out_dir=None, device="cpu", records=None, backbone=None) -> LabelResult:
+    """Dispatch on `cfg.cluster.method`; extra heads (`cfg.cluster.heads`) go to `head_labels`."""
+    method = cfg.cluster.method
+    heads = [h for h in cfg.cluster.heads if h != k]
+    if method == "sinkhorn":
+        res = sinkhorn_cluster(features, k, eps=cfg.cluster.eps, temperature=cfg.cluster.temperature,
+                               iters=cfg.cluster.iters, seed=cfg.seed, prior=cfg.cluster.prior, device=device)
+        for h in heads:
+            res.head_labels[h] = sinkhorn_cluster(features, h, eps=cfg.cluster.eps, iters=cfg.cluster.iters,
+                                                  seed=cfg.seed, device=device).labels
+        return res
+    if method == "kmeans":
+        res = kmeans_cluster(features, k, seed=cfg.seed, temperature=cfg.cluster.temperature)
+        for h in heads:
+            res.head_labels[h] = kmeans_cluster(features, h, seed=cfg.seed).labels
+        return res
+    if method == "sela":
+        from .train.sela import train_sela
+
+        return train_sela(features, k, cfg, heads=heads, out_dir=out_dir, device=device, records=records, backbone=backbone)
+    if method == "swav":
+        from .train.swav import train_swav
+
+        return train_swav(features, k, cfg, heads=heads, out_dir=out_dir, device=device, records=records, backbone=backbone)
+    raise InputError(f"unknown method '{method}' (choose sinkhorn, sela, swav or kmeans)")

@@ -1,0 +1,269 @@
+"""Ingest: walk a folder of images, decode them safely, and serve them to a DataLoader.
+
+Ids are POSIX paths relative to the root, so runs are stable across machines. Every file
+that cannot be used is reported with a reason instead of stopping the run.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from .errors import ImageLoadError, InputError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
+
+
+@dataclass
+class ImageRecord:
+    """One usable image. `id` is its POSIX path relative to the scanned root."""
+
+    id: str
+    path: Path
+    gt: str | None = None
+
+
+@dataclass
+class Skipped:
+    """A file that was left out, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class ScanResult:
+    root: Path
+    records: list[ImageRecord] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    @property
+    def has_gt(self) -> bool:
+        return any(r.gt is not None for r in self.records)
+
+
+def _display(path: Path, root: Path) -> str:
+    """Relative POSIX path; undecodable bytes in names are kept via surrogateescape then escaped."""
+    try:
+        rel = path.relative_to(root).as_posix()
+    except ValueError:
+        rel = path.as_posix()
+    return rel.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def scan_folder(root: str | os.PathLike, *, follow_symlinks: bool = True, gt_csv: str | None = None) -> ScanResult:
+    """Walk `root` recursively (sorted, case-insensitive extensions), following symlinks safely.
+
+    Ground truth: the first-level folder name when every image lies in a class subfolder,
+    or the `gt_csv` file (columns path,label). Raises InputError for a missing or empty root.
+    """
+    root_path = Path(root).expanduser()
+    if not root_path.exists():
+        raise InputError(f"{root}: no such file or directory")
+    if not root_path.is_dir():
+        raise InputError(f"{root}: not a directory")
+    root_path = root_path.resolve()
+    result = ScanResult(root=root_path)
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+
+    def walk(d: Path) -> None:
+        try:
+            st = d.stat()
+        except OSError as exc:
+            result.skipped.append(Skipped(_display(d, root_path), f"unreadable folder: {exc.strerror}"))
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in seen_dirs:
+            result.skipped.append(Skipped(_display(d, root_path), "symlink loop (folder already visited)"))
+            return
+        seen_dirs.add(key)
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as exc:
+            result.skipped.append(Skipped(_display(d, root_path), f"unreadable folder: {exc.strerror}"))
+            return
+        for e in entries:
+            p = Path(e.path)
+            if e.name.startswith("."):
+                continue
+            try:
+                is_link = e.is_symlink()
+                if is_link and not follow_symlinks:
+                    continue
+                if e.is_dir(follow_symlinks=True):
+                    walk(p)
+                    continue
+                if not e.is_file(follow_symlinks=True):
+                    if is_link:
+                        result.skipped.append(Skipped(_display(p, root_path), "broken symlink"))
+                    continue
+            except OSError as exc:  # e.g. ELOOP on a self-referencing link
+                result.skipped.append(Skipped(_display(p, root_path), f"cannot follow: {exc.strerror}"))
+                continue
+            if p.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                fst = p.stat()
+            except OSError as exc:
+                result.skipped.append(Skipped(_display(p, root_path), f"cannot stat: {exc.strerror}"))
+                continue
+            fkey = (fst.st_dev, fst.st_ino)
+            if is_link and fkey in seen_files:
+                result.skipped.append(Skipped(_display(p, root_path), "symlink to a file already included"))
+                continue
+            seen_files.add(fkey)
+            result.records.append(ImageRecord(id=_display(p, root_path), path=p))
+
+    walk(root_path)
+    result.records.sort(key=lambda r: r.id)
+    if not result.records:
+        raise InputError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    _attach_gt(result, gt_csv)
+    return result
+
+
+def _attach_gt(result: ScanResult, gt_csv: str | None) -> None:
+    if gt_csv:
+        table = read_gt_csv(gt_csv)
+        for r in result.records:
+            r.gt = table.get(r.id)
+        return
+    parts = [r.id.split("/") for r in result.records]
+    if all(len(p) >= 2 for p in parts) and len({p[0] for p in parts}) >= 2:
+        for r, p in zip(result.records, parts):
+            r.gt = p[0]
+
+
+def read_gt_csv(path: str | os.PathLike) -> dict[str, str]:
+    """Ground truth CSV with columns path,label (path relative to the data root)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: ground-truth CSV not found")
+    try:
+        with open(p, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            cols = set(reader.fieldnames or [])
+            if not {"path", "label"} <= cols:
+                raise InputError(f"{p}: ground-truth CSV needs columns 'path' and 'label' (found: {', '.join(sorted(cols)) or 'none'})")
+            return {row["path"].strip(): row["label"].strip() for row in reader if row.get("path")}
+    except UnicodeDecodeError:
+        raise InputError(f"{p}: ground-truth CSV is not UTF-8 text") from None
+    except csv.Error as exc:
+        raise InputError(f"{p}: malformed CSV ({exc})") from None
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Content hash (BLAKE2b-128) of a file: the feature cache key, independent of name and location."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_rgb(path: str | os.PathLike, *, max_pixels: int = 100_000_000, display: str | None = None) -> Image.Image:
+    """Open an image safely: size check before decoding, EXIF orientation, first frame, RGB.
+
+    Raises ImageLoadError with a short reason for zero-byte, truncated, non-image, too large,
+    or unreadable files.
+    """
+    name = display or str(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise ImageLoadError(name, f"cannot read: {exc.strerror}") from None
+    if size == 0:
+        raise ImageLoadError(name, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise ImageLoadError(name, f"image too large ({w}x{h} = {w * h:,} pixels > limit {max_pixels:,}; raise ingest.max_pixels to allow)")
+                if w < 1 or h < 1:
+                    raise ImageLoadError(name, f"invalid size {w}x{h}")
+                im.seek(0)  # first frame of GIF/WebP/TIFF stacks
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                return _to_rgb(im)
+    except ImageLoadError:
+        raise
+    except PermissionError:
+        raise ImageLoadError(name, "permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(name, "not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(name, f"decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        msg = str(exc) or type(exc).__name__
+        if "truncated" in msg.lower() or isinstance(exc, EOFError):
+            msg = f"truncated or corrupt image ({msg})"
+        raise ImageLoadError(name, f"cannot decode: {msg}") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any mode to 8-bit RGB: 16-bit scaled down, alpha composited on white, CMYK/P/L converted."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = arr.max() if arr.size else 0
+        scale = 255.0 / (65535.0 if hi > 255 else 255.0 if hi > 0 else 1.0)
+        im = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), mode="L")
+    elif im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
+        im = Image.fromarray(arr.astype(np.uint8), mode="L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im)
+    return im.convert("RGB")
+
+
+class ImageDataset(Dataset):
+    """Images of `records` through `transform`; a failing image yields None plus its error."""
+
+    def __init__(self, records: Sequence[ImageRecord], transform: Callable[[Image.Image], torch.Tensor], max_pixels: int = 100_000_000) -> None:
+        self.records = list(records)
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        rec = self.records[i]
+        try:
+            img = load_rgb(rec.path, max_pixels=self.max_pixels, display=rec.id)
+            return self.transform(img), i, None
+        except ImageLoadError as exc:
+            return None, i, exc.reason
+        except Exception as exc:  # a transform failing on a pathological image must not kill the run
+            return None, i, f"cannot process: {type(exc).__name__}: {exc}"
+
+
+def collate_skip(batch):
+    """Stack the good samples; return (tensor|None, indices, [(index, reason), ...])."""
+    good = [(x, i) for x, i, err in batch if err is None]
+    bad = [(i, err) for x, i, err in batch if err is not None]
+    if good:
+        x = torch.stack([g[0] for g in good])
+        idx = torch.tensor([g[1] for g in good], dtype=torch.long)
+    else:
+        x, idx = None, torch.empty(0, dtype=torch.long)
+    return x, idx, bad

@@ -1,0 +1,214 @@
+"""Feature extraction with a content-addressed cache.
+
+Cache layout: `<cache_root>/<backbone cache key>/shard-<id>.npy` (float32 [n, D]) plus
+`shard-<id>.keys` (one content digest per row, written last, so a shard without keys is
+ignored). Keys are file-content hashes, so renamed or moved files hit the cache and a
+folder that grew by 10 % computes only the new 10 %. Shards are flushed every
+`flush_every` images, so a killed run loses at most one shard of work.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .atomic import atomic_path, atomic_save_npy, atomic_write_text
+from .backbones import Backbone
+from .data import ImageDataset, ImageRecord, Skipped, collate_skip, file_digest
+from .progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("SELFLABEL_CACHE", Path.home() / ".cache" / "selflabel"))
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if name in ("auto", "", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where it is faster ('auto': CUDA with bf16 support, and CPUs: measured 3.6x for
+    MobileNetV2 on this project's 2-core AVX-512 CPU), None for fp32."""
+    if amp == "fp32":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+class FeatureCache:
+    """Content-hash keyed store of feature vectors for one backbone + preprocessing."""
+
+    def __init__(self, root: str | Path, key: str) -> None:
+        self.dir = Path(root) / key
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._index: dict[str, tuple[Path, int]] = {}
+        for keys_file in sorted(self.dir.glob("shard-*.keys")):
+            npy = keys_file.with_suffix(".npy")
+            if not npy.is_file():
+                continue
+            for row, digest in enumerate(keys_file.read_text().split()):
+                self._index[digest] = (npy, row)
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def add(self, digests: Sequence[str], feats: np.ndarray) -> None:
+        """Write one shard atomically (array first, keys file last as the commit marker)."""
+        if len(digests) == 0:
+            return
+        stem = f"shard-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        npy = self.dir / f"{stem}.npy"
+        atomic_save_npy(npy, feats.astype(np.float32, copy=False))
+        atomic_write_text(self.dir / f"{stem}.keys", "\n".join(digests) + "\n")
+        for row, d in enumerate(digests):
+            self._index[d] = (npy, row)
+
+    def gather(self, digests: Sequence[str], out: np.ndarray) -> None:
+        """Fill `out[i]` with the cached vector of `digests[i]` (memory-mapped shard reads)."""
+        by_shard: dict[Path, list[tuple[int, int]]] = {}
+        for i, d in enumerate(digests):
+            shard, row = self._index[d]
+            by_shard.setdefault(shard, []).append((i, row))
+        for shard, pairs in by_shard.items():
+            arr = np.load(shard, mmap_mode="r", allow_pickle=False)
+            dst, src = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+            order = np.argsort(src)
+            out[dst[order]] = arr[src[order]]
+
+
+@dataclass
+class FeatureResult:
+    features: np.ndarray  # float32 [N_ok, D], may be a memmap
+    records: list[ImageRecord]  # the usable images, row-aligned with features
+    skipped: list[Skipped] = field(default_factory=list)
+    n_computed: int = 0
+    n_cached: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def digest_records(records: Iterable[ImageRecord], skipped: list[Skipped]) -> list[tuple[ImageRecord, str]]:
+    """Content digest per readable record; unreadable files go to `skipped`."""
+    out = []
+    for r in records:
+        try:
+            out.append((r, file_digest(r.path)))
+        except OSError as exc:
+            skipped.append(Skipped(r.id, f"cannot read: {exc.strerror or exc}"))
+    return out
+
+
+@torch.inference_mode()
+def extract_features(
+    records: Sequence[ImageRecord],
+    backbone: Backbone,
+    *,
+    batch_size: int = 64,
+    num_workers: int = -1,
+    device: str | torch.device = "auto",
+    amp: str = "auto",
+    cache_dir: str | Path | None = None,
+    max_pixels: int = 100_000_000,
+    flush_every: int = 1024,
+    out_path: str | Path | None = None,
+    show_progress: bool = True,
+) -> FeatureResult:
+    """Global features for `records`, computing only what the cache lacks.
+
+    Images that fail to decode are returned in `skipped` with their reason. With `out_path`,
+    the row-aligned matrix is written there (atomically, via a memory-mapped .npy) and
+    returned memory-mapped, so N x D never has to fit in RAM twice.
+    """
+    t0 = time.perf_counter()
+    dev = resolve_device(str(device))
+    dtype = autocast_dtype(amp, dev)
+    cache = FeatureCache(cache_dir or default_cache_root(), backbone.cache_key())
+    skipped: list[Skipped] = []
+    pairs = digest_records(records, skipped)
+    t_hash = time.perf_counter() - t0
+
+    todo: dict[str, ImageRecord] = {}
+    for r, d in pairs:
+        if d not in cache and d not in todo:
+            todo[d] = r
+    n_cached = len(pairs) - len(todo)
+    log.info("features: %d images, %d cached, %d to compute (%s)", len(pairs), n_cached, len(todo), backbone.cache_key())
+
+    failed: dict[str, str] = {}
+    t1 = time.perf_counter()
+    if todo:
+        failed = _compute_missing(todo, backbone, cache, dev, dtype, batch_size, num_workers, max_pixels, flush_every, show_progress)
+    t_forward = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    ok = [(r, d) for r, d in pairs if d not in failed]
+    skipped += [Skipped(r.id, failed[d]) for r, d in pairs if d in failed]
+    digests = [d for _, d in ok]
+    if out_path is not None:
+        with atomic_path(out_path) as tmp:
+            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(ok), backbone.dim))
+            cache.gather(digests, mm)
+            mm.flush()
+            del mm
+        feats = np.load(out_path, mmap_mode="r", allow_pickle=False)
+    else:
+        feats = np.empty((len(ok), backbone.dim), dtype=np.float32)
+        cache.gather(digests, feats)
+    t_gather = time.perf_counter() - t2
+    return FeatureResult(
+        features=feats,
+        records=[r for r, _ in ok],
+        skipped=skipped,
+        n_computed=len(todo) - len(failed),
+        n_cached=n_cached,
+        seconds={"hash": t_hash, "forward": t_forward, "gather": t_gather},
+    )
+
+
+def _compute_missing(todo, backbone, cache, dev, dtype, batch_size, num_workers, max_pixels, flush_every, show_progress) -> dict[str, str]:
+    """Forward passes for cache misses, flushing shards as they fill. Returns {digest: reason} of failures."""
+    digests = list(todo)
+    ds = ImageDataset([todo[d] for d in digests], backbone.transform, max_pixels=max_pixels)
+    workers = min(4, os.cpu_count() or 1) if num_workers < 0 else num_workers
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip,
+                        pin_memory=dev.type == "cuda", persistent_workers=False)
+    model = backbone.to(dev).eval()
+    failed: dict[str, str] = {}
+    buf_keys: list[str] = []
+    buf_feats: list[np.ndarray] = []
+    with progress_bar("features", total=len(ds), enabled=show_progress) as advance:
+        for x, idx, bad in loader:
+            for i, reason in bad:
+                failed[digests[i]] = reason
+                log.warning("skipped %s: %s", ds.records[i].id, reason)
+            if x is not None:
+                x = x.to(dev, non_blocking=True)
+                with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    g = model(x).global_feat
+                buf_feats.append(g.float().cpu().numpy())
+                buf_keys += [digests[i] for i in idx.tolist()]
+            if len(buf_keys) >= flush_every:
+                cache.add(buf_keys, np.concatenate(buf_feats))
+                buf_keys, buf_feats = [], []
+            advance(len(idx) + len(bad))
+    if buf_keys:
+        cache.add(buf_keys, np.concatenate(buf_feats))
+    return failed
