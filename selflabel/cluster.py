@@ -45,7 +45,7 @@ def prepare_features(features: np.ndarray, device: str | torch.device = "cpu", c
     out = torch.empty((n, d), dtype=torch.float32, device=device)
     m = torch.as_tensor(mean, dtype=torch.float32, device=device)
     for s in range(0, n, chunk):
-        x = torch.as_tensor(np.asarray(features[s:s + chunk], dtype=np.float32), device=device) - m
+        x = torch.from_numpy(np.array(features[s:s + chunk], dtype=np.float32)).to(device) - m
         out[s:s + chunk] = F.normalize(x, dim=1)
     return out
 

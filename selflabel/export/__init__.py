@@ -1,0 +1,49 @@
+"""Exporters: CSV, ImageFolder tree and COCO JSON, all with the review edits applied."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InputError
+from ..runfiles import EXPORTS, read_manifest
+
+FORMATS = ("csv", "imagefolder", "coco")
+
+
+def load_reviewed(run_dir: str | Path):
+    """(rows, names, rejected, unsure) with the review app's edits applied (labels.csv alone if none)."""
+    from ..review.store import effective_labels
+
+    return effective_labels(run_dir)
+
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, include_rejected: bool = False,
+               mode: str = "copy") -> tuple[Path, int]:
+    """Export a run in `fmt`; returns (written path, number of images)."""
+    if fmt not in FORMATS:
+        raise InputError(f"unknown export format '{fmt}' (choose {', '.join(FORMATS)})")
+    run = Path(run_dir)
+    manifest = read_manifest(run)
+    rows, names, rejected, unsure = load_reviewed(run)
+    default = {"csv": "labels.csv", "imagefolder": "imagefolder", "coco": "coco.json"}[fmt]
+    target = Path(out) if out else run / EXPORTS / default
+    if fmt == "csv":
+        from .csv import export_csv
+
+        n = export_csv(rows, names, target, rejected, unsure, include_rejected=include_rejected)
+    elif fmt == "imagefolder":
+        from .imagefolder import export_imagefolder
+
+        n = export_imagefolder(rows, names, manifest["data_root"], target, rejected, mode=mode)
+    else:
+        n = _export_coco(run, manifest, rows, names, rejected, target)
+    return target, n
+
+
+def _export_coco(run: Path, manifest: dict, rows, names, rejected, target: Path) -> int:
+    """Dense runs: instance masks with the user's concept names; otherwise one whole-image box per image."""
+    from . import coco
+
+    dense_coco = run / "dense" / "coco.json"
+    if dense_coco.is_file() and hasattr(coco, "export_coco_dense"):
+        return coco.export_coco_dense(run, target)
+    return coco.export_coco_image_level(rows, names, manifest["data_root"], target, rejected)

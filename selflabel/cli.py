@@ -1,0 +1,235 @@
+"""Command line: thin commands over the library. Errors become one line and an exit code."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import SelflabelError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Label an unannotated image folder: features, balanced pseudo-labels, review, export.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(exc: SelflabelError) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def label(
+    data: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path("runs/latest"),
+    k: Annotated[Optional[int], typer.Option(help="Number of clusters (default: class folders if any, else sqrt(N/2)).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="sinkhorn | sela | swav | kmeans")] = None,
+    heads: Annotated[Optional[str], typer.Option(help="Extra heads, e.g. 10,50,100 (SeLa hierarchy).")] = None,
+    finetune: Annotated[bool, typer.Option("--finetune", help="Train the backbone end to end (SeLa/SwAV).")] = False,
+    dense: Annotated[bool, typer.Option("--dense", help="Also find dense object concepts (Leopart) with masks and COCO.")] = False,
+    backbone: Annotated[Optional[str], typer.Option(help="Backbone name (see `selflabel backbones`).")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Local weights file for the backbone.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key: --set sela.epochs=10")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Feature extraction batch size.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    amp: Annotated[Optional[str], typer.Option(help="auto | bf16 | fp32")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder (default ~/.cache/selflabel).")] = None,
+    gt_csv: Annotated[Optional[Path], typer.Option(help="Ground truth CSV (path,label) for `eval`.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or table.")] = False,
+) -> None:
+    """Label every image under DATA and write labels.csv, manifest.json and features to --out."""
+    from .config import load_config
+    from .pipeline import label_folder
+
+    _setup_logging(verbose)
+    try:
+        cfg = load_config(config, set_ or [])
+        cfg.data, cfg.out = str(data), str(out)
+        flags = {"seed": seed}
+        for key, val in flags.items():
+            if val is not None:
+                setattr(cfg, key, val)
+        for section, key, val in [("cluster", "k", k), ("cluster", "method", method), ("backbone", "name", backbone),
+                                  ("backbone", "weights", str(weights) if weights else None),
+                                  ("backbone", "batch_size", batch_size), ("backbone", "device", device),
+                                  ("backbone", "amp", amp), ("backbone", "cache_dir", str(cache_dir) if cache_dir else None),
+                                  ("ingest", "gt_csv", str(gt_csv) if gt_csv else None)]:
+            if val is not None:
+                setattr(getattr(cfg, section), key, val)
+        if heads:
+            from .config import apply_overrides
+
+            apply_overrides(cfg, [f"cluster.heads={heads}"])
+        if finetune:
+            cfg.cluster.finetune = True
+        if dense:
+            cfg.dense.enabled = True
+        summary = label_folder(cfg, show_progress=not quiet)
+    except SelflabelError as exc:
+        _fail(exc)
+        return
+    if not quiet:
+        _print_summary(summary)
+
+
+def _print_summary(s) -> None:
+    t = Table(title=f"selflabel: {s.n_images} images -> {s.k} clusters ({s.out})")
+    t.add_column("cluster", justify="right")
+    t.add_column("images", justify="right")
+    t.add_column("share", justify="right")
+    for c, n in sorted(s.cluster_sizes.items(), key=lambda kv: -kv[1])[:30]:
+        t.add_row(str(c), str(n), f"{n / max(s.n_images, 1):.1%}")
+    if len(s.cluster_sizes) > 30:
+        t.add_row("...", f"{len(s.cluster_sizes) - 30} more", "")
+    console.print(t)
+    st = Table(title="time per stage")
+    st.add_column("stage")
+    st.add_column("seconds", justify="right")
+    for stage, sec in s.timings.items():
+        st.add_row(stage, f"{sec:.2f}")
+    st.add_row("[bold]total", f"[bold]{sum(s.timings.values()):.2f}")
+    console.print(st)
+    console.print(f"features: {s.n_computed} computed, {s.n_cached} from cache; skipped files: {s.n_skipped}"
+                  + (f" (see {s.out / 'skipped.csv'})" if s.n_skipped else ""))
+    if s.dense:
+        console.print(f"dense: {json.dumps({k: v for k, v in s.dense.items() if not isinstance(v, (dict, list))})}")
+
+
+@app.command("eval")
+def eval_(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `selflabel label`.")],
+    gt_csv: Annotated[Optional[Path], typer.Option(help="Ground truth CSV with columns path,label.")] = None,
+    reviewed: Annotated[bool, typer.Option("--reviewed", help="Score the labels after review edits.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """NMI, ARI and Hungarian accuracy (and mIoU for dense runs) against ground truth."""
+    from .evaluate import evaluate_run
+
+    try:
+        res = evaluate_run(run, str(gt_csv) if gt_csv else None, reviewed=reviewed)
+    except SelflabelError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        print(json.dumps(res, indent=2, default=float))
+        return
+    t = Table(title=f"evaluation of {run}")
+    for col in ("labels", "NMI", "ARI", "accuracy"):
+        t.add_column(col, justify="right")
+    if "image" in res:
+        m = res["image"]
+        t.add_row(f"main (k={res['k']})", f"{m['nmi']:.4f}", f"{m['ari']:.4f}", f"{m['accuracy']:.4f}")
+        for h, m in res.get("heads", {}).items():
+            t.add_row(f"head k={h}", f"{m['nmi']:.4f}", f"{m['ari']:.4f}", f"{m['accuracy']:.4f}")
+        console.print(t)
+    if "dense" in res:
+        console.print_json(json.dumps(res["dense"], default=float))
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="csv | imagefolder | coco")] = "csv",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Target file/folder (default: RUN/exports/...).")] = None,
+    include_rejected: Annotated[bool, typer.Option(help="CSV: keep images rejected in review.")] = False,
+    mode: Annotated[str, typer.Option(help="imagefolder: copy | hardlink | symlink")] = "copy",
+) -> None:
+    """Export labels (with review edits) as CSV, an ImageFolder tree or COCO JSON."""
+    from .export import export_run
+
+    try:
+        target, n = export_run(run, format, out, include_rejected=include_rejected, mode=mode)
+    except SelflabelError as exc:
+        _fail(exc)
+        return
+    console.print(f"exported {n} images as {format} to {target}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/demo"),
+    method: Annotated[str, typer.Option(help="sinkhorn | sela | swav | kmeans")] = "sinkhorn",
+) -> None:
+    """Label the small sample of real photos shipped in the package, then evaluate (offline)."""
+    from .sample import sample_dir
+
+    label(sample_dir(), out=out, k=None, method=method, heads=None, finetune=False, dense=False, backbone=None,
+          weights=None, config=None, set_=None, seed=None, batch_size=None, device=None, amp=None, cache_dir=None,
+          gt_csv=None, verbose=False, quiet=False)
+    eval_(out, gt_csv=None, reviewed=False, as_json=False)
+
+
+@app.command()
+def segment(
+    data: Annotated[Path, typer.Argument(help="Folder of images.")],
+    out: Annotated[Path, typer.Option("--out", "-o")] = Path("runs/latest"),
+    backbone: Annotated[Optional[str], typer.Option()] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set")] = None,
+) -> None:
+    """Same as `label --dense`: image labels plus dense object concepts, masks and COCO."""
+    label(data, out=out, k=None, method=None, heads=None, finetune=False, dense=True, backbone=backbone, weights=None,
+          config=config, set_=set_, seed=None, batch_size=None, device=None, amp=None, cache_dir=None, gt_csv=None,
+          verbose=False, quiet=False)
+
+
+@app.command("app")
+def app_(
+    run: Annotated[Path, typer.Argument(help="Run folder to review.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8501,
+) -> None:
+    """Open the review app (Streamlit) on a run."""
+    from .review.launch import launch
+
+    try:
+        raise typer.Exit(launch(run, host=host, port=port))
+    except SelflabelError as exc:
+        _fail(exc)
+
+
+@app.command()
+def backbones() -> None:
+    """List the available backbones."""
+    from .backbones import DEFAULT_BACKBONE, list_backbones
+
+    for name, desc in list_backbones().items():
+        console.print(f"{name:20s} {desc}" + ("  [bold](default)" if name == DEFAULT_BACKBONE else ""))
+
+
+@app.command()
+def bench(quick: Annotated[bool, typer.Option("--quick", help="A two-minute pass.")] = False) -> None:
+    """Run every benchmark in benchmarks/ (from a source checkout) and write benchmarks/results/."""
+    import runpy
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        _fail(SelflabelError("benchmarks/ not found: run `selflabel bench` from a source checkout"))
+    sys.path.insert(0, str(root))
+    sys.argv = ["benchmarks"] + (["--quick"] if quick else [])
+    runpy.run_module("benchmarks", run_name="__main__")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

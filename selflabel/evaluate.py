@@ -1,0 +1,52 @@
+"""`selflabel eval`: compare a run's labels with ground truth (class folders or a CSV)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import read_gt_csv
+from .errors import InputError
+from .metrics import cluster_metrics
+from .runfiles import DENSE, read_labels, read_manifest
+
+
+def evaluate_run(run_dir: str | Path, gt_csv: str | None = None, reviewed: bool = False) -> dict[str, Any]:
+    """NMI / ARI / Hungarian accuracy of the main labels and of every extra head.
+
+    `reviewed=True` scores the labels after the review app's edits (rejected images left out).
+    Dense runs also get mIoU from `selflabel.dense` when label maps are found."""
+    run = Path(run_dir)
+    manifest = read_manifest(run)
+    if reviewed:
+        from .review.store import effective_labels
+
+        rows, _, rejected, _ = effective_labels(run)
+        rows = [r for r in rows if r.path not in rejected]
+    else:
+        rows = read_labels(run)
+    gt_table = read_gt_csv(gt_csv) if gt_csv else None
+    gt = [gt_table.get(r.path) if gt_table is not None else r.gt for r in rows]
+    keep = [i for i, g in enumerate(gt) if g is not None]
+    out: dict[str, Any] = {"run": str(run), "n_images": len(rows)}
+    if keep:
+        y_true = np.array([gt[i] for i in keep])
+        y_pred = np.array([rows[i].cluster for i in keep])
+        out.update({"n_with_gt": len(keep), "n_classes": int(len(set(y_true))), "k": int(len(set(y_pred)))})
+        out["image"] = cluster_metrics(y_true, y_pred)
+        heads = {}
+        for col in sorted({c for r in rows for c in r.extra if c.startswith("head_")}, key=lambda c: int(c[5:])):
+            pred = np.array([int(rows[i].extra[col]) for i in keep])
+            heads[col[5:]] = cluster_metrics(y_true, pred)
+        if heads:
+            out["heads"] = heads
+    dense_dir = run / DENSE
+    if dense_dir.is_dir():
+        from .dense.evaluate import evaluate_dense
+
+        out["dense"] = evaluate_dense(run)
+    if "image" not in out and "dense" not in out:
+        raise InputError(f"{run}: no ground truth found: the images were not in class folders "
+                         f"(data root {manifest.get('data_root')}); pass --gt-csv FILE with columns path,label")
+    return out

@@ -1,0 +1,69 @@
+"""ImageFolder export: <out>/<cluster name>/<flattened path>, loadable by torchvision's ImageFolder."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+from ..errors import InputError
+from ..runfiles import LabelRow
+from .names import flatten_path, sanitize_name
+
+
+def export_imagefolder(rows: Iterable[LabelRow], names: dict[int, str], data_root: str | Path, out_dir: str | Path,
+                       rejected: set[str] = frozenset(), mode: str = "copy") -> int:
+    """Copy (or hardlink/symlink) each non-rejected image into its cluster's folder.
+
+    The tree is built in a temporary sibling folder and renamed into place, so a crash never
+    leaves a half-written export. Returns the number of images written."""
+    if mode not in {"copy", "hardlink", "symlink"}:
+        raise InputError(f"imagefolder mode must be copy, hardlink or symlink (got {mode!r})")
+    root = Path(data_root).resolve()
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    folder_of: dict[int, str] = {}
+    used: set[str] = set()
+    n = 0
+    try:
+        for r in rows:
+            if r.path in rejected:
+                continue
+            src = (root / r.path).resolve()
+            if not src.is_relative_to(root):
+                raise InputError(f"{r.path}: path escapes the data root {root}")
+            if r.cluster not in folder_of:
+                base = sanitize_name(names.get(r.cluster, f"cluster_{r.cluster:02d}"), f"cluster_{r.cluster:02d}")
+                name, i = base, 1
+                while name.lower() in used:  # two clusters given the same name stay apart
+                    i += 1
+                    name = f"{base}_{i}"
+                used.add(name.lower())
+                folder_of[r.cluster] = name
+            dst = tmp / folder_of[r.cluster] / flatten_path(r.path)
+            dst.parent.mkdir(exist_ok=True)
+            if mode == "copy":
+                shutil.copy2(src, dst)
+            elif mode == "hardlink":
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copy2(src, dst)
+            else:
+                dst.symlink_to(src)
+            n += 1
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return n

@@ -1,0 +1,23 @@
+"""Safe names for exported folders and categories (user-given cluster names are untrusted)."""
+from __future__ import annotations
+
+import re
+import unicodedata
+
+_BAD = re.compile(r"[^\w\-. ]+", flags=re.UNICODE)
+
+
+def sanitize_name(name: str, fallback: str) -> str:
+    """A single safe path component: no separators, no '..', no control chars, <= 80 chars."""
+    s = unicodedata.normalize("NFC", str(name)).strip()
+    s = _BAD.sub("_", s).strip(" .")
+    s = re.sub(r"_+", "_", s)[:80]
+    if not s or s in {".", ".."}:
+        return fallback
+    return s
+
+
+def flatten_path(rel: str) -> str:
+    """'a/b/c.jpg' -> 'a__b__c.jpg': unique file names inside one class folder."""
+    parts = [sanitize_name(p, "_") for p in rel.split("/") if p not in ("", ".", "..")]
+    return "__".join(parts) or "image"

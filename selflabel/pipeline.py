@@ -1,0 +1,158 @@
+"""`selflabel label`: ingest -> features -> clustering -> run folder, timed per stage."""
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .atomic import atomic_save_npy
+from .backbones import create_backbone
+from .cluster import LabelResult, cluster_features, default_k
+from .config import RunConfig, to_dict
+from .data import scan_folder
+from .errors import InputError
+from .features import extract_features, resolve_device
+from .runfiles import FEATURES, LABELS, PROTOTYPES, SKIPPED, LabelRow, write_labels, write_manifest, write_skipped
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    out: Path
+    n_images: int
+    n_skipped: int
+    k: int
+    cluster_sizes: dict[int, int]
+    timings: dict[str, float]
+    n_computed: int
+    n_cached: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    dense: dict[str, Any] | None = None
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded in the manifest, so a run can be reproduced."""
+    import networkx
+    import ot
+    import sklearn
+    import torch
+    import torchvision
+
+    out = {"selflabel": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+           "torchvision": torchvision.__version__, "numpy": np.__version__, "pot": ot.__version__,
+           "scikit-learn": sklearn.__version__, "networkx": networkx.__version__, "platform": platform.platform()}
+    try:
+        import timm
+
+        out["timm"] = timm.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def label_folder(cfg: RunConfig, show_progress: bool = True) -> RunSummary:
+    """Label every image under cfg.data and write the run folder cfg.out."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    out = Path(cfg.out)
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    scan = scan_folder(cfg.data, follow_symlinks=cfg.ingest.follow_symlinks, gt_csv=cfg.ingest.gt_csv)
+    timings["ingest"] = time.perf_counter() - t
+    out.mkdir(parents=True, exist_ok=True)
+
+    t = time.perf_counter()
+    backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.image_size)
+    device = resolve_device(cfg.backbone.device)
+    timings["load_backbone"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    feats = extract_features(
+        scan.records, backbone, batch_size=cfg.backbone.batch_size, num_workers=cfg.backbone.num_workers,
+        device=device, amp=cfg.backbone.amp, cache_dir=cfg.backbone.cache_dir, max_pixels=cfg.ingest.max_pixels,
+        out_path=out / FEATURES, show_progress=show_progress,
+    )
+    timings["features"] = time.perf_counter() - t
+    skipped = scan.skipped + feats.skipped
+    write_skipped(out / SKIPPED, skipped)
+    n = len(feats.records)
+    if n == 0:
+        raise InputError(f"{cfg.data}: none of the {len(scan.records)} images could be read (see {out / SKIPPED})")
+    n_classes = len({r.gt for r in feats.records if r.gt is not None}) or None
+    k = cfg.cluster.k or default_k(n, n_classes)
+    if k > n:
+        raise InputError(f"k={k} is larger than the number of readable images ({n})")
+    cfg.cluster.k = k
+
+    t = time.perf_counter()
+    result = cluster_features(feats.features, k, cfg, out_dir=out, device=device, records=feats.records, backbone=backbone)
+    timings["cluster"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    write_labels(out / LABELS, _rows(feats.records, result))
+    atomic_save_npy(out / PROTOTYPES, result.prototypes)
+    timings["write"] = time.perf_counter() - t
+
+    dense_summary = None
+    if cfg.dense.enabled:
+        from .dense.pipeline import segment
+
+        t = time.perf_counter()
+        dense_summary = segment(feats.records, backbone, cfg, out, device)
+        timings["dense"] = time.perf_counter() - t
+
+    sizes = np.bincount(result.labels, minlength=k)
+    summary = RunSummary(out=out, n_images=n, n_skipped=len(skipped), k=k,
+                         cluster_sizes={i: int(s) for i, s in enumerate(sizes)}, timings=timings,
+                         n_computed=feats.n_computed, n_cached=feats.n_cached, dense=dense_summary)
+    write_manifest(out, {
+        "selflabel_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "data_root": str(scan.root),
+        "config": to_dict(cfg),
+        "backbone": {"name": backbone.name, "cache_key": backbone.cache_key(), "dim": backbone.dim},
+        "device": str(device),
+        "seed": cfg.seed,
+        "k": k,
+        "n_images": n,
+        "n_skipped": len(skipped),
+        "has_gt": any(r.gt is not None for r in feats.records),
+        "features": {"computed": feats.n_computed, "cached": feats.n_cached, "seconds": feats.seconds},
+        "timings": timings,
+        "method_info": _jsonable(result.info),
+        "heads": sorted(result.head_labels),
+        "dense": dense_summary,
+        "versions": versions(),
+    })
+    return summary
+
+
+def _rows(records, result: LabelResult) -> list[LabelRow]:
+    rows = []
+    for i, r in enumerate(records):
+        extra = {f"head_{h}": str(int(lab[i])) for h, lab in sorted(result.head_labels.items())}
+        rows.append(LabelRow(r.id, int(result.labels[i]), float(result.confidence[i]), r.gt, extra))
+    return rows
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist() if obj.size <= 1000 else f"array{list(obj.shape)}"
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return obj

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny generated image folders (unit tests never read ../shared/data)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("SELFLABEL_SHARED_DATA", REPO.parent / "shared" / "data"))
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def make_image(path: Path, color, size=(48, 40), seed=0, fmt=None, noise=20) -> Path:
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(color)[None, None, :] + rng.normal(0, noise, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def color_folder(tmp_path: Path) -> Path:
+    """3 class folders x 8 images of noisy solid colours (trivially separable)."""
+    root = tmp_path / "imgs"
+    for ci, (name, color) in enumerate(COLORS.items()):
+        for i in range(8):
+            ext = [".png", ".jpg", ".JPEG", ".bmp"][i % 4]
+            make_image(root / name / f"img_{i}{ext}", color, seed=ci * 100 + i)
+    return root
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+def shared(name: str) -> Path:
+    p = SHARED_DATA / name
+    if not p.is_dir():
+        pytest.skip(f"shared data set {p} not available")
+    return p

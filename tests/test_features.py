@@ -1,0 +1,109 @@
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from selflabel.backbones import create_backbone
+from selflabel.data import scan_folder
+from selflabel.errors import BackboneUnavailable, InputError
+from selflabel.features import FeatureCache, extract_features
+
+from conftest import make_image
+
+
+def _extract(records, cache_dir, **kw):
+    bb = create_backbone("tiny")
+    return extract_features(records, bb, batch_size=8, num_workers=0, cache_dir=cache_dir, show_progress=False, **kw)
+
+
+def test_cache_miss_then_hit_then_partial(color_folder, cache_dir, tmp_path):
+    recs = scan_folder(color_folder).records
+    first = _extract(recs, cache_dir)
+    assert (first.n_computed, first.n_cached) == (24, 0)
+    second = _extract(recs, cache_dir)
+    assert (second.n_computed, second.n_cached) == (0, 24)
+    np.testing.assert_array_equal(first.features, second.features)
+    # the folder grows by 4 images: only those are computed
+    for i in range(4):
+        make_image(color_folder / "red" / f"new_{i}.png", (200, 10, 10), seed=1000 + i)
+    grown = _extract(scan_folder(color_folder).records, cache_dir)
+    assert (grown.n_computed, grown.n_cached) == (4, 24)
+
+
+def test_cache_key_is_content_not_name(color_folder, cache_dir, tmp_path):
+    recs = scan_folder(color_folder).records
+    _extract(recs, cache_dir)
+    moved = tmp_path / "moved"
+    shutil.copytree(color_folder, moved)
+    (moved / "red" / "img_0.png").rename(moved / "red" / "renamed.png")
+    res = _extract(scan_folder(moved).records, cache_dir)
+    assert res.n_computed == 0
+
+
+def test_broken_files_are_skipped_and_rest_labelled(color_folder, cache_dir):
+    (color_folder / "red" / "zero.jpg").write_bytes(b"")
+    (color_folder / "blue" / "fake.png").write_text("hello")
+    res = _extract(scan_folder(color_folder).records, cache_dir)
+    assert len(res.records) == 24 and res.features.shape == (24, 64)
+    reasons = {s.path: s.reason for s in res.skipped}
+    assert set(reasons) == {"red/zero.jpg", "blue/fake.png"}
+    assert "empty" in reasons["red/zero.jpg"] and "not an image" in reasons["blue/fake.png"]
+
+
+def test_features_match_direct_forward(color_folder, cache_dir):
+    recs = scan_folder(color_folder).records[:4]
+    bb = create_backbone("tiny")
+    res = extract_features(recs, bb, batch_size=2, num_workers=0, cache_dir=cache_dir, amp="fp32", show_progress=False)
+    from selflabel.data import load_rgb
+
+    x = torch.stack([bb.transform(load_rgb(r.path)) for r in recs])
+    with torch.no_grad():
+        ref = bb(x).global_feat.numpy()
+    np.testing.assert_allclose(res.features, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_memmap_output(color_folder, cache_dir, tmp_path):
+    res = _extract(scan_folder(color_folder).records, cache_dir, out_path=tmp_path / "f.npy")
+    assert isinstance(res.features, np.memmap)
+    assert np.load(tmp_path / "f.npy").shape == (24, 64)
+
+
+def test_incomplete_shard_is_ignored(tmp_path):
+    cache = FeatureCache(tmp_path, "k")
+    cache.add(["a", "b"], np.ones((2, 3), np.float32))
+    np.save(tmp_path / "k" / "shard-crashed.npy", np.zeros((1, 3), np.float32))  # no .keys: a crash mid-write
+    again = FeatureCache(tmp_path, "k")
+    assert len(again) == 2 and "a" in again
+
+
+def test_backbone_registry_errors():
+    with pytest.raises(InputError, match="unknown backbone"):
+        create_backbone("resnet9000")
+    with pytest.raises(BackboneUnavailable, match="not found"):
+        create_backbone("mobilenet_v2", weights="/nonexistent/weights.pth")
+
+
+def test_offline_default_backbone_loads_real_weights():
+    bb = create_backbone("mobilenet_v2")
+    out = bb(torch.zeros(1, 3, 224, 224))
+    assert out.global_feat.shape == (1, 1280) and out.dense.shape == (1, 1280, 7, 7)
+    assert "b0353104" in bb.cache_key()
+
+
+def test_dino_fails_fast_offline(monkeypatch, tmp_path):
+    import time
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    t = time.perf_counter()
+    with pytest.raises(BackboneUnavailable, match="dino_vits16"):
+        create_backbone("dino_vits16")
+    assert time.perf_counter() - t < 15
+
+
+def test_vit_backbone_has_cls_attention_saliency():
+    bb = create_backbone("tiny_vit")
+    out = bb(torch.randn(2, 3, 64, 64))
+    assert out.dense.shape == (2, 64, 8, 8)
+    s = out.saliency.reshape(2, -1).sum(1)
+    assert torch.all(s <= 1.0 + 1e-5) and torch.all(s > 0.5)  # CLS attention over patches (minus self)

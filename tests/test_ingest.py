@@ -1,0 +1,120 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from selflabel.data import load_rgb, scan_folder
+from selflabel.errors import ImageLoadError, InputError
+
+from conftest import make_image
+
+
+def test_scan_finds_images_recursively_case_insensitive_with_gt(color_folder):
+    scan = scan_folder(color_folder)
+    assert len(scan.records) == 24
+    assert {r.gt for r in scan.records} == {"red", "green", "blue"}
+    assert all("/" in r.id and not r.id.startswith("/") for r in scan.records)
+    assert [r.id for r in scan.records] == sorted(r.id for r in scan.records)
+
+
+def test_no_gt_when_images_at_top_level(tmp_path):
+    for i in range(3):
+        make_image(tmp_path / f"{i}.png", (10, 10, 10), seed=i)
+    scan = scan_folder(tmp_path)
+    assert len(scan.records) == 3 and not scan.has_gt
+
+
+def test_missing_and_empty_folder_raise_input_error(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        scan_folder(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hi")
+    with pytest.raises(InputError, match="no images found"):
+        scan_folder(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    "name,content,reason",
+    [
+        ("zero.jpg", b"", "empty file"),
+        ("text.jpg", b"this is not an image at all", "not an image"),
+    ],
+)
+def test_bad_files_give_clear_reasons(tmp_path, name, content, reason):
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(ImageLoadError, match=reason) as ei:
+        load_rgb(p)
+    assert ei.value.path == str(p)
+
+
+def test_truncated_jpeg_and_png(tmp_path):
+    for ext in ("jpg", "png"):
+        good = make_image(tmp_path / f"good.{ext}", (100, 50, 20), size=(64, 64))
+        data = good.read_bytes()
+        bad = tmp_path / f"bad.{ext}"
+        bad.write_bytes(data[: len(data) // 2])
+        with pytest.raises(ImageLoadError, match="truncated|corrupt|decode"):
+            load_rgb(bad)
+
+
+def test_decompression_bomb_limit(tmp_path):
+    p = tmp_path / "big.png"
+    Image.new("L", (400, 300)).save(p)
+    with pytest.raises(ImageLoadError, match="too large"):
+        load_rgb(p, max_pixels=100_000)
+    assert load_rgb(p).size == (400, 300)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "1"])
+def test_any_mode_becomes_rgb(tmp_path, mode):
+    p = tmp_path / f"m.{'tif' if mode in ('CMYK', 'I;16') else 'png'}"
+    Image.new(mode, (10, 7)).save(p)
+    im = load_rgb(p)
+    assert im.mode == "RGB" and im.size == (10, 7)
+
+
+def test_exif_orientation_applied(tmp_path):
+    p = tmp_path / "rot.jpg"
+    im = Image.new("RGB", (40, 20), (200, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    im.save(p, exif=exif)
+    assert load_rgb(p).size == (20, 40)
+
+
+def test_gif_first_frame(tmp_path):
+    p = tmp_path / "anim.gif"
+    frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    frames[0].save(p, save_all=True, append_images=frames[1:], duration=10, loop=0)
+    arr = np.asarray(load_rgb(p))
+    assert arr[..., 0].mean() > 200 and arr[..., 2].mean() < 50
+
+
+def test_symlink_loop_and_duplicate_link(tmp_path):
+    root = tmp_path / "r"
+    make_image(root / "a" / "x.png", (1, 2, 3))
+    os.symlink(root, root / "a" / "loop")  # folder loop
+    os.symlink(root / "a" / "x.png", root / "y.png")  # second name of the same file
+    os.symlink(root / "missing.png", root / "dangling.png")
+    scan = scan_folder(root)
+    assert [r.id for r in scan.records] == ["a/x.png"]
+    reasons = {s.path: s.reason for s in scan.skipped}
+    assert any("loop" in r for r in reasons.values())
+    assert "dangling.png" in reasons and "broken symlink" in reasons["dangling.png"]
+    assert "y.png" in reasons
+
+
+def test_gt_csv(tmp_path):
+    for i in range(4):
+        make_image(tmp_path / "d" / f"{i}.png", (i * 50, 0, 0), seed=i)
+    gt = tmp_path / "gt.csv"
+    gt.write_text("path,label\n0.png,a\n1.png,a\n2.png,b\n")
+    scan = scan_folder(tmp_path / "d", gt_csv=str(gt))
+    assert [r.gt for r in scan.records] == ["a", "a", "b", None]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,cls\n")
+    with pytest.raises(InputError, match="needs columns"):
+        scan_folder(tmp_path / "d", gt_csv=str(bad))
