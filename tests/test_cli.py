@@ -1,0 +1,92 @@
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from selflabel.cli import app
+
+runner = CliRunner()
+
+
+def _label(args, cache_dir):
+    return runner.invoke(app, ["label", *args, "--backbone", "tiny", "--cache-dir", str(cache_dir), "-q"])
+
+
+def test_label_writes_run_and_eval_scores(color_folder, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    (color_folder / "green" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    res = _label([str(color_folder), "--out", str(out), "--method", "kmeans", "--k", "3", "--seed", "1"], cache_dir)
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(out / "labels.csv")))
+    assert len(rows) == 24 and set(rows[0]) == {"path", "cluster", "confidence", "gt"}
+    assert all(0.0 <= float(r["confidence"]) <= 1.0 for r in rows)
+    skipped = list(csv.DictReader(open(out / "skipped.csv")))
+    assert [s["path"] for s in skipped] == ["green/broken.jpg"]
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["config"]["seed"] == 1 and man["config"]["cluster"]["k"] == 3
+    assert man["backbone"]["name"] == "tiny" and "torch" in man["versions"]
+    assert set(man["timings"]) >= {"ingest", "features", "cluster"}
+    assert np.load(out / "features.npy").shape == (24, 64)
+    ev = runner.invoke(app, ["eval", str(out), "--json"])
+    assert ev.exit_code == 0, ev.output
+    metrics = json.loads(ev.output)["image"]
+    assert metrics["accuracy"] == pytest.approx(1.0) and metrics["nmi"] == pytest.approx(1.0)
+
+
+def test_label_missing_and_empty_folder_exit_2(tmp_path, cache_dir):
+    res = _label([str(tmp_path / "nope"), "--out", str(tmp_path / "o")], cache_dir)
+    assert res.exit_code == 2 and "no such file" in res.output and "Traceback" not in res.output
+    (tmp_path / "empty").mkdir()
+    res = _label([str(tmp_path / "empty"), "--out", str(tmp_path / "o")], cache_dir)
+    assert res.exit_code == 2 and "no images found" in res.output
+
+
+def test_bad_config_override_exit_2(color_folder, tmp_path, cache_dir):
+    res = _label([str(color_folder), "--out", str(tmp_path / "o"), "--set", "cluster.kk=3"], cache_dir)
+    assert res.exit_code == 2 and "unknown key 'cluster.kk'" in res.output
+    res = _label([str(color_folder), "--out", str(tmp_path / "o"), "--set", "cluster.k=abc"], cache_dir)
+    assert res.exit_code == 2 and "cluster.k" in res.output
+
+
+def test_k_larger_than_images_exit_2(color_folder, tmp_path, cache_dir):
+    res = _label([str(color_folder), "--out", str(tmp_path / "o"), "--k", "500"], cache_dir)
+    assert res.exit_code == 2 and "k=500" in res.output
+
+
+def test_eval_without_gt_and_not_a_run(tmp_path, cache_dir):
+    from conftest import make_image
+
+    for i in range(6):
+        make_image(tmp_path / "flat" / f"{i}.png", (i * 40, 0, 0), seed=i)
+    out = tmp_path / "run"
+    assert _label([str(tmp_path / "flat"), "--out", str(out), "--method", "kmeans", "--k", "2"], cache_dir).exit_code == 0
+    res = runner.invoke(app, ["eval", str(out)])
+    assert res.exit_code == 2 and "no ground truth" in res.output
+    res = runner.invoke(app, ["eval", str(tmp_path)])
+    assert res.exit_code == 2 and "not a selflabel run" in res.output
+
+
+def test_export_csv_and_imagefolder(color_folder, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    assert _label([str(color_folder), "--out", str(out), "--method", "kmeans", "--k", "3"], cache_dir).exit_code == 0
+    res = runner.invoke(app, ["export", str(out), "--format", "csv"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(out / "exports" / "labels.csv")))
+    assert len(rows) == 24 and rows[0]["name"].startswith("cluster_")
+    res = runner.invoke(app, ["export", str(out), "--format", "imagefolder", "--out", str(tmp_path / "tree")])
+    assert res.exit_code == 0, res.output
+    from torchvision.datasets import ImageFolder
+
+    ds = ImageFolder(str(tmp_path / "tree"))
+    assert len(ds) == 24 and len(ds.classes) == 3
+    res = runner.invoke(app, ["export", str(out), "--format", "parquet"])
+    assert res.exit_code == 2 and "unknown export format" in res.output
+
+
+def test_module_entry_point_help():
+    proc = subprocess.run([sys.executable, "-m", "selflabel", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "label" in proc.stdout and "export" in proc.stdout
