@@ -9,6 +9,7 @@ import csv
 import hashlib
 import logging
 import os
+import urllib.parse
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,12 +57,29 @@ class ScanResult:
 
 
 def _display(path: Path, root: Path) -> str:
-    """Relative POSIX path; undecodable bytes in names are kept via surrogateescape then escaped."""
+    """Relative POSIX path as the image id. A name that is not valid UTF-8 (the OS hands it to
+    Python with surrogate escapes) is percent-encoded from its raw bytes, so the id is printable,
+    fits a UTF-8 CSV and still leads back to the file (see `resolve_id`)."""
     try:
         rel = path.relative_to(root).as_posix()
     except ValueError:
         rel = path.as_posix()
-    return rel.encode("utf-8", "backslashreplace").decode("utf-8")
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return urllib.parse.quote(os.fsencode(rel), safe="/")
+
+
+def resolve_id(root: str | os.PathLike, image_id: str) -> Path:
+    """The file behind an image id (inverse of the id encoding in `scan_folder`)."""
+    p = Path(root) / image_id
+    if "%" in image_id and not os.path.lexists(p):
+        raw = os.fsencode(str(root)) + b"/" + urllib.parse.unquote_to_bytes(image_id)
+        alt = Path(os.fsdecode(raw))
+        if os.path.lexists(alt):
+            return alt
+    return p
 
 
 def scan_folder(root: str | os.PathLike, *, follow_symlinks: bool = True, gt_csv: str | None = None) -> ScanResult:

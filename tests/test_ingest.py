@@ -118,3 +118,43 @@ def test_gt_csv(tmp_path):
     bad.write_text("file,cls\n")
     with pytest.raises(InputError, match="needs columns"):
         scan_folder(tmp_path / "d", gt_csv=str(bad))
+
+
+def test_unicode_spaces_and_non_utf8_names(tmp_path):
+    from selflabel.data import resolve_id
+
+    root = tmp_path / "r"
+    make_image(root / "ünï cödé" / "a photo 📷.png", (5, 5, 5))
+    raw = os.fsencode(str(root)) + b"/latin\xe9.png"
+    make_image(Path(os.fsdecode(raw)), (9, 9, 9))
+    scan = scan_folder(root)
+    ids = [r.id for r in scan.records]
+    assert "ünï cödé/a photo 📷.png" in ids
+    enc = [i for i in ids if i.startswith("latin")]
+    assert enc == ["latin%E9.png"]
+    enc[0].encode("utf-8")  # printable, CSV-safe
+    assert resolve_id(root, enc[0]).is_file()
+    assert np.asarray(load_rgb(resolve_id(root, enc[0]))).mean() < 30
+
+
+def test_unreadable_file_reason(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads files regardless of permissions")
+    p = make_image(tmp_path / "locked.png", (1, 1, 1))
+    p.chmod(0)
+    with pytest.raises(ImageLoadError, match="permission denied|cannot read"):
+        load_rgb(p)
+
+
+def test_permission_error_is_reported_even_as_root(tmp_path, monkeypatch):
+    """Root ignores file modes, so simulate the OS refusing the read."""
+    import selflabel.data as data
+
+    p = make_image(tmp_path / "locked.png", (1, 1, 1))
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(data.Image, "open", refuse)
+    with pytest.raises(ImageLoadError, match="permission denied"):
+        load_rgb(p)

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable
 
+from ..data import resolve_id
 from ..errors import InputError
 from ..runfiles import LabelRow
 from .names import flatten_path, sanitize_name
@@ -32,7 +33,7 @@ def export_imagefolder(rows: Iterable[LabelRow], names: dict[int, str], data_roo
         for r in rows:
             if r.path in rejected:
                 continue
-            src = (root / r.path).resolve()
+            src = resolve_id(root, r.path).resolve()
             if not src.is_relative_to(root):
                 raise InputError(f"{r.path}: path escapes the data root {root}")
             if r.cluster not in folder_of:
