@@ -1,0 +1,379 @@
+"""The review app: browse clusters, fix their labels, export them.
+
+Run it with `selflabel app RUN` or `streamlit run app/review_app.py -- RUN` (or set SELFLABEL_RUN).
+Every edit goes straight into RUN/review.sqlite (see `store.py`); the page only draws that state.
+Images are read only through `thumbs.safe_path`, inside the run's image root.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import streamlit as st
+
+from selflabel.errors import SelflabelError
+from selflabel.export import FORMATS, export_run
+from selflabel.review.store import SPLIT_METHODS, ReviewStore
+from selflabel.review.thumbs import ThumbCache, safe_path
+from selflabel.runfiles import DENSE, EXPORTS, FEATURES, read_manifest
+
+VIEWS = ("Overview", "Cluster", "Map", "Dense", "Export")
+CARDS_PER_PAGE = 12
+GRID_COLS = 8
+NEW_CLUSTER = -1  # move target meaning "a fresh cluster"
+
+
+# ------------------------------------------------------------------------- resources
+def run_dir_from_env() -> Path | None:
+    """The run folder: $SELFLABEL_RUN, else the first argument after `--` of `streamlit run`."""
+    if os.environ.get("SELFLABEL_RUN"):
+        return Path(os.environ["SELFLABEL_RUN"])
+    if Path(sys.argv[0]).name in {"review_app.py", "app_main.py"} and len(sys.argv) > 1:
+        return Path(sys.argv[1])
+    return None
+
+
+@st.cache_resource(show_spinner=False)
+def get_store(run_dir: str) -> ReviewStore:
+    return ReviewStore(run_dir)
+
+
+@st.cache_data(show_spinner="Projecting features ...", max_entries=4)
+def embedding_2d(features_path: str, mtime_ns: int, method: str) -> np.ndarray:
+    """2-D map of the (L2-normalised) features: PCA, or UMAP when installed and asked for."""
+    x = np.load(features_path, mmap_mode="r", allow_pickle=False).astype(np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if method == "UMAP":
+        import umap  # optional dependency
+
+        return umap.UMAP(n_components=2, random_state=0).fit_transform(x).astype(np.float32)
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=2, random_state=0).fit_transform(x).astype(np.float32)
+
+
+def act(fn: Callable[..., Any], *args: Any, done: str = "", clear: bool = False, **kwargs: Any) -> None:
+    """Button callback: run one store edit, keep its message (or its error) for the next draw."""
+    try:
+        result = fn(*args, **kwargs)
+    except SelflabelError as exc:
+        st.session_state["flash"] = ("error", str(exc))
+        return
+    if result is None or result == []:
+        st.session_state["flash"] = ("info", "Nothing changed.")
+    else:
+        st.session_state["flash"] = ("success", done or "Saved.")
+    if clear:
+        clear_selection()
+
+
+def selected_paths() -> list[str]:
+    return [k[len("sel|"):] for k, v in st.session_state.items() if isinstance(k, str) and k.startswith("sel|") and v]
+
+
+def clear_selection() -> None:
+    for k in [k for k in st.session_state.keys() if isinstance(k, str) and k.startswith("sel|")]:
+        del st.session_state[k]
+
+
+# ------------------------------------------------------------------------- views
+def sidebar(store: ReviewStore, run: Path, manifest: dict) -> str:
+    st.sidebar.title("selflabel review")
+    st.sidebar.caption(f"run `{run}`  \nimages `{manifest.get('data_root')}`")
+    views = [v for v in VIEWS if v != "Dense" or (run / DENSE).is_dir()]
+    if st.session_state.get("view") not in views:
+        st.session_state["view"] = views[0]
+    view = st.sidebar.radio("View", views, key="view")
+    clusters = store.clusters()
+    names = {c.id: c for c in clusters}
+    if st.session_state.get("cluster") not in names and clusters:
+        st.session_state["cluster"] = clusters[0].id
+    st.sidebar.selectbox("Cluster", [c.id for c in clusters], key="cluster",
+                         format_func=lambda c: f"{names[c].name} ({names[c].size})" if c in names else str(c))
+    st.sidebar.divider()
+    history = store.history(limit=20)
+    last = next((e for e in history if e.active), None)
+    st.sidebar.button("Undo last edit", key="undo", disabled=last is None, on_click=act,
+                      args=(store.undo,), kwargs={"done": f"Undone: {last.summary}" if last else ""},
+                      help=f"Undo: {last.summary}" if last else "Nothing to undo")
+    with st.sidebar.expander(f"Edit history ({sum(e.kind != 'undo' for e in history)} shown)"):
+        for e in history:
+            st.markdown(f"{'~~' if not e.active else ''}#{e.id} {e.summary}{'~~' if not e.active else ''}")
+    return view
+
+
+def overview(store: ReviewStore, thumbs: ThumbCache) -> None:
+    clusters = store.clusters()
+    n_img = sum(c.size for c in clusters)
+    st.header(f"{len(clusters)} clusters · {n_img} images")
+    pages = max(1, -(-len(clusters) // CARDS_PER_PAGE))
+    page = st.number_input("Page", 1, pages, 1, key="cards_page", help=f"{pages} page(s) of {CARDS_PER_PAGE} clusters") - 1
+    shown = clusters[page * CARDS_PER_PAGE : (page + 1) * CARDS_PER_PAGE]
+    cols = st.columns(3)
+    for i, c in enumerate(shown):
+        with cols[i % 3].container(border=True):
+            st.markdown(f"**{c.name}** · {c.size} images · conf {c.mean_confidence:.2f}"
+                        + (f" · {c.n_rejected} rejected" if c.n_rejected else "")
+                        + (f" · {c.n_unsure} unsure" if c.n_unsure else ""))
+            top = [m.path for m in store.members(c.id, limit=6)]
+            imgs = [str(p) for p in thumbs.get_many(top) if p is not None]
+            if imgs:
+                st.image(imgs, width=64)
+            st.button("Open", key=f"open|{c.id}", on_click=open_cluster, args=(c.id,))
+
+
+def open_cluster(cid: int) -> None:
+    st.session_state["cluster"] = cid
+    st.session_state["view"] = "Cluster"
+    st.session_state["page"] = 1
+    clear_selection()
+
+
+def cluster_view(store: ReviewStore, thumbs: ThumbCache, run: Path, data_root: Path) -> None:
+    clusters = store.clusters()
+    if not clusters:
+        st.info("No images in this run.")
+        return
+    by_id = {c.id: c for c in clusters}
+    cid = st.session_state.get("cluster")
+    c = by_id[cid]
+    st.header(f"{c.name}")
+    st.caption(f"cluster id {c.id} · {c.size} images · mean confidence {c.mean_confidence:.2f} · "
+               f"{c.n_rejected} rejected · {c.n_unsure} unsure")
+
+    left, mid, right = st.columns(3)
+    with left.container(border=True):
+        st.text_input("Name", value=c.name, key=f"rename|{c.id}")
+        st.button("Rename", key="rename", on_click=lambda: act(
+            store.rename, c.id, st.session_state[f"rename|{c.id}"], done="Renamed."))
+    with mid.container(border=True):
+        others = [o.id for o in clusters if o.id != c.id]
+        st.multiselect("Merge these clusters into this one", others, key="merge_sources",
+                       format_func=lambda o: f"{by_id[o].name} ({by_id[o].size})")
+        st.button("Merge", key="merge", disabled=not others, on_click=lambda: act(
+            store.merge, st.session_state.get("merge_sources", []), c.id, done="Merged."))
+    with right.container(border=True):
+        if c.size >= 2:
+            sc1, sc2 = st.columns(2)
+            sc1.number_input("Split into k", 2, max(2, min(20, c.size)), 2, key="split_k")
+            sc2.selectbox("Method", SPLIT_METHODS, key="split_method")
+            st.button("Split", key="split", on_click=lambda: act(
+                store.split, c.id, int(st.session_state["split_k"]), method=st.session_state["split_method"],
+                done="Split."))
+        else:
+            st.caption("A single image cannot be split.")
+
+    o1, o2, o3 = st.columns([2, 1, 1])
+    least = o1.radio("Order", ["Most confident first", "Least confident first"], key="order",
+                     horizontal=True) == "Least confident first"
+    per_page = o2.selectbox("Per page", [24, 48, 96], index=1, key="per_page")
+    pages = max(1, -(-c.size // per_page))
+    if st.session_state.get("page", 1) > pages:
+        st.session_state["page"] = pages
+    page = o3.number_input(f"Page (of {pages})", 1, pages, key="page") - 1
+    members = store.members(c.id, least_confident=least, offset=page * per_page, limit=per_page)
+    if st.session_state.get("_sel_cluster") != c.id:  # a selection belongs to one cluster
+        clear_selection()
+        st.session_state["_sel_cluster"] = c.id
+    selection_bar(store, clusters, c.id, [m.path for m in members])
+    paths = thumbs.get_many([m.path for m in members])
+    for row in range(0, len(members), GRID_COLS):
+        cols = st.columns(GRID_COLS)
+        for col, m, p in zip(cols, members[row : row + GRID_COLS], paths[row : row + GRID_COLS]):
+            with col:
+                if p is not None:
+                    st.image(str(p), width="stretch")
+                else:
+                    st.caption("(unreadable)")
+                mark = {"rejected": " ✗", "unsure": " ?"}.get(m.status, "")
+                st.checkbox(f"{m.confidence:.2f}{mark}", key=f"sel|{m.path}", help=m.path)
+
+    inspect_image(store, members, run, data_root)
+
+
+def selection_bar(store: ReviewStore, clusters: list, cid: int, page_paths: list[str]) -> None:
+    chosen = selected_paths()
+    with st.container(border=True):
+        st.markdown(f"**{len(chosen)} selected**")
+        b1, b2, b3 = st.columns([1, 1, 4])
+        b1.button("Select page", key="select_page",
+                  on_click=lambda: st.session_state.update({f"sel|{p}": True for p in page_paths}))
+        b2.button("Clear", key="clear_selection", on_click=clear_selection)
+        names = {o.id: o.name for o in clusters}
+        m1, m2, m3 = st.columns([2, 2, 1])
+        m1.selectbox("Move to", [NEW_CLUSTER] + [o.id for o in clusters if o.id != cid], key="move_target",
+                     format_func=lambda o: "a new cluster" if o == NEW_CLUSTER else names.get(o, str(o)))
+        m2.text_input("Name of the new cluster", key="move_name")
+        m3.button("Move", key="move", disabled=not chosen, on_click=lambda: act(
+            store.move, selected_paths(),
+            None if st.session_state["move_target"] == NEW_CLUSTER else st.session_state["move_target"],
+            name=st.session_state.get("move_name") or None, done="Moved.", clear=True))
+        s1, s2, s3 = st.columns(3)
+        for col, status, label in ((s1, "rejected", "Reject"), (s2, "unsure", "Mark unsure"), (s3, "ok", "Mark OK")):
+            col.button(label, key=f"status|{status}", disabled=not chosen, on_click=lambda s=status: act(
+                store.set_status, selected_paths(), s, done=f"Marked {s}.", clear=True))
+
+
+def dense_index(run: Path) -> dict[str, dict[str, str]]:
+    """image path -> {"overlay": file, "map": file} from dense/dense.json, where the run has one."""
+    meta = run / DENSE / "dense.json"
+    if not meta.is_file():
+        return {}
+    try:
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return {}
+    images = data.get("images", []) if isinstance(data, dict) else []
+    return {d["path"]: d for d in images if isinstance(d, dict) and "path" in d}
+
+
+def inspect_image(store: ReviewStore, members: list, run: Path, data_root: Path) -> None:
+    if not members:
+        return
+    with st.expander("Inspect one image"):
+        rel = st.selectbox("Image", [m.path for m in members], key="inspect")
+        m = store.member(rel)
+        try:
+            full = safe_path(data_root, rel)
+        except SelflabelError as exc:
+            st.error(str(exc))
+            return
+        cols = st.columns(2)
+        cols[0].image(str(full), caption=f"{rel} · confidence {m.confidence:.2f} · {m.status}")
+        d = dense_index(run).get(rel)
+        if d and d.get("overlay"):
+            try:
+                cols[1].image(str(safe_path(run / DENSE, d["overlay"])), caption="concept mask overlay")
+            except SelflabelError as exc:
+                cols[1].error(str(exc))
+
+
+def map_view(store: ReviewStore, run: Path) -> None:
+    import altair as alt
+    import pandas as pd
+
+    clusters = store.clusters()
+    names = {c.id: c.name for c in clusters}
+    st.header("Cluster sizes")
+    sizes = pd.DataFrame({"cluster": [c.name for c in clusters], "images": [c.size for c in clusters]})
+    st.altair_chart(alt.Chart(sizes).mark_bar().encode(
+        x=alt.X("cluster:N", sort="-y"), y="images:Q", tooltip=["cluster", "images"]), width="stretch")
+
+    feats = run / FEATURES
+    st.header("Feature map")
+    if not feats.is_file():
+        st.info("This run has no features.npy.")
+        return
+    methods = ["PCA"] + (["UMAP"] if importlib.util.find_spec("umap") else [])
+    method = st.radio("Projection", methods, horizontal=True, key="projection",
+                      help="UMAP appears when the umap-learn package is installed.")
+    xy = embedding_2d(str(feats), feats.stat().st_mtime_ns, method)
+    assign = store.assignments()
+    paths = [r.path for r in store.base_rows]
+    df = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "cluster": [names.get(int(a), str(a)) for a in assign], "path": paths})
+    st.altair_chart(alt.Chart(df).mark_circle(size=18, opacity=0.7).encode(
+        x=alt.X("x:Q", title=f"{method} 1"), y=alt.Y("y:Q", title=f"{method} 2"),
+        color=alt.Color("cluster:N", legend=alt.Legend(columns=2) if len(names) > 20 else alt.Legend()),
+        tooltip=["path", "cluster"]).interactive(), width="stretch")
+
+
+def dense_view(run: Path) -> None:
+    dense = run / DENSE
+    if not dense.is_dir():
+        st.info("This run has no dense outputs (run `selflabel segment` to make them).")
+        return
+    graph_file = dense / "graph.json"
+    if graph_file.is_file():
+        st.header("Concept graph")
+        draw_graph(json.loads(graph_file.read_text(encoding="utf-8")))
+    overlays = sorted((dense / "overlays").glob("*.png"))
+    st.header(f"Mask overlays ({len(overlays)})")
+    by_file = {v.get("overlay"): k for k, v in dense_index(run).items()}
+    for row in range(0, min(len(overlays), 48), 4):
+        cols = st.columns(4)
+        for col, p in zip(cols, overlays[row : row + 4]):
+            col.image(str(safe_path(dense, str(p.relative_to(dense)))),
+                      caption=by_file.get(str(p.relative_to(dense)), p.name))
+
+
+def draw_graph(data: dict) -> None:
+    """The concept graph (networkx node-link JSON): nodes sized by area, edges by weight."""
+    import matplotlib.pyplot as plt
+    import networkx as nx
+
+    g = nx.node_link_graph(data, edges="links" if "links" in data else "edges")
+    if g.number_of_nodes() == 0:
+        st.caption("The graph is empty.")
+        return
+    pos = nx.spring_layout(g, seed=0, weight="weight")
+    size = np.array([float(d.get("size", d.get("area", 1.0))) for _, d in g.nodes(data=True)])
+    size = 200 + 1200 * size / max(size.max(), 1e-9)
+    width = [0.5 + 4 * float(d.get("weight", 0.5)) for _, _, d in g.edges(data=True)]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    nx.draw_networkx(g, pos, ax=ax, node_size=size, width=width, node_color="#8fb3de", font_size=8,
+                     labels={n: str(d.get("name", n)) for n, d in g.nodes(data=True)})
+    ax.axis("off")
+    st.pyplot(fig, width="content")
+    plt.close(fig)
+
+
+def export_view(run: Path) -> None:
+    st.header("Export")
+    st.markdown(f"Writes into `{run / EXPORTS}` with your names, moves, merges and splits applied; "
+                "rejected images are left out, unsure ones are kept and marked in the CSV.")
+    cols = st.columns(len(FORMATS))
+    for col, fmt in zip(cols, FORMATS):
+        col.button(f"Export {fmt}", key=f"export|{fmt}", on_click=do_export, args=(run, fmt))
+    for fmt, (path, n) in st.session_state.get("exported", {}).items():
+        st.markdown(f"- **{fmt}**: {n} images → `{path}`")
+
+
+def do_export(run: Path, fmt: str) -> None:
+    try:
+        path, n = export_run(run, fmt)
+    except SelflabelError as exc:
+        st.session_state["flash"] = ("error", str(exc))
+        return
+    st.session_state.setdefault("exported", {})[fmt] = (str(path), n)
+    st.session_state["flash"] = ("success", f"Exported {n} images as {fmt} to {path}")
+
+
+# ------------------------------------------------------------------------- page
+def main() -> None:
+    st.set_page_config(page_title="selflabel review", layout="wide")
+    run = run_dir_from_env()
+    if run is None:
+        st.error("No run folder given. Start the app with `selflabel app RUN` "
+                 "or `streamlit run app/review_app.py -- RUN`.")
+        st.stop()
+    try:
+        manifest = read_manifest(run)
+        store = get_store(str(run.resolve()))
+    except SelflabelError as exc:
+        st.error(str(exc))
+        st.stop()
+    data_root = Path(manifest.get("data_root", "")).resolve()
+    thumbs = ThumbCache(run, data_root)
+    view = sidebar(store, run, manifest)
+    flash = st.session_state.pop("flash", None)
+    if flash:
+        getattr(st, flash[0])(flash[1])
+    if view == "Overview":
+        overview(store, thumbs)
+    elif view == "Cluster":
+        cluster_view(store, thumbs, run, data_root)
+    elif view == "Map":
+        map_view(store, run)
+    elif view == "Dense":
+        dense_view(run)
+    else:
+        export_view(run)
+
+
+if __name__ == "__main__":
+    main()

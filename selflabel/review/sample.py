@@ -1,0 +1,77 @@
+"""A small synthetic run folder (coloured PNGs, labels, features), for tests and for trying the app.
+
+`python -m selflabel.review.sample OUT` writes OUT/images/<class>/*.png and the run files in OUT/run,
+then prints the run folder. The labels are the true classes with a few deliberate mistakes, so a
+reviewer has something to fix.
+"""
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..atomic import atomic_save_npy, atomic_write_bytes, atomic_write_json
+from ..runfiles import FEATURES, LabelRow, write_labels, write_manifest
+
+CLASSES = ("red", "green", "blue", "yellow")
+_RGB = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+
+
+def make_sample_run(out: str | Path, *, per_class: int = 10, dim: int = 16, mistakes: int = 3,
+                    dense: bool = False, seed: int = 0) -> Path:
+    """Write a synthetic run under `out`; returns the run folder (`out/run`)."""
+    rng = np.random.default_rng(seed)
+    out = Path(out)
+    data_root, run = out / "images", out / "run"
+    centres = rng.normal(size=(len(CLASSES), dim)).astype(np.float32) * 3
+    rows, feats = [], []
+    for ci, name in enumerate(CLASSES):
+        for j in range(per_class):
+            px = np.clip(np.array(_RGB[name]) + rng.normal(0, 12, size=(24, 24, 3)), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(px).save(buf, format="PNG")
+            rel = f"{name}/{name}_{j:03d}.png"
+            atomic_write_bytes(data_root / rel, buf.getvalue())
+            conf = float(rng.uniform(0.4, 1.0))
+            rows.append(LabelRow(rel, ci, conf, gt=name))
+            feats.append(centres[ci] + rng.normal(size=dim).astype(np.float32))
+    for i in rng.choice(len(rows), size=mistakes, replace=False):  # a few wrong, unsure labels
+        rows[i].cluster = (rows[i].cluster + 1) % len(CLASSES)
+        rows[i].confidence = float(rng.uniform(0.25, 0.35))
+    write_labels(run / "labels.csv", rows)
+    atomic_save_npy(run / FEATURES, np.stack(feats).astype(np.float32))
+    write_manifest(run, {"data_root": str(data_root.resolve()), "counts": {"images": len(rows)},
+                         "backbone": "synthetic", "config": {"cluster": {"method": "synthetic", "k": len(CLASSES)}}})
+    if dense:
+        _write_dense(run, rows, rng)
+    return run
+
+
+def _write_dense(run: Path, rows: list[LabelRow], rng: np.random.Generator) -> None:
+    """A tiny dense/ folder: a concept graph (networkx node-link), label maps and overlays for 4 images."""
+    import networkx as nx
+
+    g = nx.Graph()
+    for ci, name in enumerate(CLASSES):
+        g.add_node(ci, name=name, size=int(rng.integers(50, 500)))
+    g.add_edge(0, 3, weight=0.6)
+    g.add_edge(1, 2, weight=0.3)
+    atomic_write_json(run / "dense" / "graph.json", nx.node_link_data(g, edges="edges"))
+    images = []
+    for i, r in enumerate(rows[:: max(1, len(rows) // 4)][:4]):
+        stem = f"{i:05d}"
+        mask = np.zeros((24, 24), dtype=np.uint8)
+        mask[6:18, 6:18] = r.cluster + 1
+        for sub, arr in (("maps", mask), ("overlays", np.stack([mask * 60] * 3, -1).astype(np.uint8))):
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="PNG")
+            atomic_write_bytes(run / "dense" / sub / f"{stem}.png", buf.getvalue())
+        images.append({"path": r.path, "map": f"maps/{stem}.png", "overlay": f"overlays/{stem}.png"})
+    atomic_write_json(run / "dense" / "dense.json", {"images": images, "concepts": len(CLASSES)})
+
+
+if __name__ == "__main__":  # pragma: no cover - convenience entry
+    print(make_sample_run(sys.argv[1] if len(sys.argv) > 1 else "sample_run", dense="--dense" in sys.argv))

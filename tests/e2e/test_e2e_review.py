@@ -1,0 +1,100 @@
+"""End to end: the review app as a real server on 127.0.0.1, driven in headless Chromium by Playwright.
+
+Needs Debian's `chromium` (/usr/bin/chromium) and the `playwright` Python package; never
+`playwright install` (no browser download). Skipped with the reason when either is missing.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from selflabel.review.launch import streamlit_command
+from selflabel.review.sample import make_sample_run
+from selflabel.review.store import ReviewStore
+
+CHROMIUM = os.environ.get("SELFLABEL_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def server(tmp_path: Path):
+    """(url, run folder, process) of the app serving a synthetic run; stopped afterwards."""
+    run = make_sample_run(tmp_path)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "SELFLABEL_RUN"}
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen(streamlit_command(run, "127.0.0.1", port), stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the app did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.2)
+        yield url, run, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_rename_and_export_in_a_real_browser(server, tmp_path: Path) -> None:
+    url, run, proc = server
+    # the app listens on loopback only
+    assert any(f"127.0.0.1:{url.rsplit(':', 1)[1]}" in line for line in (tmp_path / "server.log").read_text().splitlines())
+    largest = max(ReviewStore(run).clusters(), key=lambda c: c.size)
+    with playwright_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(20_000)
+            page.goto(url)
+            page.get_by_text("4 clusters · 40 images").wait_for()
+            sidebar = page.get_by_test_id("stSidebar")
+            sidebar.get_by_text("Cluster", exact=True).first.click()
+            page.get_by_role("heading", name=largest.name).wait_for()
+            name = page.get_by_label("Name", exact=True)
+            name.fill("blue things")
+            name.press("Enter")
+            page.get_by_role("button", name="Rename").click()
+            page.get_by_text("Renamed.").wait_for()
+            page.get_by_role("heading", name="blue things").wait_for()
+            sidebar.get_by_text("Export", exact=True).click()
+            page.get_by_role("button", name="Export csv").click()
+            page.get_by_text("Exported 40 images as csv").wait_for()
+            page.screenshot(path=str(tmp_path / "review_app.png"), full_page=True)
+        finally:
+            browser.close()
+    assert proc.poll() is None  # the server is still up
+    assert ReviewStore(run).names()[largest.id] == "blue things"
+    with open(run / "exports" / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 40
+    assert {r["path"] for r in rows if r["name"] == "blue things"} == {m.path for m in ReviewStore(run).members(largest.id)}
+    assert (tmp_path / "review_app.png").stat().st_size > 10_000
