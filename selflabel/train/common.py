@@ -1,0 +1,193 @@
+"""Plumbing shared by the SeLa and SwAV trainers: inputs, batches, schedules, outputs.
+
+Nothing here knows about a particular algorithm; the loops in `sela.py` and `swav.py` read top to bottom.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import InputError, SelflabelError
+from .augment import ImageViews, make_generator, norm_stats
+
+
+class TrainingInterrupted(SelflabelError):
+    """Raised by the `stop_after_epoch` testing hook: the run stops as if killed after that epoch."""
+
+
+def head_ks(k: int, heads: Sequence[int]) -> list[int]:
+    """The chosen K first, then the other heads' Ks (unique, in the given order)."""
+    ks = [int(k)]
+    for h in heads:
+        if int(h) not in ks:
+            ks.append(int(h))
+    if any(x < 2 for x in ks):
+        raise InputError(f"every head needs at least 2 clusters, got {ks}")
+    return ks
+
+
+def check_features(features: np.ndarray, ks: Sequence[int]) -> tuple[int, int]:
+    if features.ndim != 2:
+        raise InputError(f"features must be [N, D], got shape {tuple(features.shape)}")
+    n, d = features.shape
+    if n < max(ks):
+        raise InputError(f"{n} images cannot fill {max(ks)} clusters; lower k or the heads")
+    return n, d
+
+
+def data_digest(features: np.ndarray) -> str:
+    """A cheap digest of the features (64 spread rows): a resume must see the same data."""
+    n = features.shape[0]
+    rows = np.asarray(features[np.linspace(0, n - 1, min(n, 64)).astype(np.int64)], dtype=np.float32)
+    return f"{n}x{features.shape[1]}:{float(rows.sum()):.6e}:{float(np.abs(rows).sum()):.6e}"
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def seeded_init(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Build a module with parameters drawn from `seed`, leaving the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def update_epochs(total_epochs: int, n_updates: int) -> list[int]:
+    """Epochs (0-based) before which the labels are re-optimised: `n_updates` spread evenly, the first at 0."""
+    n_updates = max(1, min(n_updates, total_epochs)) if total_epochs > 0 else 0
+    return sorted({int(math.floor(i * total_epochs / n_updates)) for i in range(n_updates)})
+
+
+def cosine_lr(base_lr: float, step: int, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.01) -> float:
+    """Linear warm-up then cosine decay to `min_ratio * base_lr` (nanoGPT's get_lr)."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+class FeatureSource:
+    """Rows of an [N, D] array (possibly a np.memmap) as float32 tensors on `device`.
+
+    Arrays up to `max_ram_bytes` are copied into memory once; larger ones are read batch by batch.
+    """
+
+    def __init__(self, features: np.ndarray, device: str | torch.device, max_ram_bytes: int = 4 << 30) -> None:
+        self.n, self.d = features.shape
+        self.device = torch.device(device)
+        self.array = features
+        self.tensor: Tensor | None = None
+        if self.n * self.d * 4 <= max_ram_bytes:
+            self.tensor = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
+
+    def rows(self, idx: Tensor) -> Tensor:
+        if self.tensor is not None:
+            return self.tensor[idx.to(self.device)]
+        idx_np = idx.cpu().numpy()
+        order = np.argsort(idx_np, kind="stable")  # sorted reads are sequential on disk
+        out = np.empty((len(idx_np), self.d), dtype=np.float32)
+        out[order] = self.array[idx_np[order]]
+        return torch.from_numpy(out).to(self.device)
+
+    def mean(self, batch_size: int = 65536) -> Tensor:
+        """The mean feature [D] (float64 accumulation), for `InputNorm`."""
+        total = torch.zeros(self.d, dtype=torch.float64)
+        for x in self.batches(batch_size):
+            total += x.double().sum(0).cpu()
+        return (total / max(1, self.n)).float()
+
+    def batches(self, batch_size: int):
+        """Sequential batches of all rows (for evaluation passes)."""
+        for s in range(0, self.n, batch_size):
+            yield self.rows(torch.arange(s, min(s + batch_size, self.n)))
+
+
+def load_image(record: Any) -> Image.Image:
+    """An RGB image from a PIL image, a path, or an `ImageRecord` (anything with `.path`)."""
+    if isinstance(record, Image.Image):
+        return record.convert("RGB")
+    path = getattr(record, "path", record)
+    from ..data import load_rgb  # the project's safe decoder (EXIF transpose, RGB, first frame)
+
+    return load_rgb(path)
+
+
+class ImageViewsDataset(Dataset):
+    """Augmented views of image i, drawn from a generator seeded with (seed, epoch, i); or the plain view."""
+
+    def __init__(self, records: Sequence[Any], views: ImageViews, seed: int, epoch: int, plain: bool = False) -> None:
+        self.records, self.views, self.seed, self.epoch, self.plain = records, views, seed, epoch, plain
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        img = load_image(self.records[i])
+        if self.plain:
+            return self.views.plain(img)
+        return self.views.views(img, make_generator(self.seed, self.epoch, i, 7))
+
+
+def num_workers(requested: int) -> int:
+    return min(4, os.cpu_count() or 1) if requested < 0 else requested
+
+
+def image_loader(records, views: ImageViews, seed: int, epoch: int, order: Sequence[int], batch_size: int,
+                 workers: int, plain: bool = False, drop_last: bool = False) -> DataLoader:
+    """Batches of images in the given order; each item's randomness depends only on (seed, epoch, index)."""
+    ds = ImageViewsDataset(records, views, seed, epoch, plain)
+    return DataLoader(ds, batch_size=batch_size, sampler=list(order), num_workers=workers, drop_last=drop_last)
+
+
+def image_views_for(backbone, image_size: int | None, n_large: int, n_small: int) -> ImageViews:
+    size = int(image_size or getattr(backbone, "image_size", None) or 224)
+    mean, std = norm_stats(backbone)
+    plain = backbone.make_transform(size) if hasattr(backbone, "make_transform") else getattr(backbone, "transform", None)
+    return ImageViews(size=size, small_size=max(8, int(round(size * 96 / 224))), n_large=n_large, n_small=n_small,
+                      mean=mean, std=std, plain_transform=plain)
+
+
+def check_finetune(finetune: bool, features: np.ndarray, records, backbone) -> bool:
+    """Whether this run fine-tunes end to end; asking for it without a backbone and images is an input error."""
+    if not finetune:
+        return False
+    if backbone is None or records is None:
+        raise InputError("finetune mode needs the backbone and the image records (cluster.finetune=true)")
+    if len(records) != features.shape[0]:
+        raise InputError(f"{len(records)} image records but {features.shape[0]} feature rows")
+    return True
+
+
+def cluster_prototypes(features: FeatureSource, labels: np.ndarray, k: int, batch_size: int = 4096) -> np.ndarray:
+    """Per cluster, the L2-normalised mean of the L2-normalised features ([K, D]; zeros for an empty cluster)."""
+    sums = torch.zeros(k, features.d, dtype=torch.float64)
+    lab = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    for s, x in zip(range(0, features.n, batch_size), features.batches(batch_size)):
+        sums.index_add_(0, lab[s : s + len(x)], F.normalize(x.double().cpu(), dim=1))
+    return F.normalize(sums, dim=1).float().numpy()
+
+
+def prior_marginal(prior: Sequence[float] | None, k: int) -> Tensor | None:
+    """Column marginal b for the chosen head: the user's cluster-size prior (normalised) or None (uniform)."""
+    if prior is None:
+        return None
+    if len(prior) != k:
+        raise InputError(f"cluster.prior has {len(prior)} entries but k = {k}")
+    p = torch.tensor(prior, dtype=torch.float64)
+    if (p <= 0).any():
+        raise InputError("cluster.prior entries must be positive")
+    return p / p.sum()
+
+
+def fmt_path(p: Path | None) -> str | None:
+    return None if p is None else str(p)

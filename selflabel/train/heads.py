@@ -1,0 +1,152 @@
+"""Network pieces shared by the SeLa and SwAV trainers (lightly-style: heads apart from loss and queue).
+
+A model is `backbone (optional) -> trunk -> heads`:
+  * frozen mode: the input is a cached feature vector and there is no backbone;
+  * finetune mode: the input is an image batch and `backbone` gives the feature vector first.
+The trunk always L2-normalises its input first, so cached features and the backbone's live output
+are treated the same way.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def global_features(backbone: nn.Module, images: Tensor) -> Tensor:
+    """The [B, D] image-level feature of a backbone output (a `BackboneOutput` or a plain tensor)."""
+    out = backbone(images)
+    feat = getattr(out, "global_feat", out)
+    if feat.ndim > 2:  # a raw feature map: global average pool
+        feat = feat.flatten(2).mean(-1)
+    return feat
+
+
+class InputNorm(nn.Module):
+    """Centre by the data set's mean feature, then L2-normalise (cosine geometry).
+
+    Post-ReLU CNN features share a large mean direction; removing it makes cosines discriminative
+    (the same preparation as `selflabel.cluster.prepare_features`). `mean` is a buffer, set once from
+    the cached features and saved with the model, so the finetune stage prepares features the same way.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x.float() - self.mean, dim=1)
+
+
+class Trunk(nn.Module):
+    """L2-normalise, then (head="mlp") one hidden layer Linear-BN-ReLU; head="linear" is the identity."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 512, kind: str = "mlp") -> None:
+        super().__init__()
+        if kind not in ("linear", "mlp"):
+            raise ValueError(f"head kind must be 'linear' or 'mlp', not {kind!r}")
+        self.kind = kind
+        self.out_dim = hidden_dim if kind == "mlp" else in_dim
+        self.mlp = (
+            nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True))
+            if kind == "mlp"
+            else nn.Identity()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(F.normalize(x, dim=1))
+
+
+class MultiHead(nn.Module):
+    """One linear classifier per granularity K (SeLa's multiple heads, Asano et al. 2020, sec. 3.3)."""
+
+    def __init__(self, in_dim: int, ks: Sequence[int]) -> None:
+        super().__init__()
+        self.ks = [int(k) for k in ks]
+        self.heads = nn.ModuleList(nn.Linear(in_dim, k) for k in self.ks)
+
+    def forward(self, z: Tensor) -> list[Tensor]:
+        return [h(z) for h in self.heads]
+
+
+class SelaNet(nn.Module):
+    """[backbone ->] input norm -> trunk -> one logit tensor per head.
+
+    `classify` takes prepared (normalised, possibly augmented) features; `forward` does the whole chain.
+    """
+
+    def __init__(self, in_dim: int, ks: Sequence[int], hidden_dim: int = 512, kind: str = "mlp",
+                 backbone: nn.Module | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.prep = InputNorm(in_dim)
+        self.trunk = Trunk(in_dim, hidden_dim, kind)
+        self.heads = MultiHead(self.trunk.out_dim, ks)
+
+    def classify(self, x: Tensor) -> list[Tensor]:
+        return self.heads(self.trunk(x))
+
+    def forward(self, x: Tensor, *, from_images: bool = False) -> list[Tensor]:
+        if from_images:
+            x = global_features(self.backbone, x)
+        return self.classify(self.prep(x))
+
+
+class ProjectionHead(nn.Module):
+    """SwAV's projection: L2-normalise, Linear-BN-ReLU-Linear to proj_dim, L2-normalise again."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 512, out_dim: int = 128) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.mlp(F.normalize(x, dim=1)), dim=1)
+
+
+class Prototypes(nn.Module):
+    """Bias-free linear layers whose rows are the prototypes, one layer per K (SwAV's multi-prototypes).
+
+    `normalize_()` projects each prototype back onto the unit sphere; SwAV calls it before every step so
+    the scores z @ c are cosine similarities in [-1, 1].
+    """
+
+    def __init__(self, dim: int, ks: Sequence[int]) -> None:
+        super().__init__()
+        self.ks = [int(k) for k in ks]
+        self.layers = nn.ModuleList(nn.Linear(dim, k, bias=False) for k in self.ks)
+
+    @torch.no_grad()
+    def normalize_(self) -> None:
+        for layer in self.layers:
+            layer.weight.copy_(F.normalize(layer.weight, dim=1))
+
+    def forward(self, z: Tensor) -> list[Tensor]:
+        return [layer(z) for layer in self.layers]
+
+
+class SwavNet(nn.Module):
+    """[backbone ->] input norm -> projection -> prototype scores per head.
+
+    `project` takes prepared (normalised, possibly augmented) features and gives unit-norm embeddings.
+    """
+
+    def __init__(self, in_dim: int, ks: Sequence[int], hidden_dim: int = 512, proj_dim: int = 128,
+                 backbone: nn.Module | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.prep = InputNorm(in_dim)
+        self.projection = ProjectionHead(in_dim, hidden_dim, proj_dim)
+        self.prototypes = Prototypes(proj_dim, ks)
+
+    def project(self, x: Tensor) -> Tensor:
+        return self.projection(x)
+
+    def forward(self, x: Tensor, *, from_images: bool = False) -> tuple[Tensor, list[Tensor]]:
+        if from_images:
+            x = global_features(self.backbone, x)
+        z = self.project(self.prep(x))
+        return z, self.prototypes(z)

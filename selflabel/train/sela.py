@@ -1,0 +1,222 @@
+"""SeLa: self-labelling via simultaneous clustering and representation learning (Asano, Rupprecht & Vedaldi, ICLR 2020).
+
+Two steps alternate (paper sec. 3):
+  1. labels: for each head, over the WHOLE data set, solve
+         min_Q <Q, -log P> - (1/lambda) H(Q)   s.t.  Q 1 = 1/N,  Q^T 1 = 1/K
+     i.e. Sinkhorn-Knopp on P ** lambda (`sinkhorn(log P, eps=1/lambda)`); label_i = argmax_k Q_ik.
+  2. representation: train the network with cross-entropy on those labels, under augmentation.
+The labels are re-optimised `label_updates` times, spread over the epochs.
+
+Frozen mode (default): the network is a head (linear or MLP) on cached, L2-normalised features and the
+augmentation is feature noise / channel dropout (or cached features of augmented views, `views=`).
+Finetune mode (`cluster.finetune`, a backbone and image records): after `sela.epochs` frozen epochs, the
+backbone is trained end to end with image augmentations for `sela.finetune_epochs` more epochs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..cluster import LabelResult
+from ..config import RunConfig, SelaConfig
+from ..ot import sinkhorn
+from .augment import feature_view, make_generator, pick_cached_views
+from .checkpoint import checkpoint_path, fingerprint, load_checkpoint, save_checkpoint
+from .common import (FeatureSource, TrainingInterrupted, check_features, check_finetune, cluster_prototypes,
+                     cosine_lr, data_digest, head_ks, image_loader, image_views_for, is_distributed, num_workers,
+                     prior_marginal, seeded_init, update_epochs)
+from .heads import SelaNet
+from .losses import multihead_cross_entropy
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- the label step (pure maths)
+@torch.no_grad()
+def optimize_labels(log_probs: Tensor, lamb: float, prior: Tensor | None = None, *, tol: float = 1e-6,
+                    max_iters: int = 1000, distributed: bool = False):
+    """SeLa's label assignment: balanced Q = diag(u) P**lambda diag(v), labels = argmax of each row.
+
+    `log_probs` [N, K] are the network's log-softmax outputs; eps = 1/lambda on them is P ** lambda.
+    `prior` [K] replaces the uniform column marginal (cluster sizes). Returns (labels [N], SinkhornResult).
+    """
+    res = sinkhorn(log_probs.double(), b=prior, eps=1.0 / lamb, tol=tol, max_iters=max_iters, distributed=distributed)
+    return res.plan.argmax(dim=1), res
+
+
+# ----------------------------------------------------------------------------- model and optimiser
+def build_model(in_dim: int, ks: Sequence[int], scfg: SelaConfig, seed: int, backbone=None) -> SelaNet:
+    """Trunk + one linear head per K, initialised from `seed` (small function: DDP wraps its result)."""
+    return seeded_init(seed, lambda: SelaNet(in_dim, ks, scfg.hidden_dim, scfg.head, backbone))
+
+
+def build_optimizer(model: SelaNet, scfg: SelaConfig, finetune: bool) -> torch.optim.Optimizer:
+    """SGD with momentum (as the paper). In the finetune stage the backbone gets its own, smaller lr."""
+    head_params = list(model.trunk.parameters()) + list(model.heads.parameters())
+    groups = [{"params": head_params, "lr": scfg.lr, "base_lr": scfg.lr}]
+    if finetune:
+        groups.append({"params": list(model.backbone.parameters()), "lr": scfg.finetune_lr, "base_lr": scfg.finetune_lr})
+    return torch.optim.SGD(groups, lr=scfg.lr, momentum=0.9, weight_decay=scfg.weight_decay)
+
+
+# ----------------------------------------------------------------------------- evaluation passes
+@torch.no_grad()
+def predict_log_probs(model: SelaNet, src: FeatureSource, batch_size: int, *, records=None, views=None,
+                      workers: int = 0) -> list[Tensor]:
+    """log-softmax of every head over the whole data set (eval mode, no augmentation), on the CPU."""
+    model.eval()
+    outs: list[list[Tensor]] = [[] for _ in model.heads.ks]
+    if records is None:
+        batches = ((x, False) for x in src.batches(batch_size))
+    else:
+        loader = image_loader(records, views, 0, 0, range(len(records)), batch_size, workers, plain=True)
+        batches = ((x.to(src.device), True) for x in loader)
+    for x, from_images in batches:
+        for h, logits in enumerate(model(x, from_images=from_images)):
+            outs[h].append(F.log_softmax(logits.float(), dim=1).cpu())
+    return [torch.cat(o) for o in outs]
+
+
+# ----------------------------------------------------------------------------- the trainer
+def train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int] = (), out_dir: Path | None = None,
+               device: str = "cpu", records=None, backbone=None, views: np.ndarray | None = None,
+               stop_after_epoch: int | None = None) -> LabelResult:
+    """Cluster `features` [N, D] into `k` groups (plus one head per extra K in `heads`) with SeLa.
+
+    features may be a np.memmap. `views` [V, N, D]: optional cached features of augmented images, used
+    instead of feature noise. With `out_dir`, a checkpoint is written to out_dir/checkpoints/sela.pt after
+    every epoch and a new call with the same arguments resumes from it and gives the same result.
+    `stop_after_epoch` (testing hook) raises TrainingInterrupted after that many epochs, like a kill.
+    """
+    t_start = time.perf_counter()
+    scfg, seed = cfg.sela, int(cfg.seed)
+    ks = head_ks(k, heads)
+    n, d = check_features(features, ks)
+    finetune = check_finetune(cfg.cluster.finetune, features, records, backbone)
+    src = FeatureSource(features, device)
+    cached_views = None if views is None else torch.from_numpy(np.ascontiguousarray(views, dtype=np.float32))
+    priors = [prior_marginal(cfg.cluster.prior, k)] + [None] * (len(ks) - 1)
+    distributed = is_distributed()
+    workers = num_workers(cfg.backbone.num_workers)
+    image_views = image_views_for(backbone, cfg.backbone.image_size, 1, 0) if finetune else None
+
+    total_epochs = scfg.epochs + (scfg.finetune_epochs if finetune else 0)
+    updates = update_epochs(total_epochs, scfg.label_updates)
+    steps_per_epoch = max(1, n // scfg.batch_size)  # drop_last: BatchNorm needs > 1 sample
+    batch_size = min(scfg.batch_size, n)
+
+    model = build_model(d, ks, scfg, seed, backbone if finetune else None).to(device)
+    model.prep.mean.copy_(src.mean())
+    stage_finetune = False
+    optimizer = build_optimizer(model, scfg, finetune=False)
+    labels = [torch.randperm(n, generator=make_generator(seed, h)) % kk for h, kk in enumerate(ks)]  # replaced at epoch 0
+    history: dict[str, list] = {"loss": [], "epoch_time_s": [], "label_updates": []}
+
+    # ---- resume
+    fp = fingerprint(method="sela", data=data_digest(features), ks=ks, seed=seed, sela=dataclasses.asdict(scfg),
+                     prior=cfg.cluster.prior, finetune=finetune, views=None if views is None else list(views.shape))
+    ckpt_file = checkpoint_path(out_dir, "sela") if out_dir is not None else None
+    start_epoch = 0
+    state = load_checkpoint(ckpt_file, fp) if ckpt_file is not None else None
+    if state is not None:
+        start_epoch = int(state["epoch"])
+        model.load_state_dict(state["model"])
+        stage_finetune = bool(state["stage_finetune"])
+        optimizer = build_optimizer(model, scfg, finetune=stage_finetune)
+        optimizer.load_state_dict(state["optimizer"])
+        labels = [t.clone() for t in state["labels"]]
+        history = state["history"]
+        log.info("SeLa: resuming from %s after epoch %d/%d", ckpt_file, start_epoch, total_epochs)
+
+    for epoch in range(start_epoch, total_epochs):
+        t0 = time.perf_counter()
+        in_finetune = epoch >= scfg.epochs
+        if in_finetune and not stage_finetune:  # entering the end-to-end stage: new optimiser with the backbone
+            stage_finetune = True
+            optimizer = build_optimizer(model, scfg, finetune=True)
+
+        # 1. labels: Sinkhorn over the whole data set, per head
+        if epoch in updates:
+            log_p = predict_log_probs(model, src, 4 * batch_size, records=records if in_finetune else None,
+                                      views=image_views, workers=workers)
+            stats = {"epoch": epoch, "sinkhorn_iters": [], "marginal_err": [], "changed": []}
+            for h in range(len(ks)):
+                new, res = optimize_labels(log_p[h], scfg.lamb, priors[h], distributed=distributed)
+                stats["sinkhorn_iters"].append(int(res.n_iters))
+                stats["marginal_err"].append(float(res.marginal_err))
+                stats["changed"].append(float((new != labels[h]).float().mean()))
+                labels[h] = new
+            history["label_updates"].append(stats)
+            log.info("SeLa epoch %d: labels updated (sinkhorn iters %s, changed %s)", epoch, stats["sinkhorn_iters"],
+                     [round(c, 3) for c in stats["changed"]])
+
+        # 2. representation: cross-entropy on the labels, under augmentation
+        model.train()
+        stage_start = scfg.epochs if in_finetune else 0
+        stage_epochs = (scfg.finetune_epochs if in_finetune else scfg.epochs)
+        perm = torch.randperm(n, generator=make_generator(seed, epoch, 1))
+        if in_finetune:
+            batches = image_loader(records, image_views, seed, epoch, perm.tolist(), batch_size, workers, drop_last=True)
+        else:
+            batches = (perm[s * batch_size:(s + 1) * batch_size] for s in range(steps_per_epoch))
+        losses = []
+        for step, batch in enumerate(batches):
+            it = (epoch - stage_start) * steps_per_epoch + step
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(group["base_lr"], it, stage_epochs * steps_per_epoch)
+            if in_finetune:
+                idx = perm[step * batch_size:(step + 1) * batch_size]
+                logits = model(batch[0].to(device), from_images=True)
+            else:
+                idx = batch
+                gen = make_generator(seed, epoch, step, 2)
+                raw = src.rows(idx) if cached_views is None else pick_cached_views(cached_views, idx, gen).to(device)
+                logits = model.classify(feature_view(model.prep(raw), gen, scfg.feature_noise, scfg.feature_dropout))
+            loss = multihead_cross_entropy(logits, [lab[idx].to(device) for lab in labels])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+
+        history["loss"].append(float(np.mean(losses)) if losses else float("nan"))
+        history["epoch_time_s"].append(time.perf_counter() - t0)
+        log.info("SeLa epoch %d/%d: loss %.4f (%.1fs)", epoch + 1, total_epochs, history["loss"][-1],
+                 history["epoch_time_s"][-1])
+        if ckpt_file is not None:
+            save_checkpoint(ckpt_file, {"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(),
+                                        "optimizer": optimizer.state_dict(), "stage_finetune": stage_finetune,
+                                        "labels": labels, "history": history})
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            raise TrainingInterrupted(f"stopped after epoch {epoch + 1} (testing hook)")
+
+    # ---- final labels: one more label step, to tolerance, with the trained network
+    log_p = predict_log_probs(model, src, 4 * batch_size, records=records if finetune else None,
+                              views=image_views, workers=workers)
+    final: dict[int, np.ndarray] = {}
+    final_stats: dict[str, Any] = {"sinkhorn_iters": [], "marginal_err": [], "converged": []}
+    for h, kk in enumerate(ks):
+        if scfg.final_assign == "argmax":
+            lab = log_p[h].argmax(1)
+        else:
+            lab, res = optimize_labels(log_p[h], scfg.lamb, priors[h], distributed=distributed)
+            final_stats["sinkhorn_iters"].append(int(res.n_iters))
+            final_stats["marginal_err"].append(float(res.marginal_err))
+            final_stats["converged"].append(bool(res.converged))
+        final[kk] = lab.numpy().astype(np.int64)
+
+    probs = log_p[0].exp().numpy().astype(np.float32)
+    chosen = final[k]
+    info = {"method": "sela", "mode": "finetune" if finetune else "frozen", "ks": ks, "epochs": total_epochs,
+            "label_update_epochs": updates, "final_assign": scfg.final_assign, "final": final_stats,
+            "resumed_from_epoch": start_epoch, "time_s": time.perf_counter() - t_start, **history}
+    return LabelResult(labels=chosen, confidence=probs[np.arange(n), chosen].astype(np.float32),
+                       prototypes=cluster_prototypes(src, chosen, k),
+                       head_labels={kk: v for kk, v in final.items() if kk != k}, probs=probs, info=info)

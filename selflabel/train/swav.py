@@ -1,0 +1,237 @@
+"""SwAV: swapping assignments between views (Caron et al., NeurIPS 2020), after facebookresearch/swav main_swav.py.
+
+Per batch: embed every view, score it against unit-norm prototypes, compute soft codes for the "large"
+views with a few Sinkhorn iterations (eps 0.05, 3 iterations: balanced within the batch, plus the queue),
+and predict each view's code from every other view (swapped prediction). Multi-crop: 2 large + several
+small views. A feature queue of past embeddings enlarges small batches from `queue_start_epoch` on, and
+the prototypes receive no gradient during the first `freeze_prototypes_iters` iterations.
+
+Frozen mode: views are noisy / channel-dropped copies of cached features ("small" views drop more
+channels and get more noise). Finetune mode: after the frozen epochs, `swav.finetune_epochs` epochs of
+real image multi-crop through the backbone.
+
+Final labels (documented choice): `final_assign="argmax"` (default) gives each image its nearest
+prototype (argmax of the codes' scores), so cluster sizes follow the data; `"sinkhorn"` gives the
+balanced assignment of all images with a full Sinkhorn run to tolerance.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..cluster import LabelResult
+from ..config import RunConfig, SwavConfig
+from ..ot import sinkhorn, sinkhorn_codes
+from .augment import feature_view, make_generator
+from .checkpoint import checkpoint_path, fingerprint, load_checkpoint, save_checkpoint
+from .common import (FeatureSource, TrainingInterrupted, check_features, check_finetune, cluster_prototypes,
+                     cosine_lr, data_digest, head_ks, image_loader, image_views_for, is_distributed, num_workers,
+                     prior_marginal, seeded_init)
+from .heads import SwavNet, global_features
+from .losses import swav_loss
+from .queue import FeatureQueue
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- model, optimiser, queue
+def build_model(in_dim: int, ks: Sequence[int], sw: SwavConfig, seed: int, backbone=None) -> SwavNet:
+    """Projection head + one prototype layer per K, initialised from `seed` (DDP wraps the result)."""
+    return seeded_init(seed, lambda: SwavNet(in_dim, ks, sw.hidden_dim, sw.proj_dim, backbone))
+
+
+def build_optimizer(model: SwavNet, sw: SwavConfig, finetune: bool) -> torch.optim.Optimizer:
+    head_params = list(model.projection.parameters()) + list(model.prototypes.parameters())
+    groups = [{"params": head_params, "lr": sw.lr, "base_lr": sw.lr}]
+    if finetune:
+        groups.append({"params": list(model.backbone.parameters()), "lr": sw.finetune_lr, "base_lr": sw.finetune_lr})
+    return torch.optim.SGD(groups, lr=sw.lr, momentum=0.9, weight_decay=sw.weight_decay)
+
+
+def queue_length(sw: SwavConfig, ks: Sequence[int], batch_size: int, n: int) -> int:
+    """The queue length: as configured, or (0 = automatic) enough past embeddings that batch + queue hold
+    at least 8 samples per prototype when the batch alone holds fewer than 4; a multiple of the batch size."""
+    length = sw.queue_length
+    if length == 0:
+        if batch_size >= 4 * max(ks):
+            return 0
+        length = 8 * max(ks) - batch_size
+    length = min(length, max(0, n - batch_size))
+    return (length // batch_size) * batch_size  # as main_swav.py: a whole number of batches
+
+
+# ----------------------------------------------------------------------------- one SwAV step
+def swav_step(model: SwavNet, views: list[Tensor], queue: FeatureQueue | None, sw: SwavConfig, n_assign: int,
+              distributed: bool) -> Tensor:
+    """Loss of one batch given its prepared views (each [B, D] features or, after the backbone, embeddings)."""
+    bs = views[0].shape[0]
+    z = model.project(torch.cat(views))  # [V*B, P], unit norm
+    loss = 0.0
+    for layer in model.prototypes.layers:  # one swapped-prediction problem per head
+        scores = layer(z).split(bs)
+        codes = {}
+        with torch.no_grad():
+            for i in range(n_assign):
+                out = scores[i].detach()
+                if queue is not None:
+                    out = queue.extend_scores(i, out, layer.weight)
+                codes[i] = sinkhorn_codes(out, eps=sw.eps, n_iters=sw.sinkhorn_iters, distributed=distributed)[-bs:]
+        loss = loss + swav_loss(scores, codes, sw.temperature)
+    if queue is not None:
+        for i in range(n_assign):
+            queue.push(i, z[i * bs:(i + 1) * bs], last_view=i == n_assign - 1)
+    return loss / len(model.prototypes.layers)
+
+
+@torch.no_grad()
+def embed_all(model: SwavNet, src: FeatureSource, batch_size: int, *, records=None, views=None, workers: int = 0) -> Tensor:
+    """Unit-norm embeddings [N, P] of every image (eval mode, no augmentation), on the CPU."""
+    model.eval()
+    out = []
+    if records is None:
+        for x in src.batches(batch_size):
+            out.append(model.project(model.prep(x)).cpu())
+    else:
+        for x in image_loader(records, views, 0, 0, range(len(records)), batch_size, workers, plain=True):
+            out.append(model.project(model.prep(global_features(model.backbone, x.to(src.device)))).cpu())
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- the trainer
+def train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int] = (), out_dir: Path | None = None,
+               device: str = "cpu", records=None, backbone=None, stop_after_epoch: int | None = None) -> LabelResult:
+    """Cluster `features` [N, D] (may be a np.memmap) into `k` groups, plus one head per extra K, with SwAV.
+
+    Same contract as `train_sela`: checkpoints in out_dir/checkpoints/swav.pt after every epoch, resume
+    to the same result, `stop_after_epoch` testing hook.
+    """
+    t_start = time.perf_counter()
+    sw, seed = cfg.swav, int(cfg.seed)
+    ks = head_ks(k, heads)
+    n, d = check_features(features, ks)
+    finetune = check_finetune(cfg.cluster.finetune, features, records, backbone)
+    src = FeatureSource(features, device)
+    distributed = is_distributed()
+    workers = num_workers(cfg.backbone.num_workers)
+    n_large, n_small = int(sw.nmb_crops[0]), int(sw.nmb_crops[1]) if len(sw.nmb_crops) > 1 else 0
+    if n_large < 2:
+        raise ValueError("SwAV needs at least 2 large views (swav.nmb_crops[0] >= 2)")
+    image_views = image_views_for(backbone, cfg.backbone.image_size, n_large, n_small) if finetune else None
+
+    batch_size = min(sw.batch_size, n)
+    steps_per_epoch = max(1, n // batch_size)
+    total_epochs = sw.epochs + (sw.finetune_epochs if finetune else 0)
+    q_len = queue_length(sw, ks, batch_size, n)
+
+    model = build_model(d, ks, sw, seed, backbone if finetune else None).to(device)
+    model.prep.mean.copy_(src.mean())
+    stage_finetune = False
+    optimizer = build_optimizer(model, sw, finetune=False)
+    queue: FeatureQueue | None = None
+    history: dict[str, list] = {"loss": [], "epoch_time_s": []}
+
+    # ---- resume
+    fp = fingerprint(method="swav", data=data_digest(features), ks=ks, seed=seed, swav=dataclasses.asdict(sw),
+                     finetune=finetune, batch_size=batch_size)
+    ckpt_file = checkpoint_path(out_dir, "swav") if out_dir is not None else None
+    start_epoch = 0
+    state = load_checkpoint(ckpt_file, fp) if ckpt_file is not None else None
+    if state is not None:
+        start_epoch = int(state["epoch"])
+        model.load_state_dict(state["model"])
+        stage_finetune = bool(state["stage_finetune"])
+        optimizer = build_optimizer(model, sw, finetune=stage_finetune)
+        optimizer.load_state_dict(state["optimizer"])
+        if state["queue"] is not None:
+            queue = FeatureQueue(n_large, q_len, sw.proj_dim, device)
+            queue.load_state_dict(state["queue"])
+        history = state["history"]
+        log.info("SwAV: resuming from %s after epoch %d/%d", ckpt_file, start_epoch, total_epochs)
+
+    for epoch in range(start_epoch, total_epochs):
+        t0 = time.perf_counter()
+        in_finetune = epoch >= sw.epochs
+        if in_finetune and not stage_finetune:
+            stage_finetune = True
+            optimizer = build_optimizer(model, sw, finetune=True)
+        if q_len > 0 and epoch >= sw.queue_start_epoch and queue is None:  # as main_swav.py: start the queue
+            queue = FeatureQueue(n_large, q_len, sw.proj_dim, device)
+
+        model.train()
+        stage_start, stage_epochs = (sw.epochs, sw.finetune_epochs) if in_finetune else (0, sw.epochs)
+        perm = torch.randperm(n, generator=make_generator(seed, epoch, 1))
+        if in_finetune:
+            batches = image_loader(records, image_views, seed, epoch, perm.tolist(), batch_size, workers, drop_last=True)
+        else:
+            batches = (perm[s * batch_size:(s + 1) * batch_size] for s in range(steps_per_epoch))
+        losses = []
+        for step, batch in enumerate(batches):
+            it = epoch * steps_per_epoch + step  # global iteration, for the prototype freeze
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(group["base_lr"], (epoch - stage_start) * steps_per_epoch + step,
+                                        stage_epochs * steps_per_epoch)
+            model.prototypes.normalize_()  # prototypes on the unit sphere before every step
+            if in_finetune:  # real multi-crop: one backbone pass per resolution, as main_swav.py
+                large = global_features(model.backbone, torch.cat(batch[:n_large]).to(device))
+                feats = [large] + ([global_features(model.backbone, torch.cat(batch[n_large:]).to(device))] if n_small else [])
+                views = list(model.prep(torch.cat(feats)).split(batch[0].shape[0]))
+            else:
+                x = model.prep(src.rows(batch))
+                gen = make_generator(seed, epoch, step, 2)
+                views = [feature_view(x, gen, sw.feature_noise, sw.feature_dropout) for _ in range(n_large)]
+                views += [feature_view(x, gen, sw.small_noise, sw.small_dropout) for _ in range(n_small)]
+            loss = swav_step(model, views, queue, sw, n_large, distributed)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if it < sw.freeze_prototypes_iters:  # main_swav.py: no prototype update for the first iterations
+                for p in model.prototypes.parameters():
+                    p.grad = None
+            optimizer.step()
+            losses.append(loss.item())
+
+        history["loss"].append(float(np.mean(losses)) if losses else float("nan"))
+        history["epoch_time_s"].append(time.perf_counter() - t0)
+        log.info("SwAV epoch %d/%d: loss %.4f (%.1fs)", epoch + 1, total_epochs, history["loss"][-1],
+                 history["epoch_time_s"][-1])
+        if ckpt_file is not None:
+            save_checkpoint(ckpt_file, {"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(),
+                                        "optimizer": optimizer.state_dict(), "stage_finetune": stage_finetune,
+                                        "queue": None if queue is None else queue.state_dict(), "history": history})
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            raise TrainingInterrupted(f"stopped after epoch {epoch + 1} (testing hook)")
+
+    # ---- final labels from the clean embeddings and the (normalised) prototypes
+    model.prototypes.normalize_()
+    z = embed_all(model, src, 4 * batch_size, records=records if finetune else None, views=image_views, workers=workers)
+    final: dict[int, np.ndarray] = {}
+    final_stats: dict[str, Any] = {"sinkhorn_iters": [], "marginal_err": []}
+    probs = None
+    for h, (kk, layer) in enumerate(zip(ks, model.prototypes.layers)):
+        scores = z @ layer.weight.detach().cpu().t()
+        if h == 0:
+            probs = torch.softmax(scores / sw.temperature, dim=1).numpy().astype(np.float32)
+        if sw.final_assign == "sinkhorn":
+            res = sinkhorn(scores.double(), b=prior_marginal(cfg.cluster.prior, k) if h == 0 else None, eps=sw.eps,
+                           tol=1e-6, max_iters=1000, distributed=distributed)
+            lab = res.plan.argmax(1)
+            final_stats["sinkhorn_iters"].append(int(res.n_iters))
+            final_stats["marginal_err"].append(float(res.marginal_err))
+        else:
+            lab = scores.argmax(1)
+        final[kk] = lab.numpy().astype(np.int64)
+
+    chosen = final[k]
+    info = {"method": "swav", "mode": "finetune" if finetune else "frozen", "ks": ks, "epochs": total_epochs,
+            "queue_length": q_len, "final_assign": sw.final_assign, "final": final_stats,
+            "resumed_from_epoch": start_epoch, "time_s": time.perf_counter() - t_start, **history}
+    return LabelResult(labels=chosen, confidence=probs[np.arange(n), chosen].astype(np.float32),
+                       prototypes=cluster_prototypes(src, chosen, k),
+                       head_labels={kk: v for kk, v in final.items() if kk != k}, probs=probs, info=info)
