@@ -12,6 +12,7 @@ from .errors import InputError
 
 if TYPE_CHECKING:
     from .config import RunConfig
+    from .distributed import DistContext
 
 
 @dataclass
@@ -75,20 +76,27 @@ def sinkhorn_cluster(
     seed: int = 0,
     prior: list[float] | None = None,
     device: str | torch.device = "cpu",
+    ctx: "DistContext | None" = None,
 ) -> LabelResult:
     """Balanced k-means whose assignment step is an optimal transport problem (SeLa's label step).
 
     Alternate: plan = Sinkhorn(cosine(x, prototypes) / eps) with equal (or `prior`) cluster
     sizes; labels = argmax of the plan; prototypes = normalised plan-weighted means.
+    Under torch.distributed (`ctx`), each rank transports its block of rows: the Sinkhorn column
+    sums and the prototype sums are all-reduced, so the result equals the single-process one.
     """
+    from .distributed import DistContext, all_gather_objects, all_reduce_sum
     from .ot import sinkhorn
 
+    ctx = ctx or DistContext()
     n = features.shape[0]
     if k < 1 or k > n:
         raise InputError(f"k={k} must be between 1 and the number of images ({n})")
-    x = prepare_features(features, device)
+    x = prepare_features(features, device)  # every rank prepares the same full matrix (identical init)
     gen = torch.Generator().manual_seed(seed)
     protos = kmeanspp_init(x, k, gen)
+    start, end = ctx.block(n)
+    xl = x[start:end]
     b = None
     if prior is not None:
         if len(prior) != k:
@@ -97,28 +105,30 @@ def sinkhorn_cluster(
         if (b <= 0).any():
             raise InputError("cluster prior entries must be positive")
         b = b / b.sum()
-    labels = torch.full((n,), -1, dtype=torch.long, device=x.device)
+    labels = torch.full((end - start,), -1, dtype=torch.long, device=x.device)
     sink_iters = []
+    plan = None
     for it in range(iters):
-        scores = x @ protos.T
-        res = sinkhorn(scores, None, b, eps=eps, tol=1e-4, max_iters=500)
+        res = sinkhorn(xl @ protos.T, None, b, eps=eps, tol=1e-4, max_iters=500, distributed=ctx.enabled)
+        plan = res.plan
         sink_iters.append(int(res.n_iters))
-        new = res.plan.argmax(1)
-        protos = F.normalize(res.plan.T @ x, dim=1)
-        changed = int((new != labels).sum())
+        new = plan.argmax(1)
+        protos = F.normalize(all_reduce_sum(plan.T @ xl, ctx), dim=1)
+        changed = all_reduce_sum(torch.tensor([float((new != labels).sum())]), ctx)
         labels = new
-        if changed == 0:
+        if changed.item() == 0:
             break
-    scores = x @ protos.T
-    probs = torch.softmax(scores / temperature, dim=1)
+    probs = torch.softmax(xl @ protos.T / temperature, dim=1)
     conf = probs.gather(1, labels[:, None])[:, 0]
-    protos_np = _mean_prototypes(x, labels, k)
+    sums = all_reduce_sum(torch.zeros((k, x.shape[1]), dtype=x.dtype, device=x.device).index_add_(0, labels, xl), ctx)
+    parts = all_gather_objects((labels.cpu().numpy(), conf.cpu().numpy(), probs.cpu().numpy(), plan.cpu().numpy()), ctx)
     return LabelResult(
-        labels=labels.cpu().numpy().astype(np.int64),
-        confidence=conf.cpu().numpy().astype(np.float32),
-        prototypes=protos_np,
-        probs=probs.cpu().numpy().astype(np.float32),
-        info={"method": "sinkhorn", "alternations": it + 1, "sinkhorn_iters": sink_iters},
+        labels=np.concatenate([p[0] for p in parts]).astype(np.int64),
+        confidence=np.concatenate([p[1] for p in parts]).astype(np.float32),
+        prototypes=F.normalize(sums, dim=1).cpu().numpy().astype(np.float32),
+        probs=np.concatenate([p[2] for p in parts]).astype(np.float32),
+        info={"method": "sinkhorn", "alternations": it + 1, "sinkhorn_iters": sink_iters,
+              "plan": np.concatenate([p[3] for p in parts]) if n * k <= 10_000_000 else None},
     )
 
 
@@ -142,16 +152,17 @@ def kmeans_cluster(features: np.ndarray, k: int, *, seed: int = 0, temperature: 
                        probs=probs.numpy().astype(np.float32), info={"method": "kmeans"})
 
 
-def cluster_features(features: np.ndarray, k: int, cfg: "RunConfig", *, out_dir=None, device="cpu", records=None, backbone=None) -> LabelResult:
+def cluster_features(features: np.ndarray, k: int, cfg: "RunConfig", *, out_dir=None, device="cpu", records=None,
+                     backbone=None, ctx: "DistContext | None" = None) -> LabelResult:
     """Dispatch on `cfg.cluster.method`; extra heads (`cfg.cluster.heads`) go to `head_labels`."""
     method = cfg.cluster.method
     heads = [h for h in cfg.cluster.heads if h != k]
     if method == "sinkhorn":
         res = sinkhorn_cluster(features, k, eps=cfg.cluster.eps, temperature=cfg.cluster.temperature,
-                               iters=cfg.cluster.iters, seed=cfg.seed, prior=cfg.cluster.prior, device=device)
+                               iters=cfg.cluster.iters, seed=cfg.seed, prior=cfg.cluster.prior, device=device, ctx=ctx)
         for h in heads:
             res.head_labels[h] = sinkhorn_cluster(features, h, eps=cfg.cluster.eps, iters=cfg.cluster.iters,
-                                                  seed=cfg.seed, device=device).labels
+                                                  seed=cfg.seed, device=device, ctx=ctx).labels
         return res
     if method == "kmeans":
         res = kmeans_cluster(features, k, seed=cfg.seed, temperature=cfg.cluster.temperature)

@@ -18,7 +18,8 @@ from .cluster import LabelResult, cluster_features, default_k
 from .config import RunConfig, to_dict
 from .data import scan_folder
 from .errors import InputError
-from .features import extract_features, resolve_device
+from .distributed import all_gather_objects, barrier, device_for, init_from_env, shard, shutdown
+from .features import extract_features
 from .runfiles import FEATURES, LABELS, PROTOTYPES, SKIPPED, LabelRow, write_labels, write_manifest, write_skipped
 
 log = logging.getLogger(__name__)
@@ -73,19 +74,32 @@ def label_folder(cfg: RunConfig, show_progress: bool = True) -> RunSummary:
     out.mkdir(parents=True, exist_ok=True)
 
     t = time.perf_counter()
+    ctx = init_from_env(cfg.backbone.device)
+    device = device_for(ctx, cfg.backbone.device)
     backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.image_size)
-    device = resolve_device(cfg.backbone.device)
     timings["load_backbone"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    feats = extract_features(
-        scan.records, backbone, batch_size=cfg.backbone.batch_size, num_workers=cfg.backbone.num_workers,
-        device=device, amp=cfg.backbone.amp, cache_dir=cfg.backbone.cache_dir, max_pixels=cfg.ingest.max_pixels,
-        out_path=out / FEATURES, show_progress=show_progress,
-    )
+    extract = dict(batch_size=cfg.backbone.batch_size, num_workers=cfg.backbone.num_workers, device=device,
+                   amp=cfg.backbone.amp, cache_dir=cfg.backbone.cache_dir, max_pixels=cfg.ingest.max_pixels)
+    n_sharded = 0
+    if ctx.enabled:
+        # each rank computes a disjoint block into the (shared) cache, then all read the whole store
+        n_sharded = extract_features(shard(scan.records, ctx), backbone, show_progress=show_progress and ctx.is_main,
+                                     **extract).n_computed
+        n_sharded = int(sum(all_gather_objects(n_sharded, ctx)))
+        barrier(ctx)
+    feats = extract_features(scan.records, backbone, out_path=out / FEATURES if ctx.is_main else None,
+                             show_progress=show_progress and not ctx.enabled, **extract)
+    if ctx.enabled:
+        if feats.n_computed:
+            log.warning("rank %d computed %d features after the sharded pass: is the cache folder on storage "
+                        "shared by all ranks? (set --cache-dir)", ctx.rank, feats.n_computed)
+        feats.n_computed, feats.n_cached = n_sharded, len(feats.records) - n_sharded
     timings["features"] = time.perf_counter() - t
     skipped = scan.skipped + feats.skipped
-    write_skipped(out / SKIPPED, skipped)
+    if ctx.is_main:
+        write_skipped(out / SKIPPED, skipped)
     n = len(feats.records)
     if n == 0:
         raise InputError(f"{cfg.data}: none of the {len(scan.records)} images could be read (see {out / SKIPPED})")
@@ -96,16 +110,19 @@ def label_folder(cfg: RunConfig, show_progress: bool = True) -> RunSummary:
     cfg.cluster.k = k
 
     t = time.perf_counter()
-    result = cluster_features(feats.features, k, cfg, out_dir=out, device=device, records=feats.records, backbone=backbone)
+    result = cluster_features(feats.features, k, cfg, out_dir=out, device=device, records=feats.records,
+                              backbone=backbone, ctx=ctx)
+    result.info.pop("plan", None)
     timings["cluster"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    write_labels(out / LABELS, _rows(feats.records, result))
-    atomic_save_npy(out / PROTOTYPES, result.prototypes)
+    if ctx.is_main:  # only rank 0 writes outputs
+        write_labels(out / LABELS, _rows(feats.records, result))
+        atomic_save_npy(out / PROTOTYPES, result.prototypes)
     timings["write"] = time.perf_counter() - t
 
     dense_summary = None
-    if cfg.dense.enabled:
+    if cfg.dense.enabled and ctx.is_main:
         from .dense.pipeline import segment
 
         t = time.perf_counter()
@@ -116,6 +133,10 @@ def label_folder(cfg: RunConfig, show_progress: bool = True) -> RunSummary:
     summary = RunSummary(out=out, n_images=n, n_skipped=len(skipped), k=k,
                          cluster_sizes={i: int(s) for i, s in enumerate(sizes)}, timings=timings,
                          n_computed=feats.n_computed, n_cached=feats.n_cached, dense=dense_summary)
+    if not ctx.is_main:
+        barrier(ctx)
+        shutdown(ctx)
+        return summary
     write_manifest(out, {
         "selflabel_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -134,7 +155,10 @@ def label_folder(cfg: RunConfig, show_progress: bool = True) -> RunSummary:
         "heads": sorted(result.head_labels),
         "dense": dense_summary,
         "versions": versions(),
+        "world_size": ctx.world_size,
     })
+    barrier(ctx)
+    shutdown(ctx)
     return summary
 
 

@@ -1,0 +1,121 @@
+"""torch.distributed plumbing for `torchrun`: one context object, set up once at the edge.
+
+Backend nccl on GPUs, gloo on CPUs; collectives time out (SELFLABEL_DIST_TIMEOUT seconds, default
+600) so a failed rank stops the job with an error instead of hanging it. Rows are split in
+contiguous blocks, so rank r of a row-distributed Sinkhorn holds rows [start:end).
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .errors import SelflabelError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def block(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous [start, end) of n rows (sizes differ by at most one)."""
+        base, extra = divmod(n, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (1 if self.rank < extra else 0)
+
+
+def context() -> DistContext:
+    """The current context (single process when torch.distributed is not initialised)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_backend())
+    return DistContext()
+
+
+def init_from_env(device: str = "auto", timeout_s: float | None = None) -> DistContext:
+    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); no-op otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    if dist.is_initialized():
+        return context()
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    backend = "nccl" if use_cuda else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    timeout = datetime.timedelta(seconds=float(timeout_s or os.environ.get("SELFLABEL_DIST_TIMEOUT", 600)))
+    try:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    except Exception as exc:  # rendezvous failure: say which settings to check
+        raise SelflabelError(f"distributed set-up failed ({backend}, MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
+                             f"MASTER_PORT={os.environ.get('MASTER_PORT')}): {exc}") from None
+    ctx = context()
+    log.info("distributed: rank %d/%d backend %s", ctx.rank, ctx.world_size, backend)
+    return ctx
+
+
+def device_for(ctx: DistContext, requested: str = "auto") -> torch.device:
+    """cuda:LOCAL_RANK under nccl, else what was asked for."""
+    if ctx.backend == "nccl":
+        return torch.device("cuda", ctx.local_rank)
+    from .features import resolve_device
+
+    return resolve_device(requested)
+
+
+def shard(items: Sequence[T], ctx: DistContext) -> list[T]:
+    """This rank's contiguous block of `items` (disjoint across ranks, covering all)."""
+    s, e = ctx.block(len(items))
+    return list(items[s:e])
+
+
+def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    if not ctx.enabled:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """In-place sum over ranks (no-op in a single process)."""
+    if ctx.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
