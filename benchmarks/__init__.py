@@ -1,0 +1,1 @@
+"""Benchmark scripts (``python -m benchmarks.<name> [--quick]``); results go to ``benchmarks/results/``."""
