@@ -96,7 +96,7 @@ def scan_folder(root: str | os.PathLike, *, follow_symlinks: bool = True, gt_csv
     root_path = root_path.resolve()
     result = ScanResult(root=root_path)
     seen_dirs: set[tuple[int, int]] = set()
-    seen_files: set[tuple[int, int]] = set()
+    found: list[tuple[tuple[int, int], bool, ImageRecord]] = []
 
     def walk(d: Path) -> None:
         try:
@@ -139,15 +139,18 @@ def scan_folder(root: str | os.PathLike, *, follow_symlinks: bool = True, gt_csv
             except OSError as exc:
                 result.skipped.append(Skipped(_display(p, root_path), f"cannot stat: {exc.strerror}"))
                 continue
-            fkey = (fst.st_dev, fst.st_ino)
-            if is_link and fkey in seen_files:
-                result.skipped.append(Skipped(_display(p, root_path), "symlink to a file already included"))
-                continue
-            seen_files.add(fkey)
-            result.records.append(ImageRecord(id=_display(p, root_path), path=p))
+            found.append(((fst.st_dev, fst.st_ino), is_link, ImageRecord(id=_display(p, root_path), path=p)))
 
     walk(root_path)
-    result.records.sort(key=lambda r: r.id)
+    # one file reached under several names (symlinks, hard links) is labelled once, under its real name
+    found.sort(key=lambda f: (f[1], f[2].id))
+    keep: dict[tuple[int, int], ImageRecord] = {}
+    for fkey, is_link, rec in found:
+        if fkey in keep:
+            result.skipped.append(Skipped(rec.id, f"same file as {keep[fkey].id} ({'symlink' if is_link else 'hard link'})"))
+        else:
+            keep[fkey] = rec
+    result.records = sorted(keep.values(), key=lambda r: r.id)
     if not result.records:
         raise InputError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     _attach_gt(result, gt_csv)
@@ -209,7 +212,7 @@ def load_rgb(path: str | os.PathLike, *, max_pixels: int = 100_000_000, display:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as im:
+            with _open_header(path) as im:
                 w, h = im.size
                 if w * h > max_pixels:
                     raise ImageLoadError(name, f"image too large ({w}x{h} = {w * h:,} pixels > limit {max_pixels:,}; raise ingest.max_pixels to allow)")
@@ -232,6 +235,17 @@ def load_rgb(path: str | os.PathLike, *, max_pixels: int = 100_000_000, display:
         if "truncated" in msg.lower() or isinstance(exc, EOFError):
             msg = f"truncated or corrupt image ({msg})"
         raise ImageLoadError(name, f"cannot decode: {msg}") from None
+
+
+def _open_header(path):
+    """Image.open with PIL's own bomb check off: it reads only the header, and our `max_pixels`
+    check (with the image size in the message) runs before any pixel is decoded."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        return Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

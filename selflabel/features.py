@@ -58,12 +58,32 @@ class FeatureCache:
         self.dir = Path(root) / key
         self.dir.mkdir(parents=True, exist_ok=True)
         self._index: dict[str, tuple[Path, int]] = {}
+        self.dim: int | None = None
         for keys_file in sorted(self.dir.glob("shard-*.keys")):
             npy = keys_file.with_suffix(".npy")
-            if not npy.is_file():
+            digests = keys_file.read_text(errors="replace").split()
+            problem = self._check_shard(npy, len(digests))
+            if problem:
+                log.warning("feature cache: ignoring %s (%s); its images will be recomputed", npy, problem)
                 continue
-            for row, digest in enumerate(keys_file.read_text().split()):
+            for row, digest in enumerate(digests):
                 self._index[digest] = (npy, row)
+
+    def _check_shard(self, npy: Path, n_keys: int) -> str | None:
+        """Why a shard cannot be trusted (None if it can): only plain float32 2-D arrays, never pickles."""
+        if not npy.is_file():
+            return "array file missing"
+        try:
+            arr = np.load(npy, mmap_mode="r", allow_pickle=False)
+        except Exception as exc:  # object arrays (pickles), truncated or foreign files
+            return f"unreadable: {exc}"
+        if arr.dtype != np.float32 or arr.ndim != 2 or arr.shape[0] != n_keys:
+            return f"unexpected array {arr.dtype} {arr.shape} for {n_keys} keys"
+        if self.dim is None:
+            self.dim = arr.shape[1]
+        elif arr.shape[1] != self.dim:
+            return f"feature size {arr.shape[1]} differs from {self.dim}"
+        return None
 
     def __contains__(self, digest: str) -> bool:
         return digest in self._index

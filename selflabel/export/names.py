@@ -10,8 +10,8 @@ _BAD = re.compile(r"[^\w\-. ]+", flags=re.UNICODE)
 def sanitize_name(name: str, fallback: str) -> str:
     """A single safe path component: no separators, no '..', no control chars, <= 80 chars."""
     s = unicodedata.normalize("NFC", str(name)).strip()
-    s = _BAD.sub("_", s).strip(" .")
-    s = re.sub(r"_+", "_", s)[:80]
+    s = re.sub(r"\.{2,}", "_", _BAD.sub("_", s))
+    s = re.sub(r"_+", "_", s).strip(" ._")[:80]
     if not s or s in {".", ".."}:
         return fallback
     return s
