@@ -21,9 +21,7 @@ class IngestConfig:
 
     follow_symlinks: bool = True
     max_pixels: int = 100_000_000  # decompression-bomb limit (width * height)
-    min_side: int = 1
     gt_csv: str | None = None  # optional CSV path,label of ground truth
-    dedupe: bool = False  # label byte-identical files once and copy the label
 
 
 @dataclass
@@ -38,6 +36,7 @@ class BackboneConfig:
     amp: str = "auto"  # auto | bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cache_dir: str | None = None  # None: $SELFLABEL_CACHE or ~/.cache/selflabel
+    flush_every: int = 1024  # images per cache shard: a killed run loses at most this much work
 
 
 @dataclass
@@ -104,15 +103,24 @@ class DenseConfig:
     """Leopart-style dense concepts (Ziegler & Asano, CVPR 2022)."""
 
     enabled: bool = False
-    image_size: int = 448
-    k_parts: int = 150
-    fg_threshold: float = 0.5
+    image_size: int = 448  # short side fed to the backbone; larger -> more patches (finer masks)
+    keep_aspect: bool = True  # False: square image_size x image_size (Leopart)
+    shift_stitch: int = 1  # f > 1: f*f shifted passes interleaved, stride / f (FCN shift-and-stitch)
+    pca_dim: int = 50  # standardise + PCA of patch features (Leopart); 0: standardise only
+    k_parts: int = 150  # part clusters (overclustering)
+    eps: float = 0.05  # Sinkhorn entropic regularisation of the part assignment
+    epochs: int = 20  # alternations of Sinkhorn assignment and prototype update
+    max_patches: int = 100_000  # patch sample for fitting the part prototypes
+    fg_mass: float = 0.65  # noisy foreground: most salient patches holding this share of saliency
+    fg_threshold: float = 0.5  # CBFE: a cluster is foreground when this share of its pixels is salient
+    split_fg: bool = True  # concepts never mix foreground (things) and background (stuff) parts
     resolution: float = 1.0  # Louvain resolution: higher -> more, finer concepts
-    edge_threshold: float = 0.0
-    min_area: int = 64  # instance minimum area in pixels
-    mask_size: int = 0  # 0: original image size
+    edge_threshold: float = 0.0  # keep edge (i, j) when both co-occurrences reach this
+    louvain: str = "networkx"  # networkx | python-louvain
+    louvain_seeds: int = 5  # Louvain runs; the best modularity wins
+    min_area: int = 64  # instance minimum area in pixels (smaller regions join their neighbours)
+    mask_size: int = 0  # long side of the score upsampling before the argmax; 0: original image size
     n_overlays: int = 16
-    epochs: int = 10
 
 
 @dataclass
