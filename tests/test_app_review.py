@@ -209,7 +209,17 @@ def test_dense_view(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     images = at.get("image")
     assert len(images) == 5  # the graph figure and four overlays
     assert sorted(c for img in images[1:] for c in img.captions) == sorted(
-        d["path"] for d in json.loads((run / "dense" / "dense.json").read_text())["images"])
+        d["id"] for d in json.loads((run / "dense" / "dense.json").read_text())["images"])
+    assert len(at.dataframe) == 1 and list(at.dataframe[0].value["name"]) == [f"concept_0{i}" for i in range(1, 5)]
+    at.toggle(key="part_graph").set_value(True).run()
+    assert not at.exception and len(at.get("image")) == 5
+    # and the overlay of an image is shown beside it in the Cluster view
+    first = json.loads((run / "dense" / "dense.json").read_text())["images"][0]["id"]
+    cid = ReviewStore(run).member(first).cluster
+    show(at, "Cluster", cid)
+    at.selectbox(key="inspect").set_value(first).run()
+    assert not at.exception
+    assert "concept mask overlay" in [c for img in at.get("image") for c in img.captions]
 
 
 def test_no_run_folder_is_an_error_not_a_crash(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -191,7 +191,7 @@ def cluster_view(store: ReviewStore, thumbs: ThumbCache, run: Path, data_root: P
                 else:
                     st.caption("(unreadable)")
                 mark = {"rejected": " ✗", "unsure": " ?"}.get(m.status, "")
-                st.checkbox(f"{m.confidence:.2f}{mark}", key=f"sel|{m.path}", help=m.path)
+                st.checkbox(f"{m.confidence:.2f}{mark}", key=f"sel|{m.path}")
 
     inspect_image(store, members, run, data_root)
 
@@ -199,13 +199,16 @@ def cluster_view(store: ReviewStore, thumbs: ThumbCache, run: Path, data_root: P
 def selection_bar(store: ReviewStore, clusters: list, cid: int, page_paths: list[str]) -> None:
     chosen = selected_paths()
     with st.container(border=True):
-        st.markdown(f"**{len(chosen)} selected**")
-        b1, b2, b3 = st.columns([1, 1, 4])
-        b1.button("Select page", key="select_page",
-                  on_click=lambda: st.session_state.update({f"sel|{p}": True for p in page_paths}))
-        b2.button("Clear", key="clear_selection", on_click=clear_selection)
+        r = st.columns([1.3, 1, 1, 1, 1.2, 1], vertical_alignment="center")
+        r[0].markdown(f"**{len(chosen)} selected**")
+        r[1].button("Select page", key="select_page",
+                    on_click=lambda: st.session_state.update({f"sel|{p}": True for p in page_paths}))
+        r[2].button("Clear", key="clear_selection", on_click=clear_selection)
+        for col, status, label in ((r[3], "rejected", "Reject"), (r[4], "unsure", "Mark unsure"), (r[5], "ok", "Mark OK")):
+            col.button(label, key=f"status|{status}", disabled=not chosen, on_click=lambda s=status: act(
+                store.set_status, selected_paths(), s, done=f"Marked {s}.", clear=True))
         names = {o.id: o.name for o in clusters}
-        m1, m2, m3 = st.columns([2, 2, 1])
+        m1, m2, m3 = st.columns([2, 2, 1], vertical_alignment="bottom")
         m1.selectbox("Move to", [NEW_CLUSTER] + [o.id for o in clusters if o.id != cid], key="move_target",
                      format_func=lambda o: "a new cluster" if o == NEW_CLUSTER else names.get(o, str(o)))
         m2.text_input("Name of the new cluster", key="move_name")
@@ -213,23 +216,22 @@ def selection_bar(store: ReviewStore, clusters: list, cid: int, page_paths: list
             store.move, selected_paths(),
             None if st.session_state["move_target"] == NEW_CLUSTER else st.session_state["move_target"],
             name=st.session_state.get("move_name") or None, done="Moved.", clear=True))
-        s1, s2, s3 = st.columns(3)
-        for col, status, label in ((s1, "rejected", "Reject"), (s2, "unsure", "Mark unsure"), (s3, "ok", "Mark OK")):
-            col.button(label, key=f"status|{status}", disabled=not chosen, on_click=lambda s=status: act(
-                store.set_status, selected_paths(), s, done=f"Marked {s}.", clear=True))
+
+
+def dense_meta(run: Path) -> dict:
+    """dense/dense.json, or {} when the run has none (or it is unreadable)."""
+    meta = run / DENSE / "dense.json"
+    try:
+        data = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def dense_index(run: Path) -> dict[str, dict[str, str]]:
-    """image path -> {"overlay": file, "map": file} from dense/dense.json, where the run has one."""
-    meta = run / DENSE / "dense.json"
-    if not meta.is_file():
-        return {}
-    try:
-        data = json.loads(meta.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return {}
-    images = data.get("images", []) if isinstance(data, dict) else []
-    return {d["path"]: d for d in images if isinstance(d, dict) and "path" in d}
+    """image path -> its dense.json entry ({"map": ..., "overlay": ...}), where the run has dense outputs."""
+    images = dense_meta(run).get("images", [])
+    return {d.get("id", d.get("path")): d for d in images if isinstance(d, dict) and (d.get("id") or d.get("path"))}
 
 
 def inspect_image(store: ReviewStore, members: list, run: Path, data_root: Path) -> None:
@@ -283,26 +285,36 @@ def map_view(store: ReviewStore, run: Path) -> None:
 
 
 def dense_view(run: Path) -> None:
+    import pandas as pd
+
     dense = run / DENSE
-    if not dense.is_dir():
-        st.info("This run has no dense outputs (run `selflabel segment` to make them).")
-        return
+    meta = dense_meta(run)
+    concepts = [c for c in meta.get("concepts", []) if isinstance(c, dict) and "id" in c]
     graph_file = dense / "graph.json"
     if graph_file.is_file():
         st.header("Concept graph")
-        draw_graph(json.loads(graph_file.read_text(encoding="utf-8")))
+        parts = st.toggle("Show the part graph (nodes = parts, coloured by concept)", key="part_graph")
+        draw_graph(json.loads(graph_file.read_text(encoding="utf-8")),
+                   {int(c["id"]): str(c.get("name", c["id"])) for c in concepts}, parts=parts)
+    if concepts:
+        cols = [k for k in ("id", "name", "kind", "area_fraction", "n_images", "n_annotations") if k in concepts[0]]
+        st.dataframe(pd.DataFrame([{k: c.get(k) for k in cols} for c in concepts]), hide_index=True)
     overlays = sorted((dense / "overlays").glob("*.png"))
     st.header(f"Mask overlays ({len(overlays)})")
     by_file = {v.get("overlay"): k for k, v in dense_index(run).items()}
     for row in range(0, min(len(overlays), 48), 4):
         cols = st.columns(4)
         for col, p in zip(cols, overlays[row : row + 4]):
-            col.image(str(safe_path(dense, str(p.relative_to(dense)))),
-                      caption=by_file.get(str(p.relative_to(dense)), p.name))
+            rel = p.relative_to(dense).as_posix()
+            col.image(str(safe_path(dense, rel)), caption=by_file.get(rel, p.name))
 
 
-def draw_graph(data: dict) -> None:
-    """The concept graph (networkx node-link JSON): nodes sized by area, edges by weight."""
+def draw_graph(data: dict, names: dict[int, str], parts: bool = False) -> None:
+    """The concept graph from graph.json (networkx node-link; nodes are parts with a `concept` attribute).
+
+    By default the parts are merged into one node per concept (area summed, edge weights summed);
+    `parts=True` draws every part, coloured by its concept.
+    """
     import matplotlib.pyplot as plt
     import networkx as nx
 
@@ -310,13 +322,30 @@ def draw_graph(data: dict) -> None:
     if g.number_of_nodes() == 0:
         st.caption("The graph is empty.")
         return
+    if not parts and all("concept" in d for _, d in g.nodes(data=True)):
+        q = nx.Graph()
+        for _, d in g.nodes(data=True):
+            c = int(d["concept"])
+            if c not in q:
+                q.add_node(c, size=0.0, color=d.get("color", "#8fb3de"), name=names.get(c, f"concept_{c:02d}"))
+            q.nodes[c]["size"] += float(d.get("area_fraction", 1.0))
+        for u, v, d in g.edges(data=True):
+            cu, cv = int(g.nodes[u]["concept"]), int(g.nodes[v]["concept"])
+            if cu != cv:
+                w = float(d.get("weight", 1.0))
+                q.add_edge(cu, cv, weight=q.get_edge_data(cu, cv, {"weight": 0.0})["weight"] + w)
+        g, labels = q, {n: d["name"] for n, d in q.nodes(data=True)}
+    else:
+        labels = {n: "" for n in g.nodes} if g.number_of_nodes() > 40 else {n: str(n) for n in g.nodes}
     pos = nx.spring_layout(g, seed=0, weight="weight")
-    size = np.array([float(d.get("size", d.get("area", 1.0))) for _, d in g.nodes(data=True)])
-    size = 200 + 1200 * size / max(size.max(), 1e-9)
-    width = [0.5 + 4 * float(d.get("weight", 0.5)) for _, _, d in g.edges(data=True)]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    nx.draw_networkx(g, pos, ax=ax, node_size=size, width=width, node_color="#8fb3de", font_size=8,
-                     labels={n: str(d.get("name", n)) for n, d in g.nodes(data=True)})
+    size = np.array([float(d.get("size", d.get("area_fraction", 1.0))) for _, d in g.nodes(data=True)])
+    size = 80 + 1500 * size / max(size.max(), 1e-9)
+    w = np.array([float(d.get("weight", 1.0)) for _, _, d in g.edges(data=True)] or [1.0])
+    width = 0.3 + 4 * w / max(w.max(), 1e-9)
+    colors = [d.get("color", "#8fb3de") for _, d in g.nodes(data=True)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    nx.draw_networkx(g, pos, ax=ax, node_size=size, width=width[: g.number_of_edges()], node_color=colors,
+                     edge_color="#999999", font_size=8, labels=labels)
     ax.axis("off")
     st.pyplot(fig, width="content")
     plt.close(fig)

@@ -51,26 +51,29 @@ def make_sample_run(out: str | Path, *, per_class: int = 10, dim: int = 16, mist
 
 
 def _write_dense(run: Path, rows: list[LabelRow], rng: np.random.Generator) -> None:
-    """A tiny dense/ folder: a concept graph (networkx node-link), label maps and overlays for 4 images."""
+    """A tiny dense/ folder in the layout of `dense.pipeline`: a part graph (networkx node-link) whose
+    nodes carry their concept, concept label maps, and overlays for 4 images."""
     import networkx as nx
 
+    colors = ["#dc2828", "#28b43c", "#2846dc", "#e6d228"]
     g = nx.Graph()
-    for ci, name in enumerate(CLASSES):
-        g.add_node(ci, name=name, size=int(rng.integers(50, 500)))
-    g.add_edge(0, 3, weight=0.6)
-    g.add_edge(1, 2, weight=0.3)
+    for part in range(8):  # two parts per concept
+        g.add_node(part, concept=part // 2 + 1, area_fraction=float(rng.uniform(0.05, 0.2)), color=colors[part // 2])
+    for u, v, w in ((0, 1, 0.9), (2, 3, 0.8), (4, 5, 0.7), (6, 7, 0.9), (0, 6, 0.3), (2, 4, 0.2)):
+        g.add_edge(u, v, weight=w)
     atomic_write_json(run / "dense" / "graph.json", nx.node_link_data(g, edges="edges"))
+    concepts = [{"id": i + 1, "name": f"concept_{i + 1:02d}", "kind": "thing", "n_images": 10} for i in range(4)]
     images = []
     for i, r in enumerate(rows[:: max(1, len(rows) // 4)][:4]):
-        stem = f"{i:05d}"
+        name = f"{i:05d}.png"
         mask = np.zeros((24, 24), dtype=np.uint8)
         mask[6:18, 6:18] = r.cluster + 1
         for sub, arr in (("maps", mask), ("overlays", np.stack([mask * 60] * 3, -1).astype(np.uint8))):
             buf = io.BytesIO()
             Image.fromarray(arr).save(buf, format="PNG")
-            atomic_write_bytes(run / "dense" / sub / f"{stem}.png", buf.getvalue())
-        images.append({"path": r.path, "map": f"maps/{stem}.png", "overlay": f"overlays/{stem}.png"})
-    atomic_write_json(run / "dense" / "dense.json", {"images": images, "concepts": len(CLASSES)})
+            atomic_write_bytes(run / "dense" / sub / name, buf.getvalue())
+        images.append({"id": r.path, "map": f"maps/{name}", "overlay": f"overlays/{name}", "width": 24, "height": 24})
+    atomic_write_json(run / "dense" / "dense.json", {"version": 1, "concepts": concepts, "images": images})
 
 
 if __name__ == "__main__":  # pragma: no cover - convenience entry

@@ -64,6 +64,12 @@ def server(tmp_path: Path):
         log.close()
 
 
+def settle(page) -> None:
+    """Wait until the script rerun started by the last action has finished (no stale elements)."""
+    time.sleep(0.3)
+    page.wait_for_function("!document.querySelector('[data-testid=stStatusWidget]')")
+
+
 def test_rename_and_export_in_a_real_browser(server, tmp_path: Path) -> None:
     url, run, proc = server
     # the app listens on loopback only
@@ -79,9 +85,11 @@ def test_rename_and_export_in_a_real_browser(server, tmp_path: Path) -> None:
             sidebar = page.get_by_test_id("stSidebar")
             sidebar.get_by_text("Cluster", exact=True).first.click()
             page.get_by_role("heading", name=largest.name).wait_for()
+            settle(page)
             name = page.get_by_label("Name", exact=True)
             name.fill("blue things")
             name.press("Enter")
+            settle(page)
             page.get_by_role("button", name="Rename").click()
             page.get_by_text("Renamed.").wait_for()
             page.get_by_role("heading", name="blue things").wait_for()
