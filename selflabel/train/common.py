@@ -88,7 +88,7 @@ class FeatureSource:
         self.array = features
         self.tensor: Tensor | None = None
         if self.n * self.d * 4 <= max_ram_bytes:
-            self.tensor = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
+            self.tensor = torch.from_numpy(np.array(features, dtype=np.float32)).to(self.device)  # a copy: memmaps are read-only
 
     def rows(self, idx: Tensor) -> Tensor:
         if self.tensor is not None:

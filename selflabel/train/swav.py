@@ -64,6 +64,7 @@ def queue_length(sw: SwavConfig, ks: Sequence[int], batch_size: int, n: int) -> 
         if batch_size >= 4 * max(ks):
             return 0
         length = 8 * max(ks) - batch_size
+        length = -(-length // batch_size) * batch_size  # rounded up to whole batches
     length = min(length, max(0, n - batch_size))
     return (length // batch_size) * batch_size  # as main_swav.py: a whole number of batches
 
