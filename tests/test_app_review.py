@@ -143,6 +143,7 @@ def test_reject_and_unsure_then_export_all_formats(run: Path, monkeypatch: pytes
     show(at, "Export")
     for fmt in ("csv", "imagefolder", "coco"):
         click(at, f"export|{fmt}")
+    assert sorted(b.key for b in at.download_button) == ["download|coco", "download|csv"]
     rows = exported_csv(run)
     assert paths[0] not in rows and rows[paths[1]]["status"] == "unsure" and len(rows) == 39
     coco = json.loads((run / "exports" / "coco.json").read_text())

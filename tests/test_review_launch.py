@@ -25,8 +25,19 @@ def test_command_serves_the_packaged_app_on_loopback(tmp_path: Path) -> None:
 def test_launch_runs_streamlit_with_the_given_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = make_sample_run(tmp_path)
     calls = []
-    monkeypatch.setattr(launch_mod.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
-    assert launch_mod.launch(run, host="0.0.0.0", port=9000, headless=False) == 0
+
+    class FakePopen:
+        def __init__(self, cmd):
+            calls.append(cmd)
+
+        def wait(self, timeout=None):
+            return 3
+
+        def poll(self):
+            return 3
+
+    monkeypatch.setattr(launch_mod.subprocess, "Popen", FakePopen)
+    assert launch_mod.launch(run, host="0.0.0.0", port=9000, headless=False) == 3  # streamlit's exit code
     (cmd,) = calls
     assert cmd == launch_mod.streamlit_command(run, "0.0.0.0", 9000, False)
 

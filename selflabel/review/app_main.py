@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +27,7 @@ VIEWS = ("Overview", "Cluster", "Map", "Dense", "Export")
 CARDS_PER_PAGE = 12
 GRID_COLS = 8
 NEW_CLUSTER = -1  # move target meaning "a fresh cluster"
+MAP_POINTS = 20_000
 
 
 # ------------------------------------------------------------------------- resources
@@ -63,6 +65,9 @@ def act(fn: Callable[..., Any], *args: Any, done: str = "", clear: bool = False,
         result = fn(*args, **kwargs)
     except SelflabelError as exc:
         st.session_state["flash"] = ("error", str(exc))
+        return
+    except sqlite3.OperationalError as exc:  # e.g. locked for longer than busy_timeout by another writer
+        st.session_state["flash"] = ("error", f"The review database is busy ({exc}); nothing was changed, try again.")
         return
     if result is None or result == []:
         st.session_state["flash"] = ("info", "Nothing changed.")
@@ -278,6 +283,9 @@ def map_view(store: ReviewStore, run: Path) -> None:
     assign = store.assignments()
     paths = [r.path for r in store.base_rows]
     df = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "cluster": [names.get(int(a), str(a)) for a in assign], "path": paths})
+    if len(df) > MAP_POINTS:  # the browser draws every point: keep it responsive
+        df = df.sample(MAP_POINTS, random_state=0)
+        st.caption(f"{MAP_POINTS} of {len(paths)} images, drawn at random.")
     st.altair_chart(alt.Chart(df).mark_circle(size=18, opacity=0.7).encode(
         x=alt.X("x:Q", title=f"{method} 1"), y=alt.Y("y:Q", title=f"{method} 2"),
         color=alt.Color("cluster:N", legend=alt.Legend(columns=2) if len(names) > 20 else alt.Legend()),
@@ -360,6 +368,9 @@ def export_view(run: Path) -> None:
         col.button(f"Export {fmt}", key=f"export|{fmt}", on_click=do_export, args=(run, fmt))
     for fmt, (path, n) in st.session_state.get("exported", {}).items():
         st.markdown(f"- **{fmt}**: {n} images → `{path}`")
+        if Path(path).is_file():  # csv, coco: also to the browser's downloads
+            st.download_button(f"Download {Path(path).name}", Path(path).read_bytes(), file_name=Path(path).name,
+                               key=f"download|{fmt}")
 
 
 def do_export(run: Path, fmt: str) -> None:

@@ -48,7 +48,18 @@ def launch(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8501, headl
         log.warning("serving the review app on %s: anyone who can reach this address can edit the labels", host)
     cmd = streamlit_command(run_dir, host, port, headless)
     log.info("starting the review app on http://%s:%d", host, port)
+    proc = subprocess.Popen(cmd)
     try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
+        return proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C: Streamlit got it too; give it time to close
+        try:
+            return proc.wait(10) and 0
+        except subprocess.TimeoutExpired:
+            return 0
+    finally:
+        if proc.poll() is None:  # never leave a server behind
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
