@@ -64,7 +64,8 @@ def test_distributed_sinkhorn_cluster_plan_equals_single(tmp_path):
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(6, 16)) * 3
-    feats = (centers[rng.integers(0, 6, 301)] + rng.normal(size=(301, 16))).astype(np.float32)
+    truth = np.concatenate([rng.permutation(np.repeat(np.arange(6), 50)), [0, 1, 2]])  # 303 rows: unequal rank blocks
+    feats = (centers[truth] + rng.normal(size=(303, 16))).astype(np.float32)
     single = sinkhorn_cluster(feats, 6, seed=1)
     mp.spawn(_worker, args=(2, _free_port(), feats, str(tmp_path / "d.npz")), nprocs=2, join=True)
     d = np.load(tmp_path / "d.npz")
