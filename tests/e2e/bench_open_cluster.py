@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from selflabel.atomic import atomic_save_npy
 from selflabel.review.launch import streamlit_command
 from selflabel.review.store import ReviewStore
 from selflabel.review.thumbs import ThumbCache
@@ -34,7 +35,7 @@ def make_run(data: Path, out: Path, n: int = 2000) -> Path:
     rows = [LabelRow(p.relative_to(data).as_posix(), 0 if i < n else 1 + i % 5, float(rng.uniform(0.2, 1)))
             for i, p in enumerate(files)]
     write_labels(out / "labels.csv", rows)
-    np.save(out / "features.npy", rng.normal(size=(len(rows), 64)).astype(np.float32))
+    atomic_save_npy(out / "features.npy", rng.normal(size=(len(rows), 64)).astype(np.float32))
     write_manifest(out, {"data_root": str(data.resolve())})
     return out
 
