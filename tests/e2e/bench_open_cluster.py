@@ -108,6 +108,7 @@ def browser_time(run: Path, name: str) -> None:
                     shutil.rmtree(run / "thumbs", ignore_errors=True)
                 page.goto(url)
                 page.get_by_test_id("stMain").get_by_role("button", name="Open", exact=True).first.wait_for(timeout=60_000)
+                page.wait_for_function("!document.querySelector('[data-testid=stStatusWidget]')", timeout=60_000)
                 t = time.perf_counter()
                 page.get_by_test_id("stMain").get_by_role("button", name="Open", exact=True).first.click()
                 page.get_by_role("heading", name=name).wait_for(timeout=60_000)
