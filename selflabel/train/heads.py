@@ -41,12 +41,12 @@ class InputNorm(nn.Module):
 
 
 class Trunk(nn.Module):
-    """L2-normalise, then (head="mlp") one hidden layer Linear-BN-ReLU; head="linear" is the identity."""
+    """L2-normalise, then (head="mlp") one hidden layer Linear-BN-ReLU; "linear"/"cosine" heads sit on the input."""
 
     def __init__(self, in_dim: int, hidden_dim: int = 512, kind: str = "mlp") -> None:
         super().__init__()
-        if kind not in ("linear", "mlp"):
-            raise ValueError(f"head kind must be 'linear' or 'mlp', not {kind!r}")
+        if kind not in ("linear", "cosine", "mlp"):
+            raise ValueError(f"head kind must be 'linear', 'cosine' or 'mlp', not {kind!r}")
         self.kind = kind
         self.out_dim = hidden_dim if kind == "mlp" else in_dim
         self.mlp = (
@@ -59,13 +59,31 @@ class Trunk(nn.Module):
         return self.mlp(F.normalize(x, dim=1))
 
 
-class MultiHead(nn.Module):
-    """One linear classifier per granularity K (SeLa's multiple heads, Asano et al. 2020, sec. 3.3)."""
+class CosineHead(nn.Module):
+    """Cosine classifier: logits = cos(z, w_k) / temperature. Its confidence is bounded, so P ** lambda stays
+    well conditioned, and it matches the cosine geometry of normalised features (a learnt prototype classifier)."""
 
-    def __init__(self, in_dim: int, ks: Sequence[int]) -> None:
+    def __init__(self, in_dim: int, k: int, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(k, in_dim) / in_dim**0.5)
+        self.temperature = temperature
+        self.out_features = k
+
+    def forward(self, z: Tensor) -> Tensor:
+        return F.normalize(z, dim=1) @ F.normalize(self.weight, dim=1).t() / self.temperature
+
+
+class MultiHead(nn.Module):
+    """One classifier per granularity K (SeLa's multiple heads, Asano et al. 2020, sec. 3.3):
+    linear layers, or cosine classifiers with `cosine_temperature` set."""
+
+    def __init__(self, in_dim: int, ks: Sequence[int], cosine_temperature: float | None = None) -> None:
         super().__init__()
         self.ks = [int(k) for k in ks]
-        self.heads = nn.ModuleList(nn.Linear(in_dim, k) for k in self.ks)
+        self.heads = nn.ModuleList(
+            nn.Linear(in_dim, k) if cosine_temperature is None else CosineHead(in_dim, k, cosine_temperature)
+            for k in self.ks
+        )
 
     def forward(self, z: Tensor) -> list[Tensor]:
         return [h(z) for h in self.heads]
@@ -78,12 +96,12 @@ class SelaNet(nn.Module):
     """
 
     def __init__(self, in_dim: int, ks: Sequence[int], hidden_dim: int = 512, kind: str = "mlp",
-                 backbone: nn.Module | None = None) -> None:
+                 backbone: nn.Module | None = None, temperature: float = 0.1) -> None:
         super().__init__()
         self.backbone = backbone
         self.prep = InputNorm(in_dim)
         self.trunk = Trunk(in_dim, hidden_dim, kind)
-        self.heads = MultiHead(self.trunk.out_dim, ks)
+        self.heads = MultiHead(self.trunk.out_dim, ks, temperature if kind == "cosine" else None)
 
     def classify(self, x: Tensor) -> list[Tensor]:
         return self.heads(self.trunk(x))

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..cluster import LabelResult
+from ..cluster import LabelResult, kmeanspp_init
 from ..config import RunConfig, SelaConfig
 from ..ot import sinkhorn
 from .augment import feature_view, make_generator, pick_cached_views
@@ -59,7 +59,25 @@ def optimize_labels(log_probs: Tensor, lamb: float, prior: Tensor | None = None,
 # ----------------------------------------------------------------------------- model and optimiser
 def build_model(in_dim: int, ks: Sequence[int], scfg: SelaConfig, seed: int, backbone=None) -> SelaNet:
     """Trunk + one linear head per K, initialised from `seed` (small function: DDP wraps its result)."""
-    return seeded_init(seed, lambda: SelaNet(in_dim, ks, scfg.hidden_dim, scfg.head, backbone))
+    return seeded_init(seed, lambda: SelaNet(in_dim, ks, scfg.hidden_dim, scfg.head, backbone, scfg.temperature))
+
+
+@torch.no_grad()
+def init_heads_kmeanspp(model: SelaNet, src: FeatureSource, seed: int, temperature: float = 1.0,
+                        max_rows: int = 20_000) -> None:
+    """Start each linear head as a prototype classifier: rows = k-means++ seeds of the prepared features
+    divided by `temperature`, no bias. The first label step is then a balanced nearest-seed assignment
+    instead of a random hyperplane partition (which a linear head would fit and keep)."""
+    if model.trunk.kind == "mlp":
+        return
+    gen = make_generator(seed, 3)
+    idx = torch.randperm(src.n, generator=gen)[:max_rows].sort().values
+    x = model.prep(src.rows(idx)).cpu()
+    for head in model.heads.heads:
+        seeds = kmeanspp_init(x, head.out_features, gen)
+        head.weight.copy_(seeds / temperature)
+        if getattr(head, "bias", None) is not None:
+            head.bias.zero_()
 
 
 def build_optimizer(model: SelaNet, scfg: SelaConfig, finetune: bool) -> torch.optim.Optimizer:
@@ -119,6 +137,8 @@ def train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
 
     model = build_model(d, ks, scfg, seed, backbone if finetune else None).to(device)
     model.prep.mean.copy_(src.mean())
+    if scfg.init == "kmeans++":
+        init_heads_kmeanspp(model, src, seed, scfg.init_temperature)
     stage_finetune = False
     optimizer = build_optimizer(model, scfg, finetune=False)
     labels = [torch.randperm(n, generator=make_generator(seed, h)) % kk for h, kk in enumerate(ks)]  # replaced at epoch 0
