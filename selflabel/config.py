@@ -58,14 +58,17 @@ class SelaConfig:
     """SeLa (Asano et al., ICLR 2020) on frozen features or end-to-end."""
 
     epochs: int = 30
-    label_updates: int = 10  # number of Sinkhorn label re-optimisations over the schedule
+    label_updates: int = 30  # number of Sinkhorn label re-optimisations over the schedule (30/30: every epoch)
     lamb: float = 25.0  # SeLa's lambda: P ** lamb, i.e. eps = 1 / lamb on log-probabilities
     lr: float = 0.05
     weight_decay: float = 1e-5
     batch_size: int = 256
     hidden_dim: int = 512
-    head: str = "mlp"  # linear | mlp (one hidden layer) on L2-normalised features
-    feature_noise: float = 0.05  # augmentation in frozen-feature mode: noise norm vs unit-norm features
+    head: str = "cosine"  # cosine (cos / temperature) | linear | mlp (one hidden layer) on L2-normalised features
+    temperature: float = 0.1  # cosine head
+    init: str = "kmeans++"  # linear heads: kmeans++ (prototype classifier on k-means++ seeds) | random (the paper)
+    init_temperature: float = 1.0  # kmeans++ init: head weights = seeds / init_temperature
+    feature_noise: float = 0.5  # augmentation in frozen-feature mode: noise norm vs unit-norm features
     feature_dropout: float = 0.0  # augmentation in frozen-feature mode: channel dropout rate
     final_assign: str = "sinkhorn"  # sinkhorn: balanced label step to tolerance | argmax: the head's prediction
     finetune_epochs: int = 2
