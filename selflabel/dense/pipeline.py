@@ -1,0 +1,254 @@
+"""Dense object concepts for a folder (Leopart-style): patches -> parts -> foreground -> concepts -> COCO.
+
+Steps, each a pure function in this package:
+  1. `extract.extract_dense`   patch features (+ saliency) of every image, standardised + PCA;
+  2. `parts.fit_part_prototypes` K Sinkhorn-balanced part prototypes on a patch sample;
+  3. part maps: cosine scores upsampled bilinearly, argmax (at ~100 px for statistics, at mask size for output);
+  4. `foreground`              CBFE: which part clusters are objects (things) and which background (stuff);
+  5. `graph.merge_parts`       co-occurrence graph + Louvain: parts -> concepts;
+  6. per image: concept map (small regions filled), PNG maps, overlays, COCO instances.
+
+Outputs under `out_dir/dense/`: dense.json, graph.json, coco.json, prototypes.npy, maps/*.png (concept
+ids, 0 = unassigned), parts/*.png (part ids + 1), overlays/*.png.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_path, atomic_save_npy, atomic_write_json
+from ..data import ImageRecord, load_rgb
+from ..errors import ImageLoadError, InputError
+from ..export.coco import coco_document, concept_name, label_map_annotations
+from ..progress import progress_bar
+from .extract import extract_dense
+from .foreground import cluster_fg_precision, noisy_foreground, select_foreground
+from .graph import cooccurrence, graph_json, merge_parts
+from .masks import fill_small_regions, overlay, palette, resize_labels, upsampled_argmax
+from .parts import fit_part_prototypes, part_scores
+
+log = logging.getLogger(__name__)
+
+STATS_SIDE = 100  # long side of the part maps used for CBFE and co-occurrence (Leopart evaluates at 100 x 100)
+OVERLAY_SIDE = 960  # overlays are downscaled to this long side
+
+
+def _scaled(h: int, w: int, side: int) -> tuple[int, int]:
+    """(h, w) scaled so the long side is at most `side` (never upscaled)."""
+    if side <= 0 or max(h, w) <= side:
+        return h, w
+    f = side / max(h, w)
+    return max(1, round(h * f)), max(1, round(w * f))
+
+
+def _data_root(rec: ImageRecord) -> Path:
+    depth = len(PurePosixPath(rec.id).parts)
+    return Path(rec.path).parents[depth - 1] if depth >= 1 else Path(rec.path).parent
+
+
+def drop_label_maps(records: Sequence[ImageRecord]) -> list[ImageRecord]:
+    """Leave out ground-truth label maps scanned as images: `<x>/labels/n.png` when `<x>/images/n.*` is a record
+    (the layout `evaluate_dense` reads ground truth from)."""
+    images = {(str(PurePosixPath(r.id).parent.parent), PurePosixPath(r.id).stem) for r in records
+              if PurePosixPath(r.id).parent.name == "images"}
+    kept = [r for r in records if not (PurePosixPath(r.id).parent.name == "labels"
+                                       and (str(PurePosixPath(r.id).parent.parent), PurePosixPath(r.id).stem) in images)]
+    if len(kept) < len(records):
+        log.info("dense: left out %d ground-truth label maps (labels/ beside images/)", len(records) - len(kept))
+    return kept
+
+
+def _png_name(image_id: str, used: set[str]) -> str:
+    name = PurePosixPath(image_id).with_suffix(".png").as_posix()
+    if name in used:  # a.jpg and a.png in one folder
+        name = image_id + ".png"
+    used.add(name)
+    return name
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def _label_png(label_map: np.ndarray, n_labels: int) -> np.ndarray:
+    return label_map.astype(np.uint8 if n_labels < 256 else np.uint16)
+
+
+def concepts_from_parts(part_concept: np.ndarray, part_area: np.ndarray, foreground: np.ndarray
+                        ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Renumber communities as concepts 1..M by decreasing area; kind = thing if most of its area is foreground.
+
+    Returns (concept id per part [k], concept descriptions)."""
+    comms = np.unique(part_concept)
+    area = np.array([part_area[part_concept == c].sum() for c in comms])
+    order = comms[np.argsort(-area, kind="stable")]
+    remap = {int(c): i + 1 for i, c in enumerate(order)}
+    concept_of_part = np.array([remap[int(c)] for c in part_concept], dtype=np.int64)
+    concepts = []
+    for cid in range(1, len(order) + 1):
+        members = np.nonzero(concept_of_part == cid)[0]
+        a = part_area[members]
+        fg_share = float(a[foreground[members]].sum() / a.sum()) if a.sum() > 0 else float(foreground[members].mean())
+        concepts.append({"id": cid, "name": concept_name(cid), "kind": "thing" if fg_share > 0.5 else "stuff",
+                         "parts": [int(p) for p in members], "area_fraction": float(a.sum())})
+    return concept_of_part, concepts
+
+
+def segment(records: Sequence[ImageRecord], backbone: torch.nn.Module, cfg: Any, out_dir: str | Path,
+            device: str | torch.device | None = None, *, show_progress: bool = True) -> dict[str, Any]:
+    """Find dense object concepts in `records` and write them under `out_dir/dense/`. Returns a summary."""
+    from ..features import autocast_dtype, resolve_device
+
+    dcfg = cfg.dense
+    if dcfg.louvain not in ("networkx", "python-louvain"):
+        raise InputError(f"dense.louvain: '{dcfg.louvain}' is not networkx or python-louvain")
+    if dcfg.k_parts < 2:
+        raise InputError(f"dense.k_parts must be at least 2 (got {dcfg.k_parts})")
+    dev = device if isinstance(device, torch.device) else resolve_device(device or cfg.backbone.device)
+    out = Path(out_dir) / "dense"
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    seed = int(cfg.seed)
+
+    records = drop_label_maps(records)
+    t = time.perf_counter()
+    feats = extract_dense(records, backbone, image_size=dcfg.image_size, device=dev, keep_aspect=dcfg.keep_aspect,
+                          shift=dcfg.shift_stitch, pca_dim=dcfg.pca_dim, batch_size=min(cfg.backbone.batch_size, 16),
+                          num_workers=cfg.backbone.num_workers, dtype=autocast_dtype(cfg.backbone.amp, dev), seed=seed,
+                          max_pixels=cfg.ingest.max_pixels, show_progress=show_progress)
+    timings["features"] = time.perf_counter() - t
+    n = len(feats.records)
+    if n == 0:
+        raise InputError("dense: no readable images")
+
+    t = time.perf_counter()
+    sample = feats.sample(dcfg.max_patches, seed)
+    k = min(dcfg.k_parts, len(sample))
+    model = fit_part_prototypes(sample, k, eps=dcfg.eps, iters=dcfg.epochs, seed=seed)
+    protos = torch.from_numpy(model.prototypes)
+    timings["parts"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    small_maps, fg_masks = [], []
+    for f, s, (H, W) in zip(feats.feats, feats.saliency, feats.sizes):
+        hw = _scaled(H, W, STATS_SIDE)
+        small_maps.append(upsampled_argmax(part_scores(f, protos), hw))
+        fg = noisy_foreground(s, mass=dcfg.fg_mass)
+        fg_masks.append(resize_labels(fg.astype(np.uint8), hw).astype(bool))
+    precision, n_img = cluster_fg_precision(small_maps, fg_masks, k)
+    foreground = select_foreground(precision, dcfg.fg_threshold)
+    timings["foreground"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    adj = cooccurrence(small_maps, k)
+    communities, graph, modularity = merge_parts(
+        adj, foreground if dcfg.split_fg else None, resolution=dcfg.resolution, threshold=dcfg.edge_threshold,
+        seed=seed, n_seeds=dcfg.louvain_seeds, method=dcfg.louvain)
+    part_pixels = sum(np.bincount(m.ravel(), minlength=k) for m in small_maps).astype(np.float64)
+    part_area = part_pixels / max(part_pixels.sum(), 1.0)
+    concept_of_part, concepts = concepts_from_parts(communities, part_area, foreground)
+    n_concepts = len(concepts)
+    timings["graph"] = time.perf_counter() - t
+
+    # Per image: concept map at full resolution, PNGs, overlays, COCO annotations.
+    t = time.perf_counter()
+    things = {c["id"] for c in concepts if c["kind"] == "thing"}
+    colours = palette(n_concepts + 1, seed=seed)
+    overlay_idx = set(np.unique(np.linspace(0, n - 1, min(dcfg.n_overlays, n)).round().astype(int)).tolist()) \
+        if dcfg.n_overlays > 0 else set()
+    lut = np.concatenate([[0], concept_of_part]).astype(np.int64)  # part map stores part + 1
+    used: set[str] = set()
+    images, annotations, entries = [], [], []
+    instances = np.zeros(n_concepts + 1, dtype=np.int64)
+    presence = np.zeros(n_concepts + 1, dtype=np.int64)
+    with progress_bar("dense maps", total=n, enabled=show_progress) as advance:
+        for i, (rec, f, (H, W)) in enumerate(zip(feats.records, feats.feats, feats.sizes)):
+            parts_map = upsampled_argmax(part_scores(f, protos), _scaled(H, W, dcfg.mask_size)) + 1
+            parts_map = resize_labels(parts_map, (H, W))
+            area = int(min(dcfg.min_area, max(1, H * W // 64)))
+            cmap = fill_small_regions(lut[parts_map], area)
+            name = _png_name(rec.id, used)
+            _save_png(out / "maps" / name, _label_png(cmap, n_concepts + 1))
+            _save_png(out / "parts" / name, _label_png(parts_map, k + 1))
+            image_id = i + 1
+            anns = label_map_annotations(cmap, image_id=image_id, first_id=len(annotations) + 1, min_area=area,
+                                         instance_ids=things)
+            annotations += anns
+            np.add.at(instances, [a["category_id"] for a in anns], 1)
+            presence[np.unique(cmap)] += 1
+            images.append({"id": image_id, "file_name": rec.id, "width": int(W), "height": int(H)})
+            entry = {"id": rec.id, "map": f"maps/{name}", "parts": f"parts/{name}", "width": int(W), "height": int(H),
+                     "min_area": area, "n_annotations": len(anns)}
+            if i in overlay_idx:
+                try:
+                    rgb = np.asarray(load_rgb(rec.path, max_pixels=cfg.ingest.max_pixels, display=rec.id))
+                    oh, ow = _scaled(H, W, OVERLAY_SIDE)
+                    if (oh, ow) != (H, W):
+                        from PIL import Image
+
+                        rgb = np.asarray(Image.fromarray(rgb).resize((ow, oh), Image.Resampling.BILINEAR))
+                    _save_png(out / "overlays" / name, overlay(rgb, resize_labels(cmap, (oh, ow)), colours))
+                    entry["overlay"] = f"overlays/{name}"
+                except ImageLoadError as exc:  # changed on disk since the features were computed
+                    log.warning("dense: no overlay for %s: %s", rec.id, exc.reason)
+            entries.append(entry)
+            advance(1)
+    timings["maps"] = time.perf_counter() - t
+
+    for c in concepts:
+        c["n_images"] = int(presence[c["id"]])
+        c["n_annotations"] = int(instances[c["id"]])
+        c["color"] = "#%02x%02x%02x" % tuple(int(v) for v in colours[c["id"]])
+    categories = [{"id": c["id"], "name": c["name"], "supercategory": c["kind"]} for c in concepts]
+    atomic_write_json(out / "coco.json", coco_document(images, annotations, categories,
+                                                       "selflabel dense object concepts (unsupervised)"))
+    node_attrs = {p: {"concept": int(concept_of_part[p]), "kind": "thing" if foreground[p] else "stuff",
+                      "fg_precision": round(float(precision[p]), 4), "area_fraction": float(part_area[p]),
+                      "n_images": int(n_img[p]), "color": concepts[int(concept_of_part[p]) - 1]["color"]}
+                  for p in range(k)}
+    atomic_write_json(out / "graph.json", graph_json(graph, node_attrs, resolution=dcfg.resolution, method=dcfg.louvain,
+                                                     modularity=modularity, edge_threshold=dcfg.edge_threshold))
+    atomic_save_npy(out / "prototypes.npy", model.prototypes)
+    summary = {
+        "n_images": n,
+        "n_skipped": len(feats.skipped),
+        "k_parts": k,
+        "n_concepts": n_concepts,
+        "n_things": len(things),
+        "n_stuff": n_concepts - len(things),
+        "n_foreground_parts": int(foreground.sum()),
+        "n_annotations": len(annotations),
+        "modularity": round(float(modularity), 4),
+        "dir": str(out),
+        "timings": {k_: round(v, 3) for k_, v in timings.items()},
+    }
+    meta = {
+        "version": 1,
+        "backbone": getattr(backbone, "name", type(backbone).__name__),
+        "data_root": str(_data_root(feats.records[0])),
+        "config": dataclasses.asdict(dcfg),
+        "seed": seed,
+        "features": {k_: (list(map(list, v)) if k_ == "input_sizes" else v) for k_, v in feats.info.items()},
+        "parts": {"k": k, **{k_: v for k_, v in model.info.items() if k_ != "history"}},
+        "summary": summary,
+        "concepts": concepts,
+        "part_concept": [int(c) for c in concept_of_part],
+        "part_foreground": [bool(b) for b in foreground],
+        "part_fg_precision": [round(float(p), 4) for p in precision],
+        "images": entries,
+        "skipped": [{"path": p, "reason": r} for p, r in feats.skipped],
+    }
+    atomic_write_json(out / "dense.json", meta)
+    log.info("dense: %d images -> %d parts -> %d concepts (%d things), %d annotations in %.1fs",
+             n, k, n_concepts, len(things), len(annotations), sum(timings.values()))
+    return summary
