@@ -31,8 +31,10 @@ The iterates are POT's: starting from a uniform ``u`` and normalising the column
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -110,8 +112,12 @@ def _rows_per_chunk(n: int, k: int, device: torch.device, nbytes: int, itemsize:
 
 
 def _chunks(n: int, rows: int):
-    for s in range(0, n, rows):
-        yield s, min(n, s + rows)
+    return _chunks_range(0, n, rows)
+
+
+def _chunks_range(start: int, end: int, rows: int):
+    for s in range(start, end, rows):
+        yield s, min(end, s + rows)
 
 
 def _log_threshold(dtype: torch.dtype) -> float:
@@ -120,12 +126,18 @@ def _log_threshold(dtype: torch.dtype) -> float:
     return 0.5 * math.log(torch.finfo(dtype).max)
 
 
-def _backend(t: Tensor):
-    """A numpy view of a CPU tensor (no copy), the tensor itself elsewhere.
+# --- the kernel form's array layer: numpy on CPU, torch elsewhere -----------------------------
+#
+# On CPU the kernel-form passes run as numpy/OpenBLAS calls in our own threads, one contiguous
+# block of rows per thread, with BLAS held to one thread: a single synchronisation per pass instead
+# of one per operation. Measured on the shared 2-core AMD EPYC of the benchmark: torch's OpenMP
+# regions and OpenBLAS's spinning threads fighting for the cores made the setup of a 50k x 1,000
+# problem 15x slower (5.7 s vs 0.37 s); MKL's sgemv in the torch wheel read 11 GB/s where
+# OpenBLAS read 25-28 GB/s; numpy's float32 exp ran 1.7x faster than torch's on one thread.
 
-    Matrix-vector products on CPU go through numpy's OpenBLAS: the MKL ``sgemv`` shipped in the
-    torch wheel ran at 11 GB/s on the 2-core AMD EPYC we benchmark on, OpenBLAS at 25-28 GB/s.
-    """
+
+def _backend(t: Tensor):
+    """A numpy view of a CPU tensor (shares memory), the tensor itself elsewhere."""
     return t.numpy() if t.device.type == "cpu" else t
 
 
@@ -139,6 +151,148 @@ def _div(x, y, out):
     if isinstance(out, np.ndarray):
         return np.divide(x, y, out=out)
     return torch.div(x, y, out=out)
+
+
+def _kernel_into(x, m, inv: float, out, row_max=None) -> None:
+    """out = exp((x - m[:, None]) * inv): rows of the row-shifted kernel. With ``row_max`` (an
+    output vector) m is first computed as the row maxima of x."""
+    if isinstance(out, np.ndarray):
+        if row_max is not None:
+            np.max(x, axis=1, out=row_max)
+        np.subtract(x, m[:, None], out=out)
+        np.multiply(out, inv, out=out)
+        np.exp(out, out=out)
+    else:
+        if row_max is not None:
+            torch.amax(x, dim=1, out=row_max)
+        torch.sub(x, m[:, None], out=out)
+        out.mul_(inv).exp_()
+
+
+def _scale_rows(x, u, v) -> None:
+    """x *= u[:, None] * v[None, :] in place."""
+    if isinstance(x, np.ndarray):
+        np.multiply(x, u[:, None], out=x)
+        np.multiply(x, v, out=x)
+    else:
+        x.mul_(u[:, None]).mul_(v)
+
+
+def _block_stats(x, m_out, scratch):
+    """Row maxima of x into m_out; returns the column maxima of x - m."""
+    if isinstance(x, np.ndarray):
+        np.max(x, axis=1, out=m_out)
+        np.subtract(x, m_out[:, None], out=scratch)
+        return scratch.max(axis=0)
+    torch.amax(x, dim=1, out=m_out)
+    torch.sub(x, m_out[:, None], out=scratch)
+    return scratch.amax(0)
+
+
+def _max_into(acc, x) -> None:
+    if isinstance(acc, np.ndarray):
+        np.maximum(acc, x, out=acc)
+    else:
+        torch.maximum(acc, x, out=acc)
+
+
+def _full(n: int, value: float, device: torch.device) -> Tensor:
+    """float64 vector (numpy-backed on CPU: torch ops on N-vectors paid OpenMP barriers there)."""
+    if device.type == "cpu":
+        return torch.from_numpy(np.full(n, value))
+    return torch.full((n,), value, dtype=torch.float64, device=device)
+
+
+def _cast(x, dtype: torch.dtype):
+    """x (numpy or torch) converted to the numpy/torch version of ``dtype``."""
+    if isinstance(x, np.ndarray):
+        return x.astype(torch.empty(0, dtype=dtype).numpy().dtype, copy=False)
+    return x.to(dtype)
+
+
+def _empty_plan(n: int, k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The N x K output buffer. On CPU allocated by numpy, which asks Linux for transparent huge
+    pages: first-touching 200 MB took 25-40 ms that way, 140-180 ms through ``torch.empty``."""
+    if device.type == "cpu":
+        return torch.from_numpy(np.empty((n, k), dtype=torch.empty(0, dtype=dtype).numpy().dtype))
+    return torch.empty(n, k, dtype=dtype, device=device)
+
+
+_BLAS_CONTROLLER = None
+
+
+def _one_blas_thread(device: torch.device):
+    """Hold numpy's BLAS to one thread while our own threads split the rows (CPU only)."""
+    global _BLAS_CONTROLLER
+    if device.type != "cpu":
+        return contextlib.nullcontext()
+    try:
+        if _BLAS_CONTROLLER is None:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS_CONTROLLER = ThreadpoolController()
+        return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+    except Exception:  # threadpoolctl missing or unable to see the library: run as is
+        return contextlib.nullcontext()
+
+
+_POOL = None
+
+
+def _worker_pool():
+    """One process-wide pool (idle threads block, they do not spin): starting threads per call cost
+    ~8 ms each on the loaded benchmark machine."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="selflabel-sinkhorn")
+    return _POOL
+
+
+class _RowBlocks:
+    """Contiguous row blocks, one per worker thread (CPU), or one block of torch ops (GPU)."""
+
+    def __init__(self, p: "_Problem"):
+        self.p = p
+        self.rows = p.rows(_CPU_PASS_BYTES)
+        workers = 1
+        if p.device.type == "cpu":
+            workers = max(1, min(torch.get_num_threads(), p.n // (4 * self.rows)))
+        per = -(-max(p.n, 1) // workers)
+        per = -(-per // self.rows) * self.rows  # align blocks to chunks
+        self.blocks = [(s, min(p.n, s + per)) for s in range(0, p.n, per)] or [(0, 0)]
+        self.pool = _worker_pool() if len(self.blocks) > 1 else None
+
+    def __enter__(self):
+        self._ctx = contextlib.ExitStack()
+        self._ctx.enter_context(_one_blas_thread(self.p.device))
+        self._ctx.enter_context(np.errstate(all="ignore"))  # inf/nan are checked by the callers
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.close()
+
+    def map(self, fn) -> list:
+        """[fn(start, end) for each block], the blocks in parallel."""
+        if self.pool is None:
+            return [fn(s, e) for s, e in self.blocks]
+        return [f.result() for f in [self.pool.submit(fn, s, e) for s, e in self.blocks]]
+
+    def chunks(self, s: int, e: int):
+        return _chunks_range(s, e, self.rows)
+
+    def scores(self, s: int, e: int):
+        """Rows s:e of the scores in the compute dtype, as numpy on CPU (a view unless converted)."""
+        p = self.p
+        x = p.scores[s:e]
+        if x.device.type != "cpu":
+            return x.to(p.dt)
+        if x.dtype == p.dt:
+            return x.numpy()
+        if x.dtype == torch.float16:
+            return x.numpy().astype(np.float32)
+        return x.to(p.dt).numpy()  # bfloat16: numpy has no such type
 
 
 def _as_vector(x, n: int, name: str, device: torch.device) -> Tensor:
@@ -209,7 +363,7 @@ def _prepare(scores: Tensor, a, b, eps: float, distributed: bool, rescale_b: boo
     if n_global == 0:
         raise ValueError("scores has no rows (N = 0)")
     if a_t is None:
-        a_t = torch.full((n,), 1.0 / n_global, dtype=torch.float64, device=dev)
+        a_t = _full(n, 1.0 / n_global, dev)
         mass = 1.0
     if b is None:
         b_t = torch.full((k,), mass / k, dtype=torch.float64, device=dev)
@@ -226,40 +380,84 @@ def _prepare(scores: Tensor, a, b, eps: float, distributed: bool, rescale_b: boo
 # passes over the rows
 
 
-def _scan(p: _Problem) -> tuple[Tensor, Tensor, Tensor, float]:
-    """One pass: row maxima m [n], column maxima c [K], ``gap[j] = max_i (scores - m_i)`` [K] and
-    the smallest row maximum (global).
+def _scan(p: _Problem, out: Tensor | None = None):
+    """One pass over the scores: row maxima m [n], the smallest row maximum (global) and, per column,
+    ``log_top[j] = max_i (scores[i, j] - m_i) / eps``: how small the best entry of column j of the
+    row-shifted kernel ``exp((scores - m) / eps)`` is, i.e. whether the kernel can represent it.
 
-    ``gap`` says how small the best entry of each column of the row-shifted kernel is, i.e.
-    whether ``exp((scores - m) / eps)`` can represent every column.
+    With ``out`` the same pass writes that kernel into ``out`` (each chunk while it is in cache) and
+    takes two column sums with one small GEMM: the plain sums, whose log stands in for ``log_top``
+    (the same test up to log N, without a max pass), and the sums with row weights
+    ``exp((m_i - M) / eps)``, M a running maximum: ``K^T u0`` for a uniform ``u0``, POT's first
+    column normalisation. Returns (m, m_min, log_top, log K^T u0 or None), all global.
     """
     m = torch.empty(p.n, dtype=p.dt, device=p.device)
-    c = torch.full((p.k,), -math.inf, dtype=p.dt, device=p.device)
-    gap = torch.full((p.k,), -math.inf, dtype=p.dt, device=p.device)
-    for s, e in _chunks(p.n, p.rows(_CPU_BULK_BYTES)):
-        x = p.chunk(s, e)
-        torch.amax(x, dim=1, out=m[s:e])
-        torch.maximum(c, x.amax(0), out=c)
-        torch.maximum(gap, (x - m[s:e, None]).amax(0), out=gap)
-    if p.n and not bool(torch.isfinite(m).all()):
+    mb, inv = _backend(m), 1.0 / p.eps
+    ob = _backend(out) if out is not None else None
+    xp = np if p.device.type == "cpu" else torch
+    with _RowBlocks(p) as rb:
+
+        def block(s0, e0):
+            acc = None  # column maxima of scores - m (scan) | [plain, weighted] column sums (build)
+            top = -math.inf  # running max of the row maxima, the reference of the weighted sums
+            o_buf = ob if ob is not None else _backend(torch.empty(rb.rows, p.k, dtype=p.dt, device=p.device))
+            if ob is not None:
+                acc = _backend(torch.zeros(2, p.k, dtype=torch.float64, device=p.device))
+                w = _backend(torch.ones(2, rb.rows, dtype=p.dt, device=p.device))
+                tmp = _backend(torch.empty(2, p.k, dtype=p.dt, device=p.device))
+            for s, e in rb.chunks(s0, e0):
+                x, mc = rb.scores(s, e), mb[s:e]
+                if ob is None:
+                    o = o_buf[: e - s]
+                    gg = _block_stats(x, mc, o)
+                    acc = gg if acc is None else xp.maximum(acc, gg)
+                    continue
+                o = ob[s:e]
+                _kernel_into(x, mc, inv, o, row_max=mc)
+                hi = float(mc.max())
+                if hi > top:  # move the weighted sums to the new reference
+                    acc[1] *= math.exp((top - hi) * inv) if top > -math.inf else 0.0
+                    top = hi
+                wc = w[:, : e - s]
+                xp.exp((mc - top) * inv, out=wc[1])
+                _dot(wc, o, tmp)  # [1; w]^T K on the chunk just written
+                acc += tmp
+            return acc, top
+
+        parts = [r for r in rb.map(block) if r[0] is not None]
+    if p.n and not bool(xp.isfinite(mb).all()):
         raise ValueError("scores contain NaN/+inf, or a row that is -inf everywhere")
-    # one all-reduce (max) for both column statistics and the smallest row maximum
-    m_min = m.min().reshape(1) if p.n else torch.full((1,), math.inf, dtype=p.dt, device=p.device)
-    stats = torch.cat([c, gap, -m_min]).double()
-    _all_reduce(stats, p.world, "max")
-    c, gap = stats[: p.k], stats[p.k : 2 * p.k]
-    if not bool(torch.isfinite(c).all()):
+    m_min = float(mb.min()) if p.n else math.inf
+    if out is None:  # one all-reduce (max) for the column statistics and the smallest row maximum
+        log_top = torch.full((p.k,), -math.inf, dtype=torch.float64, device=p.device)
+        for acc, _ in parts:
+            torch.maximum(log_top, torch.as_tensor(acc, device=p.device).double() * inv, out=log_top)
+        stats = torch.cat([log_top, torch.tensor([-m_min], dtype=torch.float64, device=p.device)])
+        _all_reduce(stats, p.world, "max")
+        log_top, m_min, log_ktu = stats[: p.k], -float(stats[-1]), None
+    else:  # partial sums relative to the global max score M; one max and one sum all-reduce
+        top = torch.tensor([max([t for _, t in parts], default=-math.inf), -m_min], dtype=torch.float64,
+                           device=p.device)
+        _all_reduce(top, p.world, "max")
+        M, m_min = float(top[0]), -float(top[1])
+        sums = torch.zeros(2, p.k, dtype=torch.float64, device=p.device)
+        for acc, t in parts:
+            acc = torch.as_tensor(acc, device=p.device)
+            sums[0] += acc[0]
+            if t > -math.inf:
+                sums[1] += acc[1] * math.exp((t - M) * inv)
+        _all_reduce(sums, p.world)
+        log_top, log_ktu = torch.log(sums[0]), torch.log(sums[1])
+    if not bool((log_top > -math.inf).all()):
+        if out is not None:  # a float sum underflowed; only the max scan can tell -inf apart
+            return m, m_min, _scan(p)[2], log_ktu
         raise ValueError("scores have a column that is -inf everywhere: no mass can reach it")
-    return m, c, gap, -float(stats[-1])
+    return m, m_min, log_top, log_ktu
 
 
-def _col_logsumexp(p: _Problem, f: Tensor | None, c: Tensor | None = None) -> Tensor:
-    """Exact ``log sum_i exp(scores[i, j] / eps + f[i])`` per column (global), float64 [K].
-
-    With ``f=None`` and the known column maxima ``c`` the shift is fixed and one sum suffices.
-    """
-    shift = None if c is None else c / p.eps
-    acc = _OnlineColLSE(p.k, p.device, _LOG_DT, shift)
+def _col_logsumexp(p: _Problem, f: Tensor | None) -> Tensor:
+    """Exact ``log sum_i exp(scores[i, j] / eps + f[i])`` per column (global), float64 [K]."""
+    acc = _OnlineColLSE(p.k, p.device)
     for s, e in _chunks(p.n, p.rows(_CPU_BULK_BYTES, _LOG_DT)):
         z = p.chunk(s, e, _LOG_DT) / p.eps
         if f is not None:
@@ -271,26 +469,19 @@ def _col_logsumexp(p: _Problem, f: Tensor | None, c: Tensor | None = None) -> Te
 class _OnlineColLSE:
     """Column-wise logsumexp accumulated over row chunks (and ranks), in float64."""
 
-    def __init__(self, k: int, device: torch.device, dt: torch.dtype, shift: Tensor | None = None):
-        self.fixed = shift is not None
-        self.mx = shift.double() if shift is not None else torch.full((k,), -math.inf, dtype=torch.float64, device=device)
+    def __init__(self, k: int, device: torch.device):
+        self.mx = torch.full((k,), -math.inf, dtype=torch.float64, device=device)
         self.s = torch.zeros(k, dtype=torch.float64, device=device)
-        self.dt = dt
 
-    def add(self, z: Tensor) -> None:  # z: [rows, K] in the compute dtype, overwritten
-        if self.fixed:
-            shift = self.mx.to(self.dt)
-        else:
-            new = torch.maximum(self.mx, z.amax(0).double())
-            shift = torch.where(torch.isfinite(new), new, 0.0).to(self.dt)
-            new = shift.double()
-            self.s *= torch.exp(self.mx - new)  # exp(-inf) = 0 for columns first seen now
-            self.mx = new
-        z.sub_(shift).exp_()
-        self.s += z.sum(0, dtype=torch.float64)
+    def add(self, z: Tensor) -> None:  # z: [rows, K] float64, overwritten
+        new = torch.maximum(self.mx, z.amax(0))
+        new = torch.where(torch.isfinite(new), new, 0.0)  # columns still at -inf: any finite shift
+        self.s *= torch.exp(self.mx - new)  # exp(-inf) = 0 for columns first seen now
+        self.mx = new
+        self.s += z.sub_(new).exp_().sum(0)
 
     def result(self, world: bool) -> Tensor:
-        if world and not self.fixed:
+        if world:
             g = self.mx.clone()
             _all_reduce(g, world, "max")
             self.s *= torch.exp(self.mx - g)
@@ -309,7 +500,7 @@ def _log_pass(p: _Problem, g: Tensor, f_out: Tensor, fi: tuple[float, float] = (
     Returns ``LSE_i(S/eps + f)`` per column (float64 [K], global); the caller updates g.
     """
     loga = torch.log(p.a)
-    acc = _OnlineColLSE(p.k, p.device, _LOG_DT)
+    acc = _OnlineColLSE(p.k, p.device)
     for s, e in _chunks(p.n, p.rows(_CPU_BULK_BYTES, _LOG_DT)):
         x = p.chunk(s, e, _LOG_DT) / p.eps
         f = loga[s:e] - torch.logsumexp(x + g, dim=1)
@@ -331,9 +522,12 @@ def _l2(x: Tensor) -> float:
 
 def _solve(p: _Problem, n_iters: int | None, tol: float, max_iters: int, log_domain: bool | None,
            return_plan: bool) -> SinkhornResult:
-    m, c, gap, m_min = _scan(p)
+    # kernel form with the plan: build the kernel in the output buffer during the scan
+    build = return_plan and log_domain is not True
+    plan = _empty_plan(p.n, p.k, p.dt, p.device) if return_plan else None
+    m, m_min, log_top, log_ktu = _scan(p, plan if build else None)
     T = _log_threshold(p.dt)
-    kernel_ok = bool(gap.min() / p.eps >= -T)
+    kernel_ok = bool(log_top.min() >= -T)
     use_log = (not kernel_ok) if log_domain is None else bool(log_domain)
     # switching to the log domain is routine in auto mode, worth a warning when it was ruled out
     note = log.warning if log_domain is False else log.debug
@@ -342,22 +536,20 @@ def _solve(p: _Problem, n_iters: int | None, tol: float, max_iters: int, log_dom
              "back to the log domain", p.dt)
 
     budget = n_iters if n_iters is not None else max_iters
-    plan: Tensor | None = None
-    g: Tensor | None = None  # float64 log v, POT's first column normalisation from a uniform u
-    if not use_log and return_plan:
-        # Build the row-shifted kernel in the output buffer; when the row maxima are within range,
-        # the first column sums K^T u0 (u0 uniform) come from the same pass, in cache.
-        plan = torch.empty(p.n, p.k, dtype=p.dt, device=p.device)
-        M = float(c.max())
-        g = _build_kernel(p, m, plan, M if (M - m_min) / p.eps <= T else None)
-        if g is not None and not _v_range_ok(g, p.dt):
-            g = None  # some column sum underflowed: redo it exactly below
+    # g = log v after POT's first column normalisation from a uniform u (float64)
+    g = None
+    if log_ktu is not None and (float(_backend(m).max()) if p.n else m_min) - m_min <= T * p.eps:
+        g = torch.log(p.b) - log_ktu  # row weights were all representable
+        if not _v_range_ok(g, p.dt):
+            g = None  # some column sum underflowed: redo it exactly
     if g is None:
-        g = torch.log(p.b) - _col_logsumexp(p, None, c)
+        g = torch.log(p.b) - _col_logsumexp(p, None)
     if not use_log and not _v_range_ok(g, p.dt):
         note("Sinkhorn: the first column scaling spans more than the %s range; using the log domain",
              p.dt)
         use_log = True
+    if not use_log and not build:
+        plan = None  # streamed kernel: recomputed per row chunk, no N x K buffer
 
     f = torch.empty(p.n, dtype=torch.float64, device=p.device)
     it, err, done = 0, math.inf, False
@@ -373,7 +565,7 @@ def _solve(p: _Problem, n_iters: int | None, tol: float, max_iters: int, log_dom
         it, err, done, g = _log_iterations(p, g, f, it, budget, n_iters is None, tol, check)
     if use_log and return_plan:
         if plan is None:
-            plan = torch.empty(p.n, p.k, dtype=p.dt, device=p.device)
+            plan = _empty_plan(p.n, p.k, p.dt, p.device)
         _assemble_log_plan(p, f, g, plan)
     converged = err <= tol
     if n_iters is None and not converged:
@@ -387,36 +579,6 @@ def _v_range_ok(g: Tensor, dt: torch.dtype) -> bool:
     return bool(torch.isfinite(g).all()) and float(g.max() - g.min()) <= 1.5 * _log_threshold(dt)
 
 
-def _build_kernel(p: _Problem, m: Tensor, out: Tensor, M: float | None) -> Tensor | None:
-    """out = exp((scores - m) / eps) in place, chunk by chunk.
-
-    With ``M`` (global max score, rows maxima within the float range of it) also returns
-    ``log b - log(K^T u0)`` for a uniform ``u0``, via weights ``exp((m - M)/eps)``: POT's first
-    column normalisation, from the chunk while it is in cache.
-    """
-    col = torch.zeros(p.k, dtype=torch.float64, device=p.device) if M is not None else None
-    tmp = _backend(torch.empty(p.k, dtype=p.dt, device=p.device))
-    w = torch.exp((m - M) / p.eps) if M is not None else None
-    wb = _backend(w) if w is not None else None
-    colb = _backend(col) if col is not None else None
-    inv = 1.0 / p.eps
-    for s, e in _chunks(p.n, p.rows(_CPU_BULK_BYTES)):
-        o = out[s:e]
-        if p.scores.dtype == p.dt:
-            torch.sub(p.scores[s:e], m[s:e, None], out=o)
-        else:
-            o.copy_(p.scores[s:e])
-            o.sub_(m[s:e, None])
-        o.mul_(inv).exp_()
-        if col is not None:
-            _dot(wb[s:e], _backend(o), tmp)
-            colb += tmp
-    if col is None:
-        return None
-    _all_reduce(col, p.world)
-    return torch.log(p.b) - torch.log(col)
-
-
 def _kernel_iterations(p, m, plan, g, f, budget, stop_on_tol, tol, check):
     """Scaling-form iterations on exp((S - m)/eps); one fused pass over the rows per iteration.
 
@@ -424,62 +586,72 @@ def _kernel_iterations(p, m, plan, g, f, budget, stop_on_tol, tol, check):
     left the float range; g then is the last good log v and the caller continues in log domain.
     """
     dt, dev = p.dt, p.device
-    rows = p.rows(_CPU_PASS_BYTES)
-    v = torch.exp(g - g.max()).to(dt)  # the overall constant moves to u
+    g = g - g.max()  # float64 log v: the exact state (the overall constant moves to u)
+    v = torch.exp(g).to(dt)
     u = torch.empty(p.n, dtype=dt, device=dev)
-    a = p.a.to(dt)
     col = torch.zeros(p.k, dtype=torch.float64, device=dev)
-    tmp = torch.empty(p.k, dtype=dt, device=dev)
-    kv = torch.empty(min(rows, max(p.n, 1)), dtype=dt, device=dev)
-    ab, ub, vb, colb, tmpb, kvb = map(_backend, (a, u, v, col, tmp, kv))
+    ab, ub, vb, mb, fb = _cast(_backend(p.a), dt), _backend(u), _backend(v), _backend(m), _backend(f)
+    Kb = _backend(plan) if plan is not None else None
+    inv = 1.0 / p.eps
 
-    if plan is not None:
-        Kb = _backend(plan)
-        kernel: Callable[[int, int], object] = lambda s, e: Kb[s:e]
-    else:  # streamed: recompute the kernel rows (one exp per entry per iteration)
-        scratch = torch.empty(rows, p.k, dtype=dt, device=dev)
+    it, err, done, ok = 0, math.inf, False, True
+    with _RowBlocks(p) as rb, np.errstate(all="ignore"):  # overflow is detected below
 
-        def kernel(s, e):
-            o = scratch[: e - s]
-            torch.sub(p.chunk(s, e), m[s:e, None], out=o)
-            o.mul_(1.0 / p.eps).exp_()
-            return _backend(o)
+        def block(s0, e0):
+            """u = a / (K v) on rows s0:e0 and their K^T u, chunk by chunk (each read once)."""
+            acc = _backend(torch.zeros(p.k, dtype=torch.float64, device=dev))
+            tmp = _backend(torch.empty(p.k, dtype=dt, device=dev))
+            kv = _backend(torch.empty(rb.rows, dtype=dt, device=dev))
+            scratch = None if Kb is not None else _backend(torch.empty(rb.rows, p.k, dtype=dt, device=dev))
+            for s, e in rb.chunks(s0, e0):
+                if Kb is not None:
+                    Kc = Kb[s:e]
+                else:  # streamed: recompute the kernel rows (one exp per entry per iteration)
+                    Kc = scratch[: e - s]
+                    _kernel_into(rb.scores(s, e), mb[s:e], inv, Kc)
+                kvc = kv[: e - s]
+                _dot(Kc, vb, kvc)  # K v
+                _div(ab[s:e], kvc, ub[s:e])  # u = a / K v
+                _dot(ub[s:e], Kc, tmp)  # K^T u, same chunk, still in cache
+                acc += tmp
+            return acc
 
-    it, err, done = 0, math.inf, False
-    v64 = v.double()
-    while it < budget:
-        col.zero_()
-        for s, e in _chunks(p.n, rows):
-            Kc = kernel(s, e)
-            kvc = kvb[: e - s]
-            _dot(Kc, vb, kvc)  # K v   (rows of the chunk)
-            _div(ab[s:e], kvc, ub[s:e])  # u = a / K v
-            _dot(ub[s:e], Kc, tmpb)  # K^T u  (same chunk, still in cache)
-            colb += tmpb
-        _all_reduce(col, p.world)
-        if not (bool(torch.isfinite(col).all()) and bool((col > 0).all())):
-            return it, err, False, torch.log(v64), False
-        it += 1
-        # rows are exact now; v * K^T u are the columns of the current plan
-        if it == budget or (stop_on_tol and it % check == 0):
-            err = _l2(col * v64 - p.b)
-            if stop_on_tol and err <= tol:
-                done = True
+        while it < budget:
+            parts = rb.map(block)
+            col.zero_()
+            for c in parts:
+                col += torch.as_tensor(c, device=dev)
+            _all_reduce(col, p.world)
+            if not (bool(torch.isfinite(col).all()) and bool((col > 0).all())):
+                ok = False
                 break
-        if it == budget:
-            break
-        v64 = p.b / col
-        if not bool(torch.isfinite(v64).all()) or float(v64.max()) > torch.finfo(dt).max / 4:
-            return it, err, False, torch.log(v64), False
-        v.copy_(v64)
-        if not bool((v > 0).all()):  # underflow in the compute dtype
-            return it, err, False, torch.log(v64), False
-    # log u in the unshifted frame: P = u exp((S - m)/eps) v = exp(S/eps + log u - m/eps + log v)
-    f.copy_(torch.log(u.double()) - m.double() / p.eps)
-    g = torch.log(v64)
-    if plan is not None:
-        for s, e in _chunks(p.n, p.rows(_CPU_BULK_BYTES)):
-            plan[s:e].mul_(u[s:e, None]).mul_(v)
+            it += 1
+            # rows are exact now; v * K^T u are the columns of the current plan
+            if it == budget or (stop_on_tol and it % check == 0):
+                err = _l2(col * torch.exp(g) - p.b)
+                if stop_on_tol and err <= tol:
+                    done = True
+                    break
+            if it == budget:
+                break
+            g = torch.log(p.b) - torch.log(col)  # float64: finite (col > 0) even where dt is not
+            v.copy_(torch.exp(g))
+            if not (bool(torch.isfinite(v).all()) and bool((v > 0).all())):  # left dt's range
+                ok = False
+                break
+        if not ok:
+            return it, err, False, g, False
+
+        def finish(s0, e0):
+            """Scale the kernel rows into the plan; log u in the unshifted frame:
+            P = u exp((S - m)/eps) v = exp(S/eps + log u - m/eps + log v)."""
+            xp = np if isinstance(fb, np.ndarray) else torch
+            for s, e in rb.chunks(s0, e0):
+                if Kb is not None:
+                    _scale_rows(Kb[s:e], ub[s:e], vb)
+                fb[s:e] = xp.log(_cast(ub[s:e], torch.float64)) - _cast(mb[s:e], torch.float64) * inv
+
+        rb.map(finish)
     return it, err, done, g, True
 
 
@@ -614,7 +786,7 @@ def sinkhorn_unbalanced(
     fi = tuple(1.0 if math.isinf(r) else r / (r + p.eps) for r in (r1, r2))
     loga, logb = torch.log(p.a), torch.log(p.b)
     ra, rb = (loga, logb) if reg_type == "kl" else (torch.zeros_like(loga), torch.zeros_like(logb))
-    _scan(p)  # validates the scores (NaN, empty rows/columns)
+    _scan(p)  # validates the scores (NaN, rows or columns that are -inf everywhere)
 
     budget = n_iters if n_iters is not None else max_iters
     f = torch.zeros(p.n, dtype=torch.float64, device=p.device)
@@ -636,7 +808,7 @@ def sinkhorn_unbalanced(
             converged = True
             break
     # (f, g) is POT's last (u, v) pair: f from the previous g, g from this f
-    plan = torch.empty(p.n, p.k, dtype=p.dt, device=p.device) if return_plan else None
+    plan = _empty_plan(p.n, p.k, p.dt, p.device) if return_plan else None
     if plan is not None:
         _assemble_log_plan(p, f, g, plan)
     col = torch.exp(_col_logsumexp(p, f) + g)

@@ -200,6 +200,18 @@ def test_kernel_form_falls_back_to_log_domain(caplog):
     np.testing.assert_allclose(res.plan.double().numpy(), ref.plan.numpy(), rtol=1e-4, atol=1e-9)
 
 
+def test_runtime_fallback_continues_from_the_exact_potentials(monkeypatch, caplog):
+    """Let the kernel form start on a problem it cannot represent: u, v overflow while iterating,
+    and the log domain must take over from the float64 potentials, not from the rounded vectors."""
+    s, a, b = _problem(100, 6, seed=10, scale=30.0)
+    ref = sinkhorn(_t(s), _t(a), _t(b), eps=0.05, n_iters=30, log_domain=True)
+    monkeypatch.setattr(sot, "_log_threshold", lambda dtype: 1e9)  # disable the up-front checks
+    with caplog.at_level(logging.INFO, logger="selflabel.ot"):
+        res = sinkhorn(_t(s, torch.float32), _t(a), _t(b), eps=0.05, n_iters=30)
+    assert "left the torch.float32 range" in caplog.text and res.log_domain and res.n_iters == 30
+    np.testing.assert_allclose(res.plan.double().numpy(), ref.plan.numpy(), rtol=1e-4, atol=1e-8)
+
+
 def test_n_equals_k_gives_a_permutation():
     rng = np.random.default_rng(11)
     n = 12
