@@ -136,15 +136,26 @@ def _log_threshold(dtype: torch.dtype) -> float:
 # OpenBLAS read 25-28 GB/s; numpy's float32 exp ran 1.7x faster than torch's on one thread.
 
 
+def _numpy_path(device: torch.device) -> bool:
+    """Whether the passes run as numpy on CPU (else torch ops; tests flip it to cover the GPU path)."""
+    return device.type == "cpu"
+
+
 def _backend(t: Tensor):
     """A numpy view of a CPU tensor (shares memory), the tensor itself elsewhere."""
-    return t.numpy() if t.device.type == "cpu" else t
+    return t.numpy() if _numpy_path(t.device) else t
+
+
+def _xp(device: torch.device):
+    return np if _numpy_path(device) else torch
 
 
 def _dot(x, y, out):
     if isinstance(out, np.ndarray):
         return np.dot(x, y, out=out)
-    return torch.matmul(x, y, out=out)
+    if x.dim() == 1:  # vector @ matrix
+        return torch.mv(y.t(), x, out=out)
+    return torch.mv(x, y, out=out) if y.dim() == 1 else torch.mm(x, y, out=out)
 
 
 def _div(x, y, out):
@@ -224,7 +235,7 @@ _BLAS_CONTROLLER = None
 def _one_blas_thread(device: torch.device):
     """Hold numpy's BLAS to one thread while our own threads split the rows (CPU only)."""
     global _BLAS_CONTROLLER
-    if device.type != "cpu":
+    if not _numpy_path(device):
         return contextlib.nullcontext()
     try:
         if _BLAS_CONTROLLER is None:
@@ -286,7 +297,7 @@ class _RowBlocks:
         """Rows s:e of the scores in the compute dtype, as numpy on CPU (a view unless converted)."""
         p = self.p
         x = p.scores[s:e]
-        if x.device.type != "cpu":
+        if not _numpy_path(x.device):
             return x.to(p.dt)
         if x.dtype == p.dt:
             return x.numpy()
@@ -329,10 +340,6 @@ class _Problem:
     def rows(self, nbytes: int, dtype: torch.dtype | None = None) -> int:
         itemsize = torch.finfo(dtype or self.dt).bits // 8
         return _rows_per_chunk(self.n, self.k, self.device, nbytes, itemsize)
-
-    def chunk(self, s: int, e: int, dtype: torch.dtype | None = None) -> Tensor:
-        """Scores rows s:e in the compute dtype (a view when no conversion is needed)."""
-        return self.scores[s:e].to(dtype or self.dt)
 
 
 # The log domain is the fallback for exponents beyond the float32 range (|scores/eps| up to 1e3 and
@@ -394,7 +401,7 @@ def _scan(p: _Problem, out: Tensor | None = None):
     m = torch.empty(p.n, dtype=p.dt, device=p.device)
     mb, inv = _backend(m), 1.0 / p.eps
     ob = _backend(out) if out is not None else None
-    xp = np if p.device.type == "cpu" else torch
+    xp = _xp(p.device)
     with _RowBlocks(p) as rb:
 
         def block(s0, e0):
@@ -455,61 +462,118 @@ def _scan(p: _Problem, out: Tensor | None = None):
     return m, m_min, log_top, log_ktu
 
 
+def _scaled_into(x, inv: float, out) -> None:
+    """out = x * inv computed in out's dtype (float64 for the log domain)."""
+    if isinstance(out, np.ndarray):
+        np.multiply(x, inv, out=out, dtype=out.dtype)
+    else:
+        out.copy_(x).mul_(inv)
+
+
+def _amax(x, axis: int):
+    return x.max(axis=axis) if isinstance(x, np.ndarray) else x.amax(axis)
+
+
+def _merge_weighted(p: _Problem, parts, k: int) -> Tensor:
+    """Global ``log sum`` of per-block column sums ``acc`` kept relative to a scalar ``top``."""
+    top = torch.tensor([max([t for _, t, *_ in parts], default=-math.inf)], dtype=torch.float64, device=p.device)
+    _all_reduce(top, p.world, "max")
+    M = float(top)
+    total = torch.zeros(k, dtype=torch.float64, device=p.device)
+    for acc, t, *_ in parts:
+        if t > -math.inf:
+            total += torch.as_tensor(acc, device=p.device) * math.exp(t - M)
+    _all_reduce(total, p.world)
+    return M + torch.log(total)  # -inf where a sum underflowed (or M = -inf: no rows anywhere)
+
+
 def _col_logsumexp(p: _Problem, f: Tensor | None) -> Tensor:
-    """Exact ``log sum_i exp(scores[i, j] / eps + f[i])`` per column (global), float64 [K]."""
-    acc = _OnlineColLSE(p.k, p.device)
-    for s, e in _chunks(p.n, p.rows(_CPU_BULK_BYTES, _LOG_DT)):
-        z = p.chunk(s, e, _LOG_DT) / p.eps
-        if f is not None:
-            z += f[s:e, None]
-        acc.add(z)
-    return acc.result(p.world)
+    """Exact ``log sum_i exp(scores[i, j] / eps + f[i])`` per column (global), float64 [K]:
+    an online logsumexp over row chunks (per-column running max), merged over blocks and ranks."""
+    inv = 1.0 / p.eps
+    fb = _backend(f) if f is not None else None
+    with _RowBlocks(p) as rb:
+
+        def block(s0, e0):
+            xp = _xp(p.device)
+            z_buf = _backend(torch.empty(rb.rows, p.k, dtype=_LOG_DT, device=p.device))
+            mx = _backend(torch.full((p.k,), -math.inf, dtype=_LOG_DT, device=p.device))
+            acc = _backend(torch.zeros(p.k, dtype=_LOG_DT, device=p.device))
+            for s, e in rb.chunks(s0, e0):
+                z = z_buf[: e - s]
+                _scaled_into(rb.scores(s, e), inv, z)
+                if fb is not None:
+                    z += fb[s:e, None]
+                new = xp.maximum(mx, _amax(z, 0))
+                new = xp.where(xp.isfinite(new), new, 0.0)  # columns still at -inf: any shift
+                acc *= xp.exp(mx - new)  # exp(-inf) = 0 for columns first seen now
+                mx = new
+                z -= new
+                xp.exp(z, out=z)
+                acc += z.sum(0)
+            return mx, acc
+
+        parts = rb.map(block)
+    mx = torch.stack([torch.as_tensor(m_, device=p.device) for m_, _ in parts]).amax(0)
+    _all_reduce(mx, p.world, "max")
+    total = sum(torch.as_tensor(a_, device=p.device) * torch.exp(torch.as_tensor(m_, device=p.device) - mx)
+                for m_, a_ in parts)
+    _all_reduce(total, p.world)
+    return mx + torch.log(total)  # -inf where a column got no mass
 
 
-class _OnlineColLSE:
-    """Column-wise logsumexp accumulated over row chunks (and ranks), in float64."""
+def _log_pass(p: _Problem, g: Tensor, f: Tensor, loga, fi1: float = 1.0, ra=None,
+              track: bool = False) -> tuple[Tensor, float]:
+    """One log-domain iteration over row chunks (float64): the row update, then the columns.
 
-    def __init__(self, k: int, device: torch.device):
-        self.mx = torch.full((k,), -math.inf, dtype=torch.float64, device=device)
-        self.s = torch.zeros(k, dtype=torch.float64, device=device)
-
-    def add(self, z: Tensor) -> None:  # z: [rows, K] float64, overwritten
-        new = torch.maximum(self.mx, z.amax(0))
-        new = torch.where(torch.isfinite(new), new, 0.0)  # columns still at -inf: any finite shift
-        self.s *= torch.exp(self.mx - new)  # exp(-inf) = 0 for columns first seen now
-        self.mx = new
-        self.s += z.sub_(new).exp_().sum(0)
-
-    def result(self, world: bool) -> Tensor:
-        if world:
-            g = self.mx.clone()
-            _all_reduce(g, world, "max")
-            self.s *= torch.exp(self.mx - g)
-            self.mx = g
-        _all_reduce(self.s, world)
-        return self.mx + torch.log(self.s)  # -inf where a column got no mass
-
-
-def _log_pass(p: _Problem, g: Tensor, f_out: Tensor, fi: tuple[float, float] = (1.0, 1.0),
-              ref: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """One log-domain iteration over row chunks: f from g (rows), then the column logsumexp.
-
-    Balanced: ``f = log a - LSE_j(S/eps + g)``. Unbalanced (Chizat et al. 2018, POT's
-    ``sinkhorn_knopp_unbalanced`` in log form): ``f = fi1 (log a - LSE) + (1 - fi1) ra``, where
-    ``ra``/``rb`` are the log reference marginals (``log a``/``log b`` for POT's ``reg_type='kl'``).
-    Returns ``LSE_i(S/eps + f)`` per column (float64 [K], global); the caller updates g.
+    Row update, POT's ``sinkhorn_log`` (balanced, ``fi1 = 1``) or Chizat et al.'s unbalanced one:
+    ``f = fi1 (log a - LSE_j(S/eps + g)) + (1 - fi1) ra``. With ``E = exp(T - r)``,
+    ``T = S/eps + g`` and r its row max, the rows of the plan ``exp(S/eps + f + g)`` are
+    ``E * exp(r + f)``, so its column masses are one weighted GEMV over E: one exp per entry
+    (POT's pair of logsumexps takes two). Returns (log column masses of the new plan, float64 [K],
+    global; max |f - f_before| if ``track``). Columns whose sum underflowed are redone exactly.
     """
-    loga = torch.log(p.a)
-    acc = _OnlineColLSE(p.k, p.device)
-    for s, e in _chunks(p.n, p.rows(_CPU_BULK_BYTES, _LOG_DT)):
-        x = p.chunk(s, e, _LOG_DT) / p.eps
-        f = loga[s:e] - torch.logsumexp(x + g, dim=1)
-        if fi[0] != 1.0:
-            f = fi[0] * f + (1.0 - fi[0]) * ref[0][s:e]
-        f_out[s:e] = f
-        x += f[:, None]
-        acc.add(x)
-    return acc.result(p.world)
+    inv = 1.0 / p.eps
+    gb, fb = _backend(g), _backend(f)
+    with _RowBlocks(p) as rb:
+
+        def block(s0, e0):
+            xp = _xp(p.device)
+            t_buf = _backend(torch.empty(rb.rows, p.k, dtype=_LOG_DT, device=p.device))
+            acc = _backend(torch.zeros(p.k, dtype=_LOG_DT, device=p.device))
+            tmp = _backend(torch.empty(p.k, dtype=_LOG_DT, device=p.device))
+            top, change = -math.inf, 0.0
+            for s, e in rb.chunks(s0, e0):
+                t = t_buf[: e - s]
+                _scaled_into(rb.scores(s, e), inv, t)
+                t += gb
+                r = _amax(t, 1)
+                t -= r[:, None]
+                xp.exp(t, out=t)
+                fc = loga[s:e] - (r + xp.log(t.sum(1)))
+                if fi1 != 1.0:
+                    fc = fi1 * fc + (1.0 - fi1) * ra[s:e]
+                if track and e > s:
+                    change = max(change, float(abs(fc - fb[s:e]).max()))
+                fb[s:e] = fc
+                lw = r + fc  # plan rows = E * exp(lw)
+                hi = float(lw.max()) if e > s else -math.inf
+                if hi > top:
+                    acc *= math.exp(top - hi) if top > -math.inf else 0.0
+                    top = hi
+                _dot(xp.exp(lw - top), t, tmp)
+                acc += tmp
+            return acc, top, change
+
+        parts = rb.map(block)
+    lcol = _merge_weighted(p, parts, p.k)
+    if not bool(torch.isfinite(lcol).all()):  # a column's mass underflowed: exact logsumexp
+        lcol = _col_logsumexp(p, f) + g
+    change = max([c for *_, c in parts], default=0.0)
+    if track and p.world:
+        t_ = torch.tensor([change], dtype=torch.float64, device=p.device)
+        change = float(_all_reduce(t_, p.world, "max"))
+    return lcol, change
 
 
 def _l2(x: Tensor) -> float:
@@ -658,28 +722,46 @@ def _kernel_iterations(p, m, plan, g, f, budget, stop_on_tol, tol, check):
 def _log_iterations(p, g, f, it, budget, stop_on_tol, tol, check):
     """Log-domain iterations (POT's ``sinkhorn_log`` order: rows from g, then columns)."""
     err, done = math.inf, False
-    logb = torch.log(p.b)
+    logb, loga = torch.log(p.b), _backend(_log_vec(p.a))
     while it < budget:
-        lse = _log_pass(p, g, f)
+        lcol, _ = _log_pass(p, g, f, loga)
         it += 1
         if it == budget or (stop_on_tol and it % check == 0):
-            err = _l2(torch.exp(lse + g) - p.b)
+            err = _l2(torch.exp(lcol) - p.b)
             if stop_on_tol and err <= tol:
                 done = True
                 break
         if it == budget:
             break
-        g = logb - lse
+        g = g + logb - lcol
     return it, err, done, g
+
+
+def _log_vec(x: Tensor) -> Tensor:
+    """log of a float64 vector (numpy on CPU, see _full)."""
+    return torch.from_numpy(np.log(x.numpy())) if _numpy_path(x.device) else torch.log(x)
 
 
 def _assemble_log_plan(p: _Problem, f: Tensor, g: Tensor, out: Tensor) -> None:
     """out = exp(S/eps + f + g), exponent formed in float64 so large potentials cancel exactly."""
-    for s, e in _chunks(p.n, p.rows(_CPU_BULK_BYTES, _LOG_DT)):
-        z = p.chunk(s, e, _LOG_DT) / p.eps
-        z += f[s:e, None]
-        z += g
-        out[s:e] = z.exp_()
+    inv, fb, gb, ob = 1.0 / p.eps, _backend(f), _backend(g), _backend(out)
+    with _RowBlocks(p) as rb:
+
+        def block(s0, e0):
+            xp = _xp(p.device)
+            z_buf = _backend(torch.empty(rb.rows, p.k, dtype=_LOG_DT, device=p.device))
+            for s, e in rb.chunks(s0, e0):
+                z = z_buf[: e - s]
+                _scaled_into(rb.scores(s, e), inv, z)
+                z += fb[s:e, None]
+                z += gb
+                xp.exp(z, out=z)
+                if isinstance(z, np.ndarray):
+                    ob[s:e] = z
+                else:
+                    ob[s:e].copy_(z)
+
+        rb.map(block)
 
 
 # --------------------------------------------------------------------------------------------
@@ -784,25 +866,21 @@ def sinkhorn_unbalanced(
         raise ValueError("reg_m must be positive (use inf for an exact marginal)")
     p = _prepare(scores, a, b, eps, distributed, rescale_b=False)
     fi = tuple(1.0 if math.isinf(r) else r / (r + p.eps) for r in (r1, r2))
-    loga, logb = torch.log(p.a), torch.log(p.b)
+    loga, logb = _log_vec(p.a), torch.log(p.b)
     ra, rb = (loga, logb) if reg_type == "kl" else (torch.zeros_like(loga), torch.zeros_like(logb))
     _scan(p)  # validates the scores (NaN, rows or columns that are -inf everywhere)
 
     budget = n_iters if n_iters is not None else max_iters
-    f = torch.zeros(p.n, dtype=torch.float64, device=p.device)
+    f = _full(p.n, 0.0, p.device)
     g = rb.clone()  # POT starts from u = v = 1 on the kernel exp(S/eps) * c
-    f_prev = f.clone()
-    it, change = 0, math.inf
+    it, change, err = 0, math.inf, math.inf
     converged = False
     while it < budget:
-        f_prev.copy_(f)
-        lse = _log_pass(p, g, f, fi, (ra, rb))
-        g_new = fi[1] * (logb - lse) + (1.0 - fi[1]) * rb
+        lcol, df = _log_pass(p, g, f, _backend(loga), fi[0], _backend(ra), track=True)
+        lse_col = lcol - g  # LSE_i(S/eps + f)
+        g_new = fi[1] * (logb - lse_col) + (1.0 - fi[1]) * rb
         it += 1
-        dg = (g_new - g).abs().max()
-        df = torch.tensor([float((f - f_prev).abs().max()) if p.n else 0.0], dtype=torch.float64, device=p.device)
-        _all_reduce(df, p.world, "max")
-        change = max(float(dg), float(df))
+        change = max(float((g_new - g).abs().max()), df)
         g = g_new
         if n_iters is None and change <= tol:
             converged = True
@@ -811,8 +889,8 @@ def sinkhorn_unbalanced(
     plan = _empty_plan(p.n, p.k, p.dt, p.device) if return_plan else None
     if plan is not None:
         _assemble_log_plan(p, f, g, plan)
-    col = torch.exp(_col_logsumexp(p, f) + g)
-    err = _l2(col - p.b)
+    if it:
+        err = _l2(torch.exp(lse_col + g) - p.b)
     if n_iters is not None:
         converged = change <= tol
     elif not converged:

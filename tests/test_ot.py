@@ -344,3 +344,27 @@ def test_input_untouched_and_no_grad():
 def test_invalid_inputs_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sinkhorn(**kwargs)
+
+
+def test_torch_code_path_matches_numpy_path(monkeypatch):
+    """The passes run as numpy on CPU and as torch ops elsewhere; run the torch branch (what CUDA
+    executes) on CPU tensors and require the same answers."""
+    s, a, b = _problem(300, 11, seed=18)
+    s32 = _t(s, torch.float32)
+    peaked = _t(_problem(80, 6, seed=19, scale=40.0)[0], torch.float32)
+
+    def run():
+        return [
+            sinkhorn(s32, _t(a), _t(b), eps=0.1, n_iters=20).plan,
+            sinkhorn(s32, _t(a), _t(b), eps=0.1, tol=1e-7).plan,
+            sinkhorn(s32, eps=0.1, n_iters=20, log_domain=True).plan,
+            sinkhorn(peaked, eps=0.05, n_iters=20).plan,
+            sinkhorn(s32, eps=0.1, n_iters=20, return_plan=False).log_v,
+            sinkhorn_codes(s32.to(torch.bfloat16)),
+            sinkhorn_unbalanced(_t(s), _t(a), _t(b), eps=0.3, reg_m=0.5, n_iters=20).plan,
+        ]
+
+    expected = run()
+    monkeypatch.setattr(sot, "_numpy_path", lambda device: False)
+    for got, want in zip(run(), expected):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-9)
