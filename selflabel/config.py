@@ -122,7 +122,7 @@ class DenseConfig:
     louvain: str = "networkx"  # networkx | python-louvain
     louvain_seeds: int = 5  # Louvain runs; the best modularity wins
     min_area: int = 64  # instance minimum area in pixels (smaller regions join their neighbours)
-    mask_size: int = 0  # long side of the score upsampling before the argmax; 0: original image size
+    mask_size: int = 1024  # long side of the score upsampling before the argmax (maps are saved at full size); 0: original
     n_overlays: int = 16
 
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
+import networkx as nx
 import numpy as np
 import torch
 
@@ -27,11 +29,11 @@ from ..data import ImageRecord, load_rgb
 from ..errors import ImageLoadError, InputError
 from ..export.coco import coco_document, concept_name, label_map_annotations
 from ..progress import progress_bar
-from .extract import extract_dense
+from .extract import DenseFeatures, extract_dense
 from .foreground import cluster_fg_precision, noisy_foreground, select_foreground
-from .graph import cooccurrence, graph_json, merge_parts
+from .graph import LOUVAIN_METHODS, cooccurrence, graph_json, merge_parts
 from .masks import fill_small_regions, overlay, palette, resize_labels, upsampled_argmax
-from .parts import fit_part_prototypes, part_scores
+from .parts import PartModel, fit_part_prototypes, part_scores
 
 log = logging.getLogger(__name__)
 
@@ -104,38 +106,41 @@ def concepts_from_parts(part_concept: np.ndarray, part_area: np.ndarray, foregro
     return concept_of_part, concepts
 
 
-def segment(records: Sequence[ImageRecord], backbone: torch.nn.Module, cfg: Any, out_dir: str | Path,
-            device: str | torch.device | None = None, *, show_progress: bool = True) -> dict[str, Any]:
-    """Find dense object concepts in `records` and write them under `out_dir/dense/`. Returns a summary."""
-    from ..features import autocast_dtype, resolve_device
+@dataclass
+class ConceptModel:
+    """Everything learnt from the patch features: part prototypes, foreground parts, the graph and the concepts."""
 
-    dcfg = cfg.dense
-    if dcfg.louvain not in ("networkx", "python-louvain"):
-        raise InputError(f"dense.louvain: '{dcfg.louvain}' is not networkx or python-louvain")
-    if dcfg.k_parts < 2:
-        raise InputError(f"dense.k_parts must be at least 2 (got {dcfg.k_parts})")
-    dev = device if isinstance(device, torch.device) else resolve_device(device or cfg.backbone.device)
-    out = Path(out_dir) / "dense"
-    out.mkdir(parents=True, exist_ok=True)
+    parts: PartModel
+    precision: np.ndarray  # CBFE foreground precision per part [k]
+    n_images: np.ndarray  # images each part appears in [k]
+    foreground: np.ndarray  # bool [k]
+    adjacency: np.ndarray  # co-occurrence [k, k]
+    graph: nx.Graph
+    modularity: float
+    part_area: np.ndarray  # share of all pixels per part [k]
+    concept_of_part: np.ndarray  # concept id 1..M per part [k]
+    concepts: list[dict[str, Any]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return self.parts.k
+
+    @property
+    def lut(self) -> np.ndarray:
+        """Maps a part map value (part + 1, 0 = none) to its concept id."""
+        return np.concatenate([[0], self.concept_of_part]).astype(np.int64)
+
+
+def fit_concepts(feats: DenseFeatures, dcfg: Any, seed: int = 0, parts: PartModel | None = None) -> ConceptModel:
+    """Steps 2-5 on extracted features: part prototypes (or `parts` given), CBFE, graph, Louvain."""
     timings: dict[str, float] = {}
-    seed = int(cfg.seed)
-
-    records = drop_label_maps(records)
     t = time.perf_counter()
-    feats = extract_dense(records, backbone, image_size=dcfg.image_size, device=dev, keep_aspect=dcfg.keep_aspect,
-                          shift=dcfg.shift_stitch, pca_dim=dcfg.pca_dim, batch_size=min(cfg.backbone.batch_size, 16),
-                          num_workers=cfg.backbone.num_workers, dtype=autocast_dtype(cfg.backbone.amp, dev), seed=seed,
-                          max_pixels=cfg.ingest.max_pixels, show_progress=show_progress)
-    timings["features"] = time.perf_counter() - t
-    n = len(feats.records)
-    if n == 0:
-        raise InputError("dense: no readable images")
-
-    t = time.perf_counter()
-    sample = feats.sample(dcfg.max_patches, seed)
-    k = min(dcfg.k_parts, len(sample))
-    model = fit_part_prototypes(sample, k, eps=dcfg.eps, iters=dcfg.epochs, seed=seed)
-    protos = torch.from_numpy(model.prototypes)
+    if parts is None:
+        sample = feats.sample(dcfg.max_patches, seed)
+        parts = fit_part_prototypes(sample, min(dcfg.k_parts, len(sample)), eps=dcfg.eps, iters=dcfg.epochs, seed=seed)
+    protos = torch.from_numpy(parts.prototypes)
+    k = parts.k
     timings["parts"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -157,26 +162,47 @@ def segment(records: Sequence[ImageRecord], backbone: torch.nn.Module, cfg: Any,
     part_pixels = sum(np.bincount(m.ravel(), minlength=k) for m in small_maps).astype(np.float64)
     part_area = part_pixels / max(part_pixels.sum(), 1.0)
     concept_of_part, concepts = concepts_from_parts(communities, part_area, foreground)
-    n_concepts = len(concepts)
     timings["graph"] = time.perf_counter() - t
+    return ConceptModel(parts, precision, n_img, foreground, adj, graph, modularity, part_area, concept_of_part,
+                        concepts, timings)
 
-    # Per image: concept map at full resolution, PNGs, overlays, COCO annotations.
-    t = time.perf_counter()
+
+def part_map(feat: np.ndarray, prototypes: np.ndarray | torch.Tensor, size: tuple[int, int], mask_size: int = 0) -> np.ndarray:
+    """Part map (part + 1) at `size` = (H, W): cosine scores upsampled bilinearly to the mask size
+    (long side `mask_size`, 0 = H x W), argmax, then nearest-neighbour to (H, W)."""
+    H, W = size
+    m = upsampled_argmax(part_scores(feat, prototypes), _scaled(H, W, mask_size)) + 1
+    return resize_labels(m, (H, W))
+
+
+def concept_map(parts_map: np.ndarray, lut: np.ndarray, min_area: int) -> tuple[np.ndarray, int]:
+    """Concept ids from a part map, regions under the image's minimum area filled from their neighbours.
+    The minimum area is capped at 1/64 of the image so a small image keeps its regions. Returns (map, area)."""
+    H, W = parts_map.shape
+    area = int(min(min_area, max(1, H * W // 64)))
+    return fill_small_regions(lut[parts_map], area), area
+
+
+def write_outputs(feats: DenseFeatures, model: ConceptModel, dcfg: Any, out: Path, *, seed: int = 0,
+                  max_pixels: int = 100_000_000, show_progress: bool = True) -> dict[str, Any]:
+    """Step 6: per image concept and part maps (PNG), overlays, COCO; returns per-image entries and counts."""
+    n, k = len(feats.records), model.k
+    concepts = model.concepts
+    n_concepts = len(concepts)
+    protos = torch.from_numpy(model.parts.prototypes)
     things = {c["id"] for c in concepts if c["kind"] == "thing"}
     colours = palette(n_concepts + 1, seed=seed)
     overlay_idx = set(np.unique(np.linspace(0, n - 1, min(dcfg.n_overlays, n)).round().astype(int)).tolist()) \
         if dcfg.n_overlays > 0 else set()
-    lut = np.concatenate([[0], concept_of_part]).astype(np.int64)  # part map stores part + 1
+    lut = model.lut
     used: set[str] = set()
     images, annotations, entries = [], [], []
     instances = np.zeros(n_concepts + 1, dtype=np.int64)
     presence = np.zeros(n_concepts + 1, dtype=np.int64)
     with progress_bar("dense maps", total=n, enabled=show_progress) as advance:
         for i, (rec, f, (H, W)) in enumerate(zip(feats.records, feats.feats, feats.sizes)):
-            parts_map = upsampled_argmax(part_scores(f, protos), _scaled(H, W, dcfg.mask_size)) + 1
-            parts_map = resize_labels(parts_map, (H, W))
-            area = int(min(dcfg.min_area, max(1, H * W // 64)))
-            cmap = fill_small_regions(lut[parts_map], area)
+            parts_map = part_map(f, protos, (H, W), dcfg.mask_size)
+            cmap, area = concept_map(parts_map, lut, dcfg.min_area)
             name = _png_name(rec.id, used)
             _save_png(out / "maps" / name, _label_png(cmap, n_concepts + 1))
             _save_png(out / "parts" / name, _label_png(parts_map, k + 1))
@@ -191,7 +217,7 @@ def segment(records: Sequence[ImageRecord], backbone: torch.nn.Module, cfg: Any,
                      "min_area": area, "n_annotations": len(anns)}
             if i in overlay_idx:
                 try:
-                    rgb = np.asarray(load_rgb(rec.path, max_pixels=cfg.ingest.max_pixels, display=rec.id))
+                    rgb = np.asarray(load_rgb(rec.path, max_pixels=max_pixels, display=rec.id))
                     oh, ow = _scaled(H, W, OVERLAY_SIDE)
                     if (oh, ow) != (H, W):
                         from PIL import Image
@@ -203,7 +229,6 @@ def segment(records: Sequence[ImageRecord], backbone: torch.nn.Module, cfg: Any,
                     log.warning("dense: no overlay for %s: %s", rec.id, exc.reason)
             entries.append(entry)
             advance(1)
-    timings["maps"] = time.perf_counter() - t
 
     for c in concepts:
         c["n_images"] = int(presence[c["id"]])
@@ -212,23 +237,64 @@ def segment(records: Sequence[ImageRecord], backbone: torch.nn.Module, cfg: Any,
     categories = [{"id": c["id"], "name": c["name"], "supercategory": c["kind"]} for c in concepts]
     atomic_write_json(out / "coco.json", coco_document(images, annotations, categories,
                                                        "selflabel dense object concepts (unsupervised)"))
-    node_attrs = {p: {"concept": int(concept_of_part[p]), "kind": "thing" if foreground[p] else "stuff",
-                      "fg_precision": round(float(precision[p]), 4), "area_fraction": float(part_area[p]),
-                      "n_images": int(n_img[p]), "color": concepts[int(concept_of_part[p]) - 1]["color"]}
+    node_attrs = {p: {"concept": int(model.concept_of_part[p]), "kind": "thing" if model.foreground[p] else "stuff",
+                      "fg_precision": round(float(model.precision[p]), 4), "area_fraction": float(model.part_area[p]),
+                      "n_images": int(model.n_images[p]), "color": concepts[int(model.concept_of_part[p]) - 1]["color"]}
                   for p in range(k)}
-    atomic_write_json(out / "graph.json", graph_json(graph, node_attrs, resolution=dcfg.resolution, method=dcfg.louvain,
-                                                     modularity=modularity, edge_threshold=dcfg.edge_threshold))
-    atomic_save_npy(out / "prototypes.npy", model.prototypes)
+    atomic_write_json(out / "graph.json", graph_json(model.graph, node_attrs, resolution=dcfg.resolution,
+                                                     method=dcfg.louvain, modularity=model.modularity,
+                                                     edge_threshold=dcfg.edge_threshold))
+    atomic_save_npy(out / "prototypes.npy", model.parts.prototypes)
+    return {"entries": entries, "n_annotations": len(annotations)}
+
+
+def segment(records: Sequence[ImageRecord], backbone: torch.nn.Module, cfg: Any, out_dir: str | Path,
+            device: str | torch.device | None = None, *, show_progress: bool = True) -> dict[str, Any]:
+    """Find dense object concepts in `records` and write them under `out_dir/dense/`. Returns a summary."""
+    from ..features import autocast_dtype, resolve_device
+
+    dcfg = cfg.dense
+    if dcfg.louvain not in LOUVAIN_METHODS:
+        raise InputError(f"dense.louvain: '{dcfg.louvain}' is not one of {', '.join(LOUVAIN_METHODS)}")
+    if dcfg.k_parts < 2:
+        raise InputError(f"dense.k_parts must be at least 2 (got {dcfg.k_parts})")
+    if dcfg.shift_stitch < 1:
+        raise InputError(f"dense.shift_stitch must be at least 1 (got {dcfg.shift_stitch})")
+    dev = device if isinstance(device, torch.device) else resolve_device(device or cfg.backbone.device)
+    out = Path(out_dir) / "dense"
+    out.mkdir(parents=True, exist_ok=True)
+    seed = int(cfg.seed)
+
+    records = drop_label_maps(records)
+    t = time.perf_counter()
+    feats = extract_dense(records, backbone, image_size=dcfg.image_size, device=dev, keep_aspect=dcfg.keep_aspect,
+                          shift=dcfg.shift_stitch, pca_dim=dcfg.pca_dim, batch_size=min(cfg.backbone.batch_size, 16),
+                          num_workers=cfg.backbone.num_workers, dtype=autocast_dtype(cfg.backbone.amp, dev), seed=seed,
+                          max_pixels=cfg.ingest.max_pixels, show_progress=show_progress)
+    timings = {"features": time.perf_counter() - t}
+    n = len(feats.records)
+    if n == 0:
+        raise InputError("dense: no readable images")
+
+    model = fit_concepts(feats, dcfg, seed)
+    timings.update(model.timings)
+    t = time.perf_counter()
+    written = write_outputs(feats, model, dcfg, out, seed=seed, max_pixels=cfg.ingest.max_pixels,
+                            show_progress=show_progress)
+    timings["maps"] = time.perf_counter() - t
+
+    concepts = model.concepts
+    n_things = sum(c["kind"] == "thing" for c in concepts)
     summary = {
         "n_images": n,
         "n_skipped": len(feats.skipped),
-        "k_parts": k,
-        "n_concepts": n_concepts,
-        "n_things": len(things),
-        "n_stuff": n_concepts - len(things),
-        "n_foreground_parts": int(foreground.sum()),
-        "n_annotations": len(annotations),
-        "modularity": round(float(modularity), 4),
+        "k_parts": model.k,
+        "n_concepts": len(concepts),
+        "n_things": n_things,
+        "n_stuff": len(concepts) - n_things,
+        "n_foreground_parts": int(model.foreground.sum()),
+        "n_annotations": written["n_annotations"],
+        "modularity": round(float(model.modularity), 4),
         "dir": str(out),
         "timings": {k_: round(v, 3) for k_, v in timings.items()},
     }
@@ -239,16 +305,16 @@ def segment(records: Sequence[ImageRecord], backbone: torch.nn.Module, cfg: Any,
         "config": dataclasses.asdict(dcfg),
         "seed": seed,
         "features": {k_: (list(map(list, v)) if k_ == "input_sizes" else v) for k_, v in feats.info.items()},
-        "parts": {"k": k, **{k_: v for k_, v in model.info.items() if k_ != "history"}},
+        "parts": {"k": model.k, **{k_: v for k_, v in model.parts.info.items() if k_ != "history"}},
         "summary": summary,
         "concepts": concepts,
-        "part_concept": [int(c) for c in concept_of_part],
-        "part_foreground": [bool(b) for b in foreground],
-        "part_fg_precision": [round(float(p), 4) for p in precision],
-        "images": entries,
+        "part_concept": [int(c) for c in model.concept_of_part],
+        "part_foreground": [bool(b) for b in model.foreground],
+        "part_fg_precision": [round(float(p), 4) for p in model.precision],
+        "images": written["entries"],
         "skipped": [{"path": p, "reason": r} for p, r in feats.skipped],
     }
     atomic_write_json(out / "dense.json", meta)
     log.info("dense: %d images -> %d parts -> %d concepts (%d things), %d annotations in %.1fs",
-             n, k, n_concepts, len(things), len(annotations), sum(timings.values()))
+             n, model.k, len(concepts), n_things, written["n_annotations"], sum(timings.values()))
     return summary
