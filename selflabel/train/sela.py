@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..cluster import LabelResult, kmeanspp_init
+from ..cluster import LabelResult, kmeanspp_init, sinkhorn_cluster
 from ..config import RunConfig, SelaConfig
 from ..ot import sinkhorn
 from .augment import feature_view, make_generator, pick_cached_views
@@ -63,19 +63,27 @@ def build_model(in_dim: int, ks: Sequence[int], scfg: SelaConfig, seed: int, bac
 
 
 @torch.no_grad()
-def init_heads_kmeanspp(model: SelaNet, src: FeatureSource, seed: int, temperature: float = 1.0,
-                        max_rows: int = 20_000) -> None:
-    """Start each linear head as a prototype classifier: rows = k-means++ seeds of the prepared features
-    divided by `temperature`, no bias. The first label step is then a balanced nearest-seed assignment
-    instead of a random hyperplane partition (which a linear head would fit and keep)."""
-    if model.trunk.kind == "mlp":
+def init_heads(model: SelaNet, src: FeatureSource, features: np.ndarray, how: str, seed: int,
+               temperature: float = 1.0, max_rows: int = 20_000) -> None:
+    """Start each linear/cosine head as a prototype classifier (weights = prototypes / temperature):
+      * "kmeans++": k-means++ seeds of the prepared features (a subsample of `max_rows`);
+      * "sinkhorn": the prototypes of `selflabel.cluster.sinkhorn_cluster` (balanced spherical k-means,
+        i.e. SeLa's label step with fixed features), which SeLa then refines;
+      * "random": the paper's random initialisation (nothing to do).
+    A random linear head gives a random hyperplane partition that a linear head fits and keeps."""
+    if model.trunk.kind == "mlp" or how == "random":
         return
-    gen = make_generator(seed, 3)
-    idx = torch.randperm(src.n, generator=gen)[:max_rows].sort().values
-    x = model.prep(src.rows(idx)).cpu()
     for head in model.heads.heads:
-        seeds = kmeanspp_init(x, head.out_features, gen)
-        head.weight.copy_(seeds / temperature)
+        k = head.out_features
+        if how == "sinkhorn":
+            protos = torch.from_numpy(sinkhorn_cluster(features, k, seed=seed).prototypes)
+        elif how == "kmeans++":
+            gen = make_generator(seed, 3, k)
+            idx = torch.randperm(src.n, generator=gen)[:max_rows].sort().values
+            protos = kmeanspp_init(model.prep(src.rows(idx)).cpu(), k, gen)
+        else:
+            raise ValueError(f"sela.init must be kmeans++, sinkhorn or random, not {how!r}")
+        head.weight.copy_(protos.to(head.weight.device) / temperature)
         if getattr(head, "bias", None) is not None:
             head.bias.zero_()
 
@@ -137,8 +145,6 @@ def train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
 
     model = build_model(d, ks, scfg, seed, backbone if finetune else None).to(device)
     model.prep.mean.copy_(src.mean())
-    if scfg.init == "kmeans++":
-        init_heads_kmeanspp(model, src, seed, scfg.init_temperature)
     stage_finetune = False
     optimizer = build_optimizer(model, scfg, finetune=False)
     labels = [torch.randperm(n, generator=make_generator(seed, h)) % kk for h, kk in enumerate(ks)]  # replaced at epoch 0
@@ -150,7 +156,9 @@ def train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
     ckpt_file = checkpoint_path(out_dir, "sela") if out_dir is not None else None
     start_epoch = 0
     state = load_checkpoint(ckpt_file, fp) if ckpt_file is not None else None
-    if state is not None:
+    if state is None:
+        init_heads(model, src, features, scfg.init, seed, scfg.init_temperature)
+    else:
         start_epoch = int(state["epoch"])
         model.load_state_dict(state["model"])
         stage_finetune = bool(state["stage_finetune"])
