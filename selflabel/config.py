@@ -66,10 +66,10 @@ class SelaConfig:
     hidden_dim: int = 512
     head: str = "cosine"  # cosine (cos / temperature) | linear | mlp (one hidden layer) on L2-normalised features
     temperature: float = 0.1  # cosine head
-    init: str = "kmeans++"  # linear heads: kmeans++ (prototype classifier on k-means++ seeds) | random (the paper)
-    init_temperature: float = 1.0  # kmeans++ init: head weights = seeds / init_temperature
-    feature_noise: float = 0.5  # augmentation in frozen-feature mode: noise norm vs unit-norm features
-    feature_dropout: float = 0.0  # augmentation in frozen-feature mode: channel dropout rate
+    init: str = "sinkhorn"  # linear/cosine heads start as prototype classifiers: sinkhorn | kmeans++ | random (paper)
+    init_temperature: float = 1.0  # head weights = prototypes / init_temperature
+    feature_noise: float = 0.8  # augmentation in frozen-feature mode: noise norm vs unit-norm features
+    feature_dropout: float = 0.3  # augmentation in frozen-feature mode: channel dropout rate
     final_assign: str = "sinkhorn"  # sinkhorn: balanced label step to tolerance | argmax: the head's prediction
     finetune_epochs: int = 2
     finetune_lr: float = 1e-4
