@@ -33,7 +33,8 @@ def machine_info() -> str:
     """One line: CPU model and cores, load, RAM, Python/torch/numpy versions, GPU name if any."""
     import torch
 
-    parts = [f"CPU {_cpu_model()} x {os.cpu_count()} cores", f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+    parts = [f"CPU {_cpu_model()} x {os.cpu_count()} cores",
+             f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
              f"numpy {np.__version__}", f"Python {platform.python_version()}"]
     try:
         pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")

@@ -16,8 +16,10 @@ How it is computed (Cuturi 2013; Peyre & Cuturi 2019, "Computational Optimal Tra
 * **Safe exponent.** The kernel is built as ``exp((scores - rowmax) / eps)`` (entries in (0, 1]);
   the row shift is absorbed into ``u``. If some column would have only underflowing entries (small
   eps, peaked logits), or if ``u``/``v`` leave the floating-point range while iterating, the solver
-  switches to the log-domain updates of POT's ``sinkhorn_log`` (``logsumexp`` over row chunks),
-  continuing from the current potentials.
+  switches to the log-domain updates of POT's ``sinkhorn_log`` (float64 row chunks, one exp per
+  entry and iteration), continuing from the current float64 potentials.
+* **CPU execution.** Row chunks are numpy/OpenBLAS calls in a few worker threads, one block of rows
+  each, BLAS held to one thread (see ``_RowBlocks``); on GPUs the same passes are torch ops.
 * **Free stopping test.** After the ``u`` update the rows are exact and ``v * (K^T u)`` are the column
   sums of the current plan, so the marginal error (POT's: L2 norm of the column violation) costs
   nothing extra and is checked every iteration (every 10th on GPUs, where reading it syncs).
@@ -36,7 +38,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -54,8 +56,8 @@ __all__ = [
 ]
 
 # Rows per chunk are chosen so that one chunk of the kernel has about this many bytes.
-_CPU_PASS_BYTES = 1 << 20  # fused u/v pass: the chunk must still be in L2 for the second product
-_CPU_BULK_BYTES = 4 << 20  # elementwise passes (exp, scaling, logsumexp temporaries)
+_CPU_PASS_BYTES = 1 << 20  # row chunks of every pass: still in L2 for the second product
+_CPU_BULK_BYTES = 4 << 20  # assign_from_potentials' float64 temporaries
 _ACCEL_BYTES = 256 << 20  # GPUs have no cache to fuse in; big chunks only bound the temporaries
 _CHECK_EVERY_ACCEL = 10  # reading the error on a GPU synchronises the stream
 
@@ -126,11 +128,11 @@ def _log_threshold(dtype: torch.dtype) -> float:
     return 0.5 * math.log(torch.finfo(dtype).max)
 
 
-# --- the kernel form's array layer: numpy on CPU, torch elsewhere -----------------------------
+# --- the passes' array layer: numpy on CPU, torch elsewhere ----------------------------------
 #
-# On CPU the kernel-form passes run as numpy/OpenBLAS calls in our own threads, one contiguous
-# block of rows per thread, with BLAS held to one thread: a single synchronisation per pass instead
-# of one per operation. Measured on the shared 2-core AMD EPYC of the benchmark: torch's OpenMP
+# On CPU every pass over the rows (kernel form and log domain) runs as numpy/OpenBLAS calls in our
+# own threads, one contiguous block of rows per thread, with BLAS held to one thread: a single
+# synchronisation per pass instead of one per operation. Measured on the shared 2-core AMD EPYC of the benchmark: torch's OpenMP
 # regions and OpenBLAS's spinning threads fighting for the cores made the setup of a 50k x 1,000
 # problem 15x slower (5.7 s vs 0.37 s); MKL's sgemv in the torch wheel read 11 GB/s where
 # OpenBLAS read 25-28 GB/s; numpy's float32 exp ran 1.7x faster than torch's on one thread.
@@ -200,13 +202,6 @@ def _block_stats(x, m_out, scratch):
     return scratch.amax(0)
 
 
-def _max_into(acc, x) -> None:
-    if isinstance(acc, np.ndarray):
-        np.maximum(acc, x, out=acc)
-    else:
-        torch.maximum(acc, x, out=acc)
-
-
 def _full(n: int, value: float, device: torch.device) -> Tensor:
     """float64 vector (numpy-backed on CPU: torch ops on N-vectors paid OpenMP barriers there)."""
     if device.type == "cpu":
@@ -247,6 +242,19 @@ def _one_blas_thread(device: torch.device):
         return contextlib.nullcontext()
 
 
+def _cpu_workers() -> int:
+    """Threads for the CPU passes: torch's intra-op thread count, capped by the cores that other
+    processes leave free (1-minute load average, plus this process). On an oversubscribed machine
+    extra threads only wait for each other (a thread preempted while holding the GIL stalls the
+    rest): at load 11 on the 2-core benchmark box, 2 workers ran 3-5x slower than 1."""
+    n = torch.get_num_threads()
+    try:
+        free = (os.cpu_count() or 1) - os.getloadavg()[0] + 1.0
+    except (AttributeError, OSError):
+        return n
+    return max(1, min(n, int(free)))
+
+
 _POOL = None
 
 
@@ -269,7 +277,7 @@ class _RowBlocks:
         self.rows = p.rows(_CPU_PASS_BYTES)
         workers = 1
         if p.device.type == "cpu":
-            workers = max(1, min(torch.get_num_threads(), p.n // (4 * self.rows)))
+            workers = max(1, min(_cpu_workers(), p.n // (4 * self.rows)))
         per = -(-max(p.n, 1) // workers)
         per = -(-per // self.rows) * self.rows  # align blocks to chunks
         self.blocks = [(s, min(p.n, s + per)) for s in range(0, p.n, per)] or [(0, 0)]

@@ -282,15 +282,20 @@ def test_forbidden_pairs_get_no_mass():
 
 def test_row_chunks_and_streamed_kernel_do_not_change_the_result(monkeypatch):
     s, a, b = _problem(257, 13, seed=15)
+    peaked = _t(_problem(257, 13, seed=15, scale=40.0)[0], torch.float32)
+    full_log = sinkhorn(peaked, eps=0.05, n_iters=30)
     full = sinkhorn(_t(s, torch.float32), _t(a), _t(b), eps=0.1, n_iters=30)
-    monkeypatch.setattr(sot, "_CPU_PASS_BYTES", 13 * 4 * 10)  # 10 rows per fused chunk
-    monkeypatch.setattr(sot, "_CPU_BULK_BYTES", 13 * 8 * 7)  # 7 rows per elementwise chunk
+    monkeypatch.setattr(sot, "_CPU_PASS_BYTES", 13 * 4 * 10)  # 10 rows per chunk
+    monkeypatch.setattr(sot, "_cpu_workers", lambda: 3)  # 3 row blocks in parallel threads
     chunked = sinkhorn(_t(s, torch.float32), _t(a), _t(b), eps=0.1, n_iters=30)
     streamed = sinkhorn(_t(s, torch.float32), _t(a), _t(b), eps=0.1, n_iters=30, return_plan=False)
     logd = sinkhorn(_t(s, torch.float32), _t(a), _t(b), eps=0.1, n_iters=30, log_domain=True)
     assert streamed.plan is None
     for r in (chunked, logd):
         np.testing.assert_allclose(r.plan.numpy(), full.plan.numpy(), rtol=1e-5, atol=1e-9)
+    chunked_log = sinkhorn(peaked, eps=0.05, n_iters=30)
+    assert chunked_log.log_domain
+    np.testing.assert_allclose(chunked_log.plan.numpy(), full_log.plan.numpy(), rtol=1e-5, atol=1e-9)
     for r in (chunked, streamed, logd):
         np.testing.assert_allclose(r.log_v.numpy() - r.log_v.numpy().max(),
                                    full.log_v.numpy() - full.log_v.numpy().max(), atol=1e-5)

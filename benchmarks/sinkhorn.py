@@ -1,0 +1,190 @@
+"""Sinkhorn: selflabel.ot.sinkhorn vs POT's ot.sinkhorn and ot.bregman.sinkhorn_log.
+
+Same float32 problems, same iterations: every method runs exactly 10 and exactly 100 iterations
+(POT gets ``numItermax=n, stopThr=0``). Reported per method: the time of each run and its speed-up
+over POT's ``sinkhorn``, the steady-state time per iteration ``(t100 - t10) / 90``, the fraction of
+the memory-bandwidth bound (an iteration must read the N x K float32 kernel twice, for K v and
+K^T u: ``2 N K 4 bytes / (time per iteration)`` over the bandwidth of a numpy copy) and the largest
+relative marginal error of the plan after 100 iterations (rows and columns, float64 sums).
+
+    python -m benchmarks.sinkhorn [--quick]
+    python benchmarks/sinkhorn.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import math
+import sys
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make `benchmarks` and `selflabel` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from benchmarks.common import machine_info, markdown_table, memory_bandwidth_gbs, peak_rss_mb, timeit, write_result
+from selflabel.ot import _cpu_workers, sinkhorn
+
+SIZES = ((10_000, 100), (10_000, 1_000), (50_000, 1_000), (100_000, 1_000))
+QUICK_SIZES = ((10_000, 100), (10_000, 1_000))
+ITERS = (10, 100)
+EPS = 0.05
+POT_LOG_MAX_WORK = 5 * 10**8  # N K iters: POT's sinkhorn_log takes ~1 s per iteration at 50k x 1,000
+
+
+def make_scores(n: int, k: int, dim: int = 64, seed: int = 0) -> np.ndarray:
+    """Cosine similarities of n clustered unit features to k unit prototypes (float32 [n, k]):
+    features are noisy copies of random prototypes, as after a few epochs of self-labelling."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.nn.functional.normalize(torch.randn(k, dim, generator=g), dim=1)
+    z = torch.randint(0, k, (n,), generator=g)
+    x = torch.nn.functional.normalize(protos[z] + 0.1 * torch.randn(n, dim, generator=g), dim=1)
+    return (x @ protos.T).numpy()
+
+
+def marginal_error(plan, a: np.ndarray, b: np.ndarray) -> float:
+    """max(|P 1 - a| / a, |P^T 1 - b| / b), sums in float64."""
+    p = torch.as_tensor(plan)
+    rows = p.sum(1, dtype=torch.float64).numpy()
+    cols = p.sum(0, dtype=torch.float64).numpy()
+    return float(max(np.max(np.abs(rows - a) / a), np.max(np.abs(cols - b) / b)))
+
+
+def solvers(s_np: np.ndarray, a: np.ndarray, b: np.ndarray):
+    """name -> fn(n_iters) returning the plan; all on the same float32 problem."""
+    import ot
+
+    s = torch.from_numpy(s_np)
+
+    def pot(fn):
+        def run(it):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "did not converge": stopThr=0 on purpose
+                return fn(a, b, -s_np, EPS, numItermax=it, stopThr=0.0)
+        return run
+
+    return {
+        "selflabel sinkhorn (kernel form)": lambda it: sinkhorn(s, eps=EPS, n_iters=it).plan,
+        "selflabel sinkhorn (log domain)": lambda it: sinkhorn(s, eps=EPS, n_iters=it, log_domain=True).plan,
+        POT: pot(ot.sinkhorn),
+        "POT ot.bregman.sinkhorn_log": pot(ot.bregman.sinkhorn_log),
+    }
+
+
+POT = "POT ot.sinkhorn"
+
+
+def time_solver(name: str, fn, it: int, repeat: int) -> tuple[float, object, str]:
+    """(best seconds, plan, note). POT's ot.sinkhorn is timed with OpenBLAS at 1 thread and at its
+    default, and the faster is kept: on a loaded 2-core machine the default was up to 30x slower."""
+    from threadpoolctl import threadpool_limits
+
+    box: dict = {}
+    configs = [("", contextlib.nullcontext)]
+    if name == POT:
+        configs.append(("BLAS 1 thread", lambda: threadpool_limits(1, user_api="blas")))
+    best, note = math.inf, ""
+    for label, ctx in configs:
+        with ctx():
+            t, _ = timeit(lambda: box.__setitem__("plan", fn(it)), repeat=repeat)
+        if t < best:
+            best, note = t, label
+    return best, box["plan"], note
+
+
+def main(argv: list[str] | None = None) -> str:
+    import ot
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.sinkhorn", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="only 10k x 100 and 10k x 1,000, single runs")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per timing of our kernel form (best is kept)")
+    args = ap.parse_args(argv)
+    sizes = QUICK_SIZES if args.quick else SIZES
+
+    bw = memory_bandwidth_gbs()
+    workers = _cpu_workers()
+    rows, pot_dtypes, goal, notes = [], set(), None, []
+    for n, k in sizes:
+        s_np = make_scores(n, k)
+        a = np.full(n, 1.0 / n, dtype=np.float32)
+        b = np.full(k, 1.0 / k, dtype=np.float32)
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        times: dict[str, dict[int, float]] = {}
+        errs: dict[str, float] = {}
+        for name, fn in solvers(s_np, a, b).items():
+            times[name] = {}
+            for it in ITERS:
+                if name.startswith("POT ot.bregman") and n * k * it > POT_LOG_MAX_WORK:
+                    continue
+                big = n * k * it > 10**8
+                repeat = args.repeat if name.endswith("(kernel form)") else (1 if args.quick or big else 2)
+                times[name][it], plan, note = time_solver(name, fn, it, repeat)
+                if note:
+                    notes.append(f"{n:,} x {k:,} {it} it: {note}")
+                if it == max(ITERS):
+                    errs[name] = marginal_error(plan, a64, b64)
+                if name.startswith("POT"):
+                    pot_dtypes.add(str(plan.dtype))
+                del plan
+                gc.collect()
+        base = times[POT]
+        size = f"{n:,} x {k:,}"
+        for name, t in times.items():
+            row = [size, name]
+            for it in ITERS:
+                row += [t.get(it, float("nan")), base[it] / t[it] if it in t else float("nan")]
+            lo, hi = ITERS
+            per = (t[hi] - t[lo]) / (hi - lo) if lo in t and hi in t else (t[lo] / lo if lo in t else float("nan"))
+            frac = 2 * n * k * 4 / per / 1e9 / bw if per > 0 else float("nan")
+            row += [per * 1e3, frac, errs.get(name, float("nan"))]
+            rows.append(row)
+        if (n, k) == (50_000, 1_000):
+            goal = {it: base[it] / times["selflabel sinkhorn (kernel form)"][it] for it in ITERS}
+        print(f"done {size}", file=sys.stderr, flush=True)
+
+    lo, hi = ITERS
+    headers = ["N x K", "method", f"time {lo} it (s)", f"speed-up {lo} it", f"time {hi} it (s)", f"speed-up {hi} it",
+               "ms / iter", "bandwidth-bound frac.", f"max rel. marginal err ({hi} it)"]
+    verdict = ""
+    if goal is not None:
+        verdict = (f"Goal (>= 10x POT at 50k x 1,000): {goal[lo]:.1f}x at {lo} iterations, {goal[hi]:.1f}x at {hi}; "
+                   f"per iteration the kernel form reads the kernel once where POT reads it twice plus a "
+                   "marginal check every 10 iterations, so the steady-state gain is bounded near 2-3x on a "
+                   "bandwidth-bound CPU; the rest of the gap is setup (POT builds M/reg, K, K/a and u K v "
+                   "as separate N x K arrays, single-threaded).")
+    text = "\n".join([
+        "## Sinkhorn: selflabel vs POT" + (" (quick)" if args.quick else ""),
+        "",
+        f"Machine: {machine_info()}. Memory bandwidth (numpy copy, read + write): {bw:.1f} GB/s. "
+        f"POT {ot.__version__} on float32 numpy inputs (its plans came back {', '.join(sorted(pot_dtypes))}: "
+        f"no upcast). Our CPU passes ran on {workers} worker thread(s) (torch's thread count, capped by "
+        "the cores the load average leaves free).",
+        "",
+        f"Scores: cosine similarities of clustered unit features (dim 64) to K unit prototypes; eps = {EPS}, "
+        f"uniform marginals. Every method runs exactly {lo} and {hi} iterations (POT: `numItermax`, "
+        f"`stopThr=0`); times are whole calls, building the kernel and the plan included, best of "
+        f"{args.repeat} for our kernel form, of 1-2 for the others; POT's `ot.sinkhorn` is timed with "
+        "OpenBLAS at its default threads and at 1 thread and the faster counts (1 thread won: "
+        f"{'; '.join(notes) or 'never'}). `ms / iter` = (t{hi} - t{lo}) / {hi - lo}. "
+        "`bandwidth-bound frac.` = 2 N K 4 bytes per iteration / (ms / iter) / measured bandwidth; our "
+        "kernel form computes K v and K^T u on the same cache-resident row chunk, reading the kernel once "
+        "per iteration, so it can exceed 1. '-': not run (POT's sinkhorn_log above 5e8 N K iterations "
+        "takes minutes). The machine is shared with other jobs: timings are noisy, best-of is reported.",
+        "",
+        markdown_table(headers, rows),
+        "",
+        verdict,
+        "",
+        f"Peak RSS of the benchmark process: {peak_rss_mb():,.0f} MiB.",
+        "",
+    ])
+    write_result("sinkhorn" + ("-quick" if args.quick else ""), text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
