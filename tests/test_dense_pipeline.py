@@ -127,3 +127,12 @@ def test_concepts_numbered_by_area():
     assert cop.tolist() == [3, 3, 1, 2, 2]
     assert [c["kind"] for c in concepts] == ["stuff", "stuff", "thing"]
     assert concepts[0]["area_fraction"] == pytest.approx(0.5)
+
+
+def test_label_maps_beside_images_are_not_segmented(tmp_path):
+    from selflabel.data import ImageRecord
+    from selflabel.dense.pipeline import drop_label_maps
+
+    ids = ["images/a.jpg", "labels/a.png", "labels/b.png", "x/images/c.jpg", "x/labels/c.png", "other/labels/c.png"]
+    kept = drop_label_maps([ImageRecord(i, tmp_path / i) for i in ids])
+    assert [r.id for r in kept] == ["images/a.jpg", "labels/b.png", "x/images/c.jpg", "other/labels/c.png"]
