@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +43,13 @@ def shared(name: str) -> Path:
     if not p.is_dir():
         pytest.skip(f"shared data set {p} not available")
     return p
+
+
+@pytest.fixture(autouse=True)
+def _restore_main_module():
+    """Streamlit's AppTest swaps sys.modules['__main__'] for the app script; multiprocessing's spawn
+    would then re-run the app in every child. Put the real one back after each test."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None and sys.modules.get("__main__") is not main:
+        sys.modules["__main__"] = main

@@ -391,12 +391,14 @@ def main() -> None:
         st.error("No run folder given. Start the app with `selflabel app RUN` "
                  "or `streamlit run app/review_app.py -- RUN`.")
         st.stop()
+        return  # st.stop() does not raise outside a Streamlit script run
     try:
         manifest = read_manifest(run)
         store = get_store(str(run.resolve()))
     except SelflabelError as exc:
         st.error(str(exc))
         st.stop()
+        return
     data_root = Path(manifest.get("data_root", "")).resolve()
     thumbs = ThumbCache(run, data_root)
     view = sidebar(store, run, manifest)
