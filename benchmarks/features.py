@@ -1,0 +1,333 @@
+"""Feature extraction: the whole pipeline vs the bare model forward.
+
+Question: how close does `selflabel.features.extract_features` (hash, decode, resize, batch,
+forward, cache write; fresh cache) get to the model alone running on random tensors of the same
+shape? Goal: at least 0.8x. Each pipeline run is bracketed by a bare-forward run before and after
+it, and the ratio is taken against their mean, so the slow drift of a shared machine cancels.
+Then: what decoding costs for real photo sizes (imagenette ships 224 px JPEGs), with and without
+JPEG draft decoding, and (when a ratio misses the goal) DataLoader workers vs torch threads.
+
+    python -m benchmarks.features [--quick] [--n 512] [--device auto]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):  # run as a file: make `benchmarks` and `selflabel` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from PIL import Image, ImageOps
+
+from benchmarks.common import machine_info, markdown_table, write_result
+from selflabel.backbones import Backbone, create_backbone
+from selflabel.data import ImageRecord, load_rgb, scan_folder
+from selflabel.features import autocast_dtype, extract_features, resolve_device
+
+BACKBONES = ("mobilenet_v2", "efficientnet_lite0")
+QUICK_BACKBONES = ("tiny_vit",)
+AMPS = ("fp32", "bf16")
+GOAL = 0.8
+
+
+def shared_data(name: str) -> Path:
+    """`../shared/data/<name>` next to the checkout, or under $SELFLABEL_SHARED_DATA."""
+    root = Path(os.environ.get("SELFLABEL_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    path = root / name
+    if not path.is_dir():
+        raise SystemExit(f"{path}: data set not found (set SELFLABEL_SHARED_DATA to the folder holding {name}/)")
+    return path
+
+
+def stratified(records: Sequence[ImageRecord], n: int | None) -> list[ImageRecord]:
+    """The first n records taken round-robin over ground-truth classes (deterministic, balanced)."""
+    if n is None or n >= len(records):
+        return list(records)
+    by_class: dict[str | None, list[ImageRecord]] = defaultdict(list)
+    for r in records:
+        by_class[r.gt].append(r)
+    groups = [by_class[c] for c in sorted(by_class, key=str)]
+    out: list[ImageRecord] = []
+    for i in range(max(len(g) for g in groups)):
+        out += [g[i] for g in groups if i < len(g)]
+    return out[:n]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Temporarily set torch's intra-op thread count (None: leave it)."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@torch.inference_mode()
+def bare_forward_rate(backbone: Backbone, *, batch_size: int, n_batches: int, amp: str, device: torch.device) -> float:
+    """Images/s of the model alone on a random batch already on the device (one warm-up batch)."""
+    dtype = autocast_dtype(amp, device)
+    model = backbone.to(device).eval()
+    x = torch.randn(batch_size, 3, backbone.image_size, backbone.image_size, device=device)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        model(x)
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(n_batches):
+            model(x)
+        _sync(device)
+    return batch_size * n_batches / (time.perf_counter() - t)
+
+
+def pipeline_rate(records: Sequence[ImageRecord], backbone: Backbone, *, batch_size: int, amp: str,
+                  device: torch.device, num_workers: int = -1) -> tuple[float, dict[str, float]]:
+    """Images/s of extract_features on `records` with a fresh (empty) cache, and its own split."""
+    with tempfile.TemporaryDirectory(prefix="selflabel-bench-cache-") as cache:
+        t = time.perf_counter()
+        res = extract_features(records, backbone, batch_size=batch_size, num_workers=num_workers, device=device,
+                               amp=amp, cache_dir=cache, show_progress=False)
+        _sync(device)
+        wall = time.perf_counter() - t
+    if res.n_computed != len(records):
+        raise RuntimeError(f"expected {len(records)} computed features, got {res.n_computed} ({len(res.skipped)} skipped)")
+    return len(records) / wall, res.seconds
+
+
+def bracketed(records, backbone, *, batch_size: int, amp: str, device: torch.device, bare_batches: int,
+              num_workers: int = -1) -> dict[str, float]:
+    """bare, pipeline, bare: the pipeline rate against the mean of the two bare rates around it."""
+    b1 = bare_forward_rate(backbone, batch_size=batch_size, n_batches=bare_batches, amp=amp, device=device)
+    p, split = pipeline_rate(records, backbone, batch_size=batch_size, amp=amp, device=device, num_workers=num_workers)
+    b2 = bare_forward_rate(backbone, batch_size=batch_size, n_batches=bare_batches, amp=amp, device=device)
+    bare = (b1 + b2) / 2
+    return {"bare": bare, "bare_spread": abs(b1 - b2) / bare, "pipeline": p, "ratio": p / bare, **split}
+
+
+def rounds(n_rounds: int, records, backbone, **kw) -> dict[str, float]:
+    """`n_rounds` bracketed measurements; medians, and the range of the ratio."""
+    rs = [bracketed(records, backbone, **kw) for _ in range(n_rounds)]
+    out = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+    out["ratio_lo"], out["ratio_hi"] = min(r["ratio"] for r in rs), max(r["ratio"] for r in rs)
+    out["bare_spread"] = max(r["bare_spread"] for r in rs)
+    return out
+
+
+def default_workers() -> int:
+    """What extract_features uses for num_workers=-1 (kept in step with selflabel/features.py)."""
+    return min(4, os.cpu_count() or 1)
+
+
+def library_amp(device: torch.device) -> str:
+    """The precision the library's amp='auto' picks on `device`."""
+    return "bf16" if autocast_dtype("auto", device) is not None else "fp32"
+
+
+def _log(msg: str) -> None:
+    print(f"[features] {msg}", file=sys.stderr, flush=True)
+
+
+# --- decode cost and a draft-mode prototype ---------------------------------------------------
+
+def load_rgb_draft(path, *, max_pixels: int = 100_000_000, display: str | None = None, short_side: int = 256):
+    """Prototype of `selflabel.data.load_rgb` with JPEG draft decoding: libjpeg scales by 1/2, 1/4
+    or 1/8 while decoding (DCT domain), to the smallest scale whose short side is still >= `short_side`.
+    Same steps otherwise (size check, first frame, EXIF orientation, RGB); no error mapping."""
+    with Image.open(path) as im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ValueError(f"{display or path}: too large")
+        im.draft("RGB", (short_side, short_side))  # no-op for non-JPEG formats
+        im.seek(0)
+        im.load()
+        return ImageOps.exif_transpose(im).convert("RGB")
+
+
+def make_photos(records: Sequence[ImageRecord], size: tuple[int, int], dst: Path) -> list[ImageRecord]:
+    """JPEG copies (quality 90) of `records` resized to `size`, standing in for camera photos."""
+    out = []
+    for r in records:
+        p = dst / f"{size[0]}x{size[1]}" / r.id
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(r.path) as im:
+            im.convert("RGB").resize(size, Image.BICUBIC).save(p, format="JPEG", quality=90)
+        out.append(ImageRecord(r.id, p, r.gt))
+    return out
+
+
+def decode_ms(records: Sequence[ImageRecord], backbone: Backbone, draft: bool) -> float:
+    """ms per image of decode + the backbone's transform on one thread (what one worker does)."""
+    tf = backbone.transform
+    short = int(round(backbone.image_size / 0.875))
+    load = (lambda p: load_rgb_draft(p, short_side=short)) if draft else load_rgb
+    best = float("inf")
+    with torch_threads(1):
+        tf(load(records[0].path))
+        for _ in range(2):  # best of two passes: other load only ever adds time
+            t = time.perf_counter()
+            for r in records:
+                tf(load(r.path))
+            best = min(best, time.perf_counter() - t)
+    return best / len(records) * 1000
+
+
+@contextmanager
+def draft_decoding(short_side: int):
+    """Swap `selflabel.data.load_rgb` for the draft prototype (DataLoader workers fork and inherit it)."""
+    import selflabel.data as data
+
+    orig = data.load_rgb
+    data.load_rgb = lambda path, **kw: load_rgb_draft(path, short_side=short_side, **kw)
+    try:
+        yield
+    finally:
+        data.load_rgb = orig
+
+
+def photos_section(records, backbone_name: str, bs: int, device: torch.device, bare_batches: int, n_photos: int) -> str:
+    """Decode cost by photo size, and the pipeline on 12 MP photos with and without draft decoding."""
+    bb = create_backbone(backbone_name)
+    amp = library_amp(device)
+    short = int(round(bb.image_size / 0.875))
+    bare = bare_forward_rate(bb, batch_size=bs, n_batches=bare_batches, amp=amp, device=device)
+    fwd_ms = 1000 / bare
+    sizes = [("imagenette as shipped (224x224)", None), ("1024x768 (0.8 MP)", (1024, 768)),
+             ("4032x3024 (12 MP phone photo)", (4032, 3024))]
+    rows, photos12 = [], None
+    with tempfile.TemporaryDirectory(prefix="selflabel-bench-photos-") as tmp:
+        for label, size in sizes:
+            recs = list(records[:16]) if size is None else make_photos(records[:16], size, Path(tmp))
+            lib, dra = decode_ms(recs, bb, False), decode_ms(recs, bb, True)
+            rows.append([label, f"{lib:.1f}", f"{dra:.1f}", f"{lib / dra:.1f}x", f"{lib / fwd_ms:.2f}", f"{dra / fwd_ms:.2f}"])
+            _log(f"decode {label}: {lib:.1f} ms library, {dra:.1f} ms draft")
+        photos12 = make_photos(records[:n_photos], (4032, 3024), Path(tmp))
+        lib_r = bracketed(photos12, bb, batch_size=bs, amp=amp, device=device, bare_batches=bare_batches)
+        _log(f"12 MP pipeline: {lib_r['ratio']:.2f}x")
+        with draft_decoding(short):
+            dra_r = bracketed(photos12, bb, batch_size=bs, amp=amp, device=device, bare_batches=bare_batches)
+        _log(f"12 MP pipeline with draft: {dra_r['ratio']:.2f}x")
+    prow = [[name, f"{r['bare']:.1f}", f"{r['pipeline']:.1f}", f"**{r['ratio']:.2f}x**"]
+            for name, r in (("library `load_rgb` (full decode, then resize)", lib_r),
+                            ("draft-decode prototype (`Image.draft`)", dra_r))]
+    return "\n".join([
+        f"### Decode cost by photo size ({backbone_name} {amp}, {os.cpu_count()} CPU cores)",
+        "",
+        "Imagenette ships 224 px JPEGs, which decode in about a millisecond; real photo folders do not. "
+        "The same 16 photos re-encoded larger (JPEG q90), decoded + resized + normalised on one thread, "
+        f"against the bare forward at {bare:.1f} img/s ({fwd_ms:.0f} ms/img). 'decode / forward' above "
+        f"1 / {default_workers()} means the {default_workers()} DataLoader workers cannot keep the model fed.",
+        "",
+        markdown_table(["images", "decode ms/img (library)", "decode ms/img (draft)", "draft speed-up",
+                        "decode / forward (library)", "decode / forward (draft)"], rows),
+        "",
+        f"Pipeline vs bare on {len(photos12)} such 12 MP photos (bracketed as above, workers {default_workers()}; "
+        "the draft row swaps `selflabel.data.load_rgb` for the prototype `load_rgb_draft` in this file). "
+        f"Note that a DataLoader worker builds a whole batch, so the first {bs} images are decoded by one worker "
+        "alone before the first forward.",
+        "",
+        markdown_table(["decode", "bare img/s", "pipeline img/s", "pipeline / bare"], prow),
+    ])
+
+
+def workers_section(records, backbone_name: str, bs: int, device: torch.device, bare_batches: int) -> str:
+    """DataLoader workers vs torch threads on this machine's cores."""
+    bb = create_backbone(backbone_name)
+    amp = library_amp(device)
+    sub = records[: max(bs * 4, len(records) // 2)]
+    cores = os.cpu_count() or 1
+    variants = [("library default", -1, None), ("workers=0 (decode in the main process)", 0, None), ("workers=1", 1, None)]
+    if cores > 1:
+        t = max(1, cores - 1)
+        variants += [(f"workers={default_workers()}, torch threads {t}", -1, t), (f"workers=1, torch threads {t}", 1, t)]
+    rows = []
+    for label, workers, threads in variants:
+        with torch_threads(threads):
+            r = bracketed(sub, bb, batch_size=bs, amp=amp, device=device, bare_batches=bare_batches, num_workers=workers)
+            rows.append([label, default_workers() if workers < 0 else workers, torch.get_num_threads(),
+                         f"{r['bare']:.1f}", f"{r['pipeline']:.1f}", f"**{r['ratio']:.2f}x**"])
+        _log(f"variant {label}: {r['ratio']:.2f}x")
+    return "\n".join([
+        f"### DataLoader workers vs torch threads ({backbone_name} {amp}, {len(sub)} images, {cores} CPU cores)",
+        "",
+        "Each row is its own bracketed measurement (bare, pipeline, bare) under its own thread setting; compare the ratios.",
+        "",
+        markdown_table(["variant", "DataLoader workers", "torch threads", "bare img/s", "pipeline img/s", "pipeline / bare"], rows),
+    ])
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.features", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny_vit only, 128 images, one round, no photo/worker sections")
+    ap.add_argument("--n", type=int, default=None, help="images of imagenette-val per round (default 256, quick 128)")
+    ap.add_argument("--rounds", type=int, default=None, help="bracketed measurements per row (default 2, quick 1)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda[:N]")
+    ap.add_argument("--backbones", nargs="+", default=None, help=f"default {' '.join(BACKBONES)}")
+    ap.add_argument("--photos", type=int, default=64, help="12 MP photos for the decode section (0: skip it)")
+    ap.add_argument("--workers-table", choices=("auto", "always", "never"), default="auto",
+                    help="vary DataLoader workers / torch threads (auto: when a median ratio misses the goal)")
+    args = ap.parse_args(argv)
+    n = args.n or (128 if args.quick else 256)
+    n_rounds = args.rounds or (1 if args.quick else 2)
+    backbones = args.backbones or (QUICK_BACKBONES if args.quick else BACKBONES)
+    device = resolve_device(args.device)
+    bs = args.batch_size
+    bare_batches = 2 if device.type == "cpu" else 20
+
+    records = stratified(scan_folder(shared_data("imagenette-val")).records, n)
+    rows, missed = [], []
+    for name in backbones:
+        bb = create_backbone(name)
+        for amp in AMPS:
+            r = rounds(n_rounds, records, bb, batch_size=bs, amp=amp, device=device, bare_batches=bare_batches)
+            _log(f"{name} {amp}: bare {r['bare']:.1f} img/s, pipeline {r['pipeline']:.1f} img/s, ratio {r['ratio']:.2f}")
+            if r["ratio"] < GOAL:
+                missed.append(f"{name} {amp}")
+            spread = "" if n_rounds == 1 else f" ({r['ratio_lo']:.2f}-{r['ratio_hi']:.2f})"
+            rows.append([name, amp, f"{r['bare']:.1f}", f"{r['bare_spread']:.0%}", f"{r['pipeline']:.1f}",
+                         f"**{r['ratio']:.2f}x**{spread}", "yes" if r["ratio"] >= GOAL else "no",
+                         f"{r['hash']:.2f} / {r['forward']:.2f} / {r['gather']:.2f}"])
+    headers = ["backbone", "amp", "bare forward img/s", "bare drift", "pipeline img/s",
+               "pipeline / bare" + ("" if n_rounds == 1 else " (range)"), f">= {GOAL}x",
+               "pipeline s: hash / decode+forward / gather"]
+    parts = [
+        "## Feature extraction: pipeline vs bare model" + (" (quick)" if args.quick else ""),
+        "",
+        f"{len(records)} imagenette-val images (224 px JPEGs) per round, {n_rounds} round(s), medians shown; "
+        f"device {device}, batch {bs}, DataLoader workers {default_workers()} (library default), torch threads "
+        f"{torch.get_num_threads()}. Pipeline = `extract_features` with a fresh temporary cache (hash + decode + "
+        "resize + forward + cache write). Bare = the same model on a random tensor already on the device, "
+        f"{bare_batches} batches right before and right after each pipeline run; 'bare drift' = how much those two "
+        "differed (the machine's noise: other processes share these cores).",
+        "",
+        markdown_table(headers, rows),
+    ]
+    if "tiny_vit" in backbones:
+        parts += ["", "tiny_vit is a random-init test model at 64 px: its forward outruns JPEG decoding and the "
+                  "DataLoader start-up, so its row checks the harness, not the goal."]
+    if not args.quick and args.photos > 0:
+        parts += ["", photos_section(records, backbones[0], bs, device, bare_batches, args.photos)]
+    if args.workers_table == "always" or (args.workers_table == "auto" and missed and not args.quick):
+        parts += ["", workers_section(records, backbones[0], bs, device, bare_batches)]
+    text = "\n".join(parts) + "\n"
+    write_result("features" + ("-quick" if args.quick else ""), text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
