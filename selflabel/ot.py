@@ -203,7 +203,9 @@ def _block_stats(x, m_out, scratch):
 
 
 def _full(n: int, value: float, device: torch.device) -> Tensor:
-    """float64 vector (numpy-backed on CPU: torch ops on N-vectors paid OpenMP barriers there)."""
+    """float64 vector, numpy-allocated on CPU. Vector math on CPU goes through numpy views too: any
+    torch op between our numpy calls woke libgomp's spinning workers, which then took the core from
+    the numpy thread (3-8x slower solves once ``torch.set_num_threads`` had been called)."""
     if device.type == "cpu":
         return torch.from_numpy(np.full(n, value))
     return torch.full((n,), value, dtype=torch.float64, device=device)
@@ -482,21 +484,22 @@ def _amax(x, axis: int):
     return x.max(axis=axis) if isinstance(x, np.ndarray) else x.amax(axis)
 
 
-def _merge_weighted(p: _Problem, parts, k: int) -> Tensor:
-    """Global ``log sum`` of per-block column sums ``acc`` kept relative to a scalar ``top``."""
-    top = torch.tensor([max([t for _, t, *_ in parts], default=-math.inf)], dtype=torch.float64, device=p.device)
-    _all_reduce(top, p.world, "max")
-    M = float(top)
-    total = torch.zeros(k, dtype=torch.float64, device=p.device)
+def _merge_weighted(p: _Problem, parts, k: int):
+    """Global ``log sum`` (backend array [K]) of per-block column sums kept relative to a ``top``."""
+    M = max([t for _, t, *_ in parts], default=-math.inf)
+    if p.world:
+        M = float(_all_reduce(torch.tensor([M], dtype=torch.float64, device=p.device), p.world, "max"))
+    total_t = _zeros64(k, p.device)
+    total = _backend(total_t)
     for acc, t, *_ in parts:
         if t > -math.inf:
-            total += torch.as_tensor(acc, device=p.device) * math.exp(t - M)
-    _all_reduce(total, p.world)
-    return M + torch.log(total)  # -inf where a sum underflowed (or M = -inf: no rows anywhere)
+            total += acc * math.exp(t - M)
+    _all_reduce(total_t, p.world)
+    return M + _xp(p.device).log(total)  # -inf where a sum underflowed (or no rows anywhere)
 
 
-def _col_logsumexp(p: _Problem, f: Tensor | None) -> Tensor:
-    """Exact ``log sum_i exp(scores[i, j] / eps + f[i])`` per column (global), float64 [K]:
+def _col_logsumexp(p: _Problem, f: Tensor | None):
+    """Exact ``log sum_i exp(scores[i, j] / eps + f[i])`` per column (global, float64 backend [K]):
     an online logsumexp over row chunks (per-column running max), merged over blocks and ranks."""
     inv = 1.0 / p.eps
     fb = _backend(f) if f is not None else None
@@ -522,27 +525,33 @@ def _col_logsumexp(p: _Problem, f: Tensor | None) -> Tensor:
             return mx, acc
 
         parts = rb.map(block)
-    mx = torch.stack([torch.as_tensor(m_, device=p.device) for m_, _ in parts]).amax(0)
-    _all_reduce(mx, p.world, "max")
-    total = sum(torch.as_tensor(a_, device=p.device) * torch.exp(torch.as_tensor(m_, device=p.device) - mx)
-                for m_, a_ in parts)
-    _all_reduce(total, p.world)
-    return mx + torch.log(total)  # -inf where a column got no mass
+    xp = _xp(p.device)
+    mx = _backend(torch.full((p.k,), -math.inf, dtype=torch.float64, device=p.device))
+    for m_, _ in parts:
+        mx = xp.maximum(mx, m_)
+    mx_t = _tensor(mx)
+    _all_reduce(mx_t, p.world, "max")
+    total_t = _zeros64(p.k, p.device)
+    total = _backend(total_t)
+    for m_, a_ in parts:
+        total += a_ * xp.exp(m_ - mx)
+    _all_reduce(total_t, p.world)
+    return mx + xp.log(total)  # backend array; -inf where a column got no mass
 
 
-def _log_pass(p: _Problem, g: Tensor, f: Tensor, loga, fi1: float = 1.0, ra=None,
-              track: bool = False) -> tuple[Tensor, float]:
+def _log_pass(p: _Problem, g, f: Tensor, loga, fi1: float = 1.0, ra=None,
+              track: bool = False) -> tuple[object, float]:
     """One log-domain iteration over row chunks (float64): the row update, then the columns.
 
     Row update, POT's ``sinkhorn_log`` (balanced, ``fi1 = 1``) or Chizat et al.'s unbalanced one:
     ``f = fi1 (log a - LSE_j(S/eps + g)) + (1 - fi1) ra``. With ``E = exp(T - r)``,
     ``T = S/eps + g`` and r its row max, the rows of the plan ``exp(S/eps + f + g)`` are
     ``E * exp(r + f)``, so its column masses are one weighted GEMV over E: one exp per entry
-    (POT's pair of logsumexps takes two). Returns (log column masses of the new plan, float64 [K],
-    global; max |f - f_before| if ``track``). Columns whose sum underflowed are redone exactly.
+    (POT's pair of logsumexps takes two). Returns (log column masses of the new plan, float64
+    backend array [K], global; max |f - f_before| if ``track``). Columns whose sum underflowed are redone exactly.
     """
     inv = 1.0 / p.eps
-    gb, fb = _backend(g), _backend(f)
+    gb, fb = g, _backend(f)  # g: backend array (numpy on CPU)
     with _RowBlocks(p) as rb:
 
         def block(s0, e0):
@@ -575,7 +584,7 @@ def _log_pass(p: _Problem, g: Tensor, f: Tensor, loga, fi1: float = 1.0, ra=None
 
         parts = rb.map(block)
     lcol = _merge_weighted(p, parts, p.k)
-    if not bool(torch.isfinite(lcol).all()):  # a column's mass underflowed: exact logsumexp
+    if not bool(_xp(p.device).isfinite(lcol).all()):  # a column's mass underflowed: exact LSE
         lcol = _col_logsumexp(p, f) + g
     change = max([c for *_, c in parts], default=0.0)
     if track and p.world:
@@ -584,8 +593,20 @@ def _log_pass(p: _Problem, g: Tensor, f: Tensor, loga, fi1: float = 1.0, ra=None
     return lcol, change
 
 
-def _l2(x: Tensor) -> float:
-    return float(torch.linalg.vector_norm(x))
+def _l2(x) -> float:
+    return float(np.linalg.norm(x)) if isinstance(x, np.ndarray) else float(torch.linalg.vector_norm(x))
+
+
+def _zeros64(k: int, device: torch.device) -> Tensor:
+    """float64 zeros, numpy-allocated on CPU so that no torch kernel runs (see _full)."""
+    if device.type == "cpu":
+        return torch.from_numpy(np.zeros(k))
+    return torch.zeros(k, dtype=torch.float64, device=device)
+
+
+def _tensor(x) -> Tensor:
+    """A backend array back as a tensor (shares memory)."""
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
 
 
 # --------------------------------------------------------------------------------------------
@@ -609,13 +630,14 @@ def _solve(p: _Problem, n_iters: int | None, tol: float, max_iters: int, log_dom
 
     budget = n_iters if n_iters is not None else max_iters
     # g = log v after POT's first column normalisation from a uniform u (float64)
-    g = None
+    g = None  # float64 backend array (numpy on CPU)
+    logb = _xp(p.device).log(_backend(p.b))
     if log_ktu is not None and (float(_backend(m).max()) if p.n else m_min) - m_min <= T * p.eps:
-        g = torch.log(p.b) - log_ktu  # row weights were all representable
+        g = logb - _backend(log_ktu)  # row weights were all representable
         if not _v_range_ok(g, p.dt):
             g = None  # some column sum underflowed: redo it exactly
     if g is None:
-        g = torch.log(p.b) - _col_logsumexp(p, None)
+        g = logb - _col_logsumexp(p, None)
     if not use_log and not _v_range_ok(g, p.dt):
         note("Sinkhorn: the first column scaling spans more than the %s range; using the log domain",
              p.dt)
@@ -643,12 +665,13 @@ def _solve(p: _Problem, n_iters: int | None, tol: float, max_iters: int, log_dom
     if n_iters is None and not converged:
         log.warning("Sinkhorn did not converge: marginal error %.3g > tol %.3g after %d iterations "
                     "(raise max_iters or eps)", err, tol, it)
-    return SinkhornResult(plan, it, err, converged, f, g, use_log)
+    return SinkhornResult(plan, it, err, converged, f, _tensor(g), use_log)
 
 
-def _v_range_ok(g: Tensor, dt: torch.dtype) -> bool:
+def _v_range_ok(g, dt: torch.dtype) -> bool:
     """Can ``v = exp(g - max g)`` be held in ``dt`` with room for the products with the kernel?"""
-    return bool(torch.isfinite(g).all()) and float(g.max() - g.min()) <= 1.5 * _log_threshold(dt)
+    xp = np if isinstance(g, np.ndarray) else torch
+    return bool(xp.isfinite(g).all()) and float(g.max() - g.min()) <= 1.5 * _log_threshold(dt)
 
 
 def _kernel_iterations(p, m, plan, g, f, budget, stop_on_tol, tol, check):
@@ -658,19 +681,32 @@ def _kernel_iterations(p, m, plan, g, f, budget, stop_on_tol, tol, check):
     left the float range; g then is the last good log v and the caller continues in log domain.
     """
     dt, dev = p.dt, p.device
-    g = g - g.max()  # float64 log v: the exact state (the overall constant moves to u)
-    v = torch.exp(g).to(dt)
+    xp = _xp(dev)
+    g = g - g.max()  # float64 log v (backend array): the exact state; the constant moves to u
     u = torch.empty(p.n, dtype=dt, device=dev)
-    col = torch.zeros(p.k, dtype=torch.float64, device=dev)
+    v = torch.empty(p.k, dtype=dt, device=dev)
+    col_t = _zeros64(p.k, dev)  # all-reduced in place through its tensor
     ab, ub, vb, mb, fb = _cast(_backend(p.a), dt), _backend(u), _backend(v), _backend(m), _backend(f)
+    colb, bb = _backend(col_t), _backend(p.b)
+    logb = xp.log(bb)
+    vb[:] = xp.exp(g)
     Kb = _backend(plan) if plan is not None else None
     inv = 1.0 / p.eps
 
     it, err, done, ok = 0, math.inf, False, True
     with _RowBlocks(p) as rb, np.errstate(all="ignore"):  # overflow is detected below
 
-        def block(s0, e0):
-            """u = a / (K v) on rows s0:e0 and their K^T u, chunk by chunk (each read once)."""
+        def finish_rows(s, e) -> None:
+            """Scale kernel rows into the plan; log u in the unshifted frame:
+            P = u exp((S - m)/eps) v = exp(S/eps + log u - m/eps + log v)."""
+            if Kb is not None:
+                _scale_rows(Kb[s:e], ub[s:e], vb)
+            xp = np if isinstance(fb, np.ndarray) else torch
+            fb[s:e] = xp.log(_cast(ub[s:e], torch.float64)) - _cast(mb[s:e], torch.float64) * inv
+
+        def block(s0, e0, last=False):
+            """u = a / (K v) on rows s0:e0 and their K^T u, chunk by chunk (each read once). In a
+            known last iteration the chunk is also scaled into the plan while in cache."""
             acc = _backend(torch.zeros(p.k, dtype=torch.float64, device=dev))
             tmp = _backend(torch.empty(p.k, dtype=dt, device=dev))
             kv = _backend(torch.empty(rb.rows, dtype=dt, device=dev))
@@ -686,56 +722,58 @@ def _kernel_iterations(p, m, plan, g, f, budget, stop_on_tol, tol, check):
                 _div(ab[s:e], kvc, ub[s:e])  # u = a / K v
                 _dot(ub[s:e], Kc, tmp)  # K^T u, same chunk, still in cache
                 acc += tmp
+                if last:
+                    finish_rows(s, e)
             return acc
 
+        finished = False
         while it < budget:
-            parts = rb.map(block)
-            col.zero_()
+            finished = not stop_on_tol and it == budget - 1
+            parts = rb.map(lambda s0, e0: block(s0, e0, finished))
+            colb[:] = 0.0
             for c in parts:
-                col += torch.as_tensor(c, device=dev)
-            _all_reduce(col, p.world)
-            if not (bool(torch.isfinite(col).all()) and bool((col > 0).all())):
+                colb += c
+            _all_reduce(col_t, p.world)
+            if not (bool(xp.isfinite(colb).all()) and bool((colb > 0).all())):
                 ok = False
                 break
             it += 1
             # rows are exact now; v * K^T u are the columns of the current plan
             if it == budget or (stop_on_tol and it % check == 0):
-                err = _l2(col * torch.exp(g) - p.b)
+                err = _l2(colb * xp.exp(g) - bb)
                 if stop_on_tol and err <= tol:
                     done = True
                     break
             if it == budget:
                 break
-            g = torch.log(p.b) - torch.log(col)  # float64: finite (col > 0) even where dt is not
-            v.copy_(torch.exp(g))
-            if not (bool(torch.isfinite(v).all()) and bool((v > 0).all())):  # left dt's range
+            g = logb - xp.log(colb)  # float64: finite (col > 0) even where dt is not
+            vb[:] = xp.exp(g)
+            if not (bool(xp.isfinite(vb).all()) and bool((vb > 0).all())):  # left dt's range
                 ok = False
                 break
-        if not ok:
+        if not ok:  # (a plan scaled in a failed last pass is rebuilt by the log domain)
             return it, err, False, g, False
+        if not finished:
 
-        def finish(s0, e0):
-            """Scale the kernel rows into the plan; log u in the unshifted frame:
-            P = u exp((S - m)/eps) v = exp(S/eps + log u - m/eps + log v)."""
-            xp = np if isinstance(fb, np.ndarray) else torch
-            for s, e in rb.chunks(s0, e0):
-                if Kb is not None:
-                    _scale_rows(Kb[s:e], ub[s:e], vb)
-                fb[s:e] = xp.log(_cast(ub[s:e], torch.float64)) - _cast(mb[s:e], torch.float64) * inv
+            def finish(s0, e0):
+                for s, e in rb.chunks(s0, e0):
+                    finish_rows(s, e)
 
-        rb.map(finish)
+            rb.map(finish)
     return it, err, done, g, True
 
 
 def _log_iterations(p, g, f, it, budget, stop_on_tol, tol, check):
-    """Log-domain iterations (POT's ``sinkhorn_log`` order: rows from g, then columns)."""
+    """Log-domain iterations (POT's ``sinkhorn_log`` order: rows from g, then columns).
+    ``g``: float64 backend array (numpy on CPU), returned updated."""
     err, done = math.inf, False
-    logb, loga = torch.log(p.b), _backend(_log_vec(p.a))
+    xp, bb = _xp(p.device), _backend(p.b)
+    logb, loga = xp.log(bb), _backend(_log_vec(p.a))
     while it < budget:
         lcol, _ = _log_pass(p, g, f, loga)
         it += 1
         if it == budget or (stop_on_tol and it % check == 0):
-            err = _l2(torch.exp(lcol) - p.b)
+            err = _l2(xp.exp(lcol) - bb)
             if stop_on_tol and err <= tol:
                 done = True
                 break
@@ -752,7 +790,7 @@ def _log_vec(x: Tensor) -> Tensor:
 
 def _assemble_log_plan(p: _Problem, f: Tensor, g: Tensor, out: Tensor) -> None:
     """out = exp(S/eps + f + g), exponent formed in float64 so large potentials cancel exactly."""
-    inv, fb, gb, ob = 1.0 / p.eps, _backend(f), _backend(g), _backend(out)
+    inv, fb, gb, ob = 1.0 / p.eps, _backend(f), g, _backend(out)  # g: backend array
     with _RowBlocks(p) as rb:
 
         def block(s0, e0):
@@ -874,21 +912,22 @@ def sinkhorn_unbalanced(
         raise ValueError("reg_m must be positive (use inf for an exact marginal)")
     p = _prepare(scores, a, b, eps, distributed, rescale_b=False)
     fi = tuple(1.0 if math.isinf(r) else r / (r + p.eps) for r in (r1, r2))
-    loga, logb = _log_vec(p.a), torch.log(p.b)
-    ra, rb = (loga, logb) if reg_type == "kl" else (torch.zeros_like(loga), torch.zeros_like(logb))
+    xp, bb = _xp(p.device), _backend(p.b)
+    loga, logb = _backend(_log_vec(p.a)), xp.log(bb)
+    ra, rb = (loga, logb) if reg_type == "kl" else (loga * 0.0, logb * 0.0)
     _scan(p)  # validates the scores (NaN, rows or columns that are -inf everywhere)
 
     budget = n_iters if n_iters is not None else max_iters
     f = _full(p.n, 0.0, p.device)
-    g = rb.clone()  # POT starts from u = v = 1 on the kernel exp(S/eps) * c
+    g = rb + 0.0  # POT starts from u = v = 1 on the kernel exp(S/eps) * c
     it, change, err = 0, math.inf, math.inf
     converged = False
     while it < budget:
-        lcol, df = _log_pass(p, g, f, _backend(loga), fi[0], _backend(ra), track=True)
+        lcol, df = _log_pass(p, g, f, loga, fi[0], ra, track=True)
         lse_col = lcol - g  # LSE_i(S/eps + f)
         g_new = fi[1] * (logb - lse_col) + (1.0 - fi[1]) * rb
         it += 1
-        change = max(float((g_new - g).abs().max()), df)
+        change = max(float(abs(g_new - g).max()), df)
         g = g_new
         if n_iters is None and change <= tol:
             converged = True
@@ -898,13 +937,13 @@ def sinkhorn_unbalanced(
     if plan is not None:
         _assemble_log_plan(p, f, g, plan)
     if it:
-        err = _l2(torch.exp(lse_col + g) - p.b)
+        err = _l2(xp.exp(lse_col + g) - bb)
     if n_iters is not None:
         converged = change <= tol
     elif not converged:
         log.warning("Unbalanced Sinkhorn did not converge: potentials still move by %.3g after %d "
                     "iterations", change, it)
-    return SinkhornResult(plan, it, err, converged, f, g, True)
+    return SinkhornResult(plan, it, err, converged, f, _tensor(g), True)
 
 
 @torch.no_grad()
