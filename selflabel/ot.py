@@ -132,9 +132,9 @@ def _log_threshold(dtype: torch.dtype) -> float:
 #
 # On CPU every pass over the rows (kernel form and log domain) runs as numpy/OpenBLAS calls in our
 # own threads, one contiguous block of rows per thread, with BLAS held to one thread: a single
-# synchronisation per pass instead of one per operation. Measured on the shared 2-core AMD EPYC of the benchmark: torch's OpenMP
-# regions and OpenBLAS's spinning threads fighting for the cores made the setup of a 50k x 1,000
-# problem 15x slower (5.7 s vs 0.37 s); MKL's sgemv in the torch wheel read 11 GB/s where
+# synchronisation per pass instead of one per operation. Measured on the shared 2-core AMD EPYC of
+# the benchmark: torch's OpenMP regions and OpenBLAS's spinning threads fighting for the cores made
+# the setup of a 50k x 1,000 problem 15x slower (5.7 s vs 0.37 s); MKL's sgemv in the torch wheel read 11 GB/s where
 # OpenBLAS read 25-28 GB/s; numpy's float32 exp ran 1.7x faster than torch's on one thread.
 
 
