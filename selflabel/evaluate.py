@@ -45,7 +45,12 @@ def evaluate_run(run_dir: str | Path, gt_csv: str | None = None, reviewed: bool 
     if dense_dir.is_dir():
         from .dense.evaluate import evaluate_dense
 
-        out["dense"] = evaluate_dense(run)
+        try:
+            out["dense"] = evaluate_dense(run)
+        except InputError as exc:  # no label maps: image-level scores may still exist
+            if "image" not in out:
+                raise
+            out["dense_note"] = str(exc)
     if "image" not in out and "dense" not in out:
         raise InputError(f"{run}: no ground truth found: the images were not in class folders "
                          f"(data root {manifest.get('data_root')}); pass --gt-csv FILE with columns path,label")

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..cluster import kmeanspp_init
+
 log = logging.getLogger(__name__)
 
 
@@ -37,20 +39,6 @@ class PartModel:
     @property
     def k(self) -> int:
         return int(self.prototypes.shape[0])
-
-
-def kmeanspp_init(z: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding on unit vectors (squared chordal distance 2 - 2 cos)."""
-    n = z.shape[0]
-    idx = [int(torch.randint(n, (1,), generator=generator))]
-    d2 = (2 - 2 * z @ z[idx[0]]).clamp_min(0)
-    for _ in range(1, k):
-        total = d2.sum()
-        probs = d2 / total if total > 0 else torch.full_like(d2, 1.0 / n)
-        i = int(torch.multinomial(probs, 1, generator=generator))
-        idx.append(i)
-        d2 = torch.minimum(d2, (2 - 2 * z @ z[i]).clamp_min(0))
-    return z[idx].clone()
 
 
 @torch.no_grad()

@@ -44,6 +44,6 @@ def _export_coco(run: Path, manifest: dict, rows, names, rejected, target: Path)
     from . import coco
 
     dense_coco = run / "dense" / "coco.json"
-    if dense_coco.is_file() and hasattr(coco, "export_coco_dense"):
+    if dense_coco.is_file():
         return coco.export_coco_dense(run, target)
     return coco.export_coco_image_level(rows, names, manifest["data_root"], target, rejected)
