@@ -65,16 +65,21 @@ def test_queue_length_and_use():
     assert res.info["queue_length"] == 64 and nmi(y, res.labels) > 0.9
 
 
-def test_prototypes_frozen_for_the_first_iterations():
-    x, _ = blobs([50] * 4)
-    cfg = small_cfg(epochs=2, freeze_prototypes_iters=10_000)
-    model = build_model(16, [4], cfg.swav, seed=0)
-    start = torch.nn.functional.normalize(model.prototypes.layers[0].weight.detach(), dim=1)
-    res = train_swav(x, 4, cfg)
-    # with frozen prototypes the final nearest-prototype labels come from the initial (normalised) prototypes
-    assert res.info["loss"][-1] < res.info["loss"][0]
-    model2 = build_model(16, [4], cfg.swav, seed=0)
-    assert torch.equal(torch.nn.functional.normalize(model2.prototypes.layers[0].weight.detach(), dim=1), start)
+def test_prototypes_frozen_for_the_first_iterations(tmp_path):
+    x, _ = blobs([64] * 4)  # 4 steps of 64 per epoch
+    start = torch.nn.functional.normalize(build_model(16, [4], small_cfg().swav, seed=0).prototypes.layers[0].weight, dim=1)
+    cfg = small_cfg(epochs=20, freeze_prototypes_iters=8)  # 80 iterations; the first 8 (2 epochs) frozen
+
+    def prototypes_after(epochs):
+        with pytest.raises(TrainingInterrupted):
+            train_swav(x, 4, cfg, out_dir=tmp_path / str(epochs), stop_after_epoch=epochs)
+        state = torch.load(tmp_path / str(epochs) / "checkpoints" / "swav.pt", weights_only=True)
+        return torch.nn.functional.normalize(state["model"]["prototypes.layers.0.weight"], dim=1)
+
+    assert torch.allclose(prototypes_after(2), start, atol=1e-6)  # no update during the freeze
+    assert not torch.allclose(prototypes_after(3), start, atol=1e-3)  # then they learn
+    cfg.swav.freeze_prototypes_iters = 10_000
+    assert train_swav(x, 4, cfg).info["freeze_prototypes_iters"] == 8  # capped at a tenth of the run
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):

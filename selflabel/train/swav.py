@@ -131,6 +131,9 @@ def train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
     steps_per_epoch = max(1, n // batch_size)
     total_epochs = sw.epochs + (sw.finetune_epochs if finetune else 0)
     q_len = queue_length(sw, ks, batch_size, n)
+    # main_swav.py freezes the prototypes for ~300 of many thousand iterations; on a short schedule
+    # (small data) a fixed count could cover the whole run, so it is capped at a tenth of the iterations
+    freeze_iters = min(sw.freeze_prototypes_iters, (total_epochs * steps_per_epoch) // 10)
 
     model = build_model(d, ks, sw, seed, backbone if finetune else None).to(device)
     model.prep.mean.copy_(src.mean())
@@ -192,7 +195,7 @@ def train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
             loss = swav_step(model, views, queue, sw, n_large, distributed)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if it < sw.freeze_prototypes_iters:  # main_swav.py: no prototype update for the first iterations
+            if it < freeze_iters:  # main_swav.py: no prototype update for the first iterations
                 for p in model.prototypes.parameters():
                     p.grad = None
             optimizer.step()
@@ -231,7 +234,7 @@ def train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
 
     chosen = final[k]
     info = {"method": "swav", "mode": "finetune" if finetune else "frozen", "ks": ks, "epochs": total_epochs,
-            "queue_length": q_len, "final_assign": sw.final_assign, "final": final_stats,
+            "queue_length": q_len, "freeze_prototypes_iters": freeze_iters, "final_assign": sw.final_assign, "final": final_stats,
             "resumed_from_epoch": start_epoch, "time_s": time.perf_counter() - t_start, **history}
     return LabelResult(labels=chosen, confidence=probs[np.arange(n), chosen].astype(np.float32),
                        prototypes=cluster_prototypes(src, chosen, k),

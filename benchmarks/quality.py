@@ -1,0 +1,155 @@
+"""Clustering quality: SeLa and SwAV heads vs k-means, Ward and plain Sinkhorn clustering, on the same features.
+
+Question: on frozen features of the default offline backbone (mobilenet_v2, cached by
+`selflabel.features.extract_features`), does the SeLa trainer at least match scikit-learn k-means on
+imagenette-val and beat it on cifar10-test? Every method sees the same preparation of the features
+(centred and L2-normalised, `selflabel.cluster.prepare_features`; the trainers do the same inside their
+input layer) and K = the number of classes. Scores: NMI, ARI, Hungarian accuracy; mean +- std over seeds.
+
+    python -m benchmarks.quality [--quick] [--datasets imagenette-val cifar10-test] [--seeds 3]
+
+--quick: 2 seeds and fewer epochs (a smoke run; results go to quality-quick.md).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+if __package__ in (None, ""):  # run as a file: make `benchmarks` and `selflabel` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from benchmarks.common import machine_info, markdown_table, write_result
+
+DATASETS = ("imagenette-val", "cifar10-test")
+WARD_MAX = 10_000  # Ward is O(N^2) memory: subsample above this many images
+
+
+def shared_data(name: str) -> Path:
+    """`../shared/data/<name>` beside the checkout, or under $SELFLABEL_SHARED_DATA."""
+    root = Path(os.environ.get("SELFLABEL_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    path = root / name
+    if not path.is_dir():
+        raise SystemExit(f"{path}: data set not found (set SELFLABEL_SHARED_DATA to the folder holding {name}/)")
+    return path
+
+
+def load_features(name: str, backbone: str = "mobilenet_v2") -> tuple[np.ndarray, np.ndarray]:
+    """Cached backbone features of a shared data set and its ground truth (class folder names)."""
+    from selflabel.backbones import create_backbone
+    from selflabel.data import scan_folder
+    from selflabel.features import extract_features
+
+    scan = scan_folder(shared_data(name))
+    fr = extract_features(scan.records, create_backbone(backbone), device="cpu", show_progress=False)
+    return np.asarray(fr.features, dtype=np.float32), np.array([r.gt for r in fr.records])
+
+
+def sela_cfg(seed: int, quick: bool):
+    """The tuned frozen-feature SeLa settings (see the module docstring of selflabel.train.sela)."""
+    from selflabel.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.seed = seed
+    if quick:
+        cfg.sela.epochs = 10
+    return cfg
+
+
+def swav_cfg(seed: int, quick: bool):
+    from selflabel.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.seed = seed
+    if quick:
+        cfg.swav.epochs = 10
+    return cfg
+
+
+def methods(quick: bool) -> dict[str, Callable[[np.ndarray, int, int], np.ndarray]]:
+    """name -> fn(features, k, seed) -> labels."""
+    from sklearn.cluster import AgglomerativeClustering, KMeans
+
+    from selflabel.cluster import prepare_features
+    from selflabel.train.sela import train_sela
+    from selflabel.train.swav import train_swav
+
+    def kmeans(x, k, seed):
+        return KMeans(n_clusters=k, random_state=seed).fit(prepare_features(x).numpy()).labels_
+
+    def ward(x, k, seed):
+        xp = prepare_features(x).numpy()
+        if len(xp) <= WARD_MAX:
+            return AgglomerativeClustering(n_clusters=k, linkage="ward").fit(xp).labels_
+        rng = np.random.default_rng(seed)  # fit on a subsample, then nearest centroid for the rest
+        sub = rng.choice(len(xp), WARD_MAX, replace=False)
+        lab = AgglomerativeClustering(n_clusters=k, linkage="ward").fit(xp[sub]).labels_
+        cent = np.stack([xp[sub][lab == c].mean(0) for c in range(k)])
+        return ((xp[:, None, :] - cent[None]) ** 2).sum(-1).argmin(1)
+
+    out = {
+        "k-means (sklearn)": kmeans,
+        "Ward": ward,
+        "SeLa (frozen)": lambda x, k, seed: train_sela(x, k, sela_cfg(seed, quick)).labels,
+        "SwAV (frozen)": lambda x, k, seed: train_swav(x, k, swav_cfg(seed, quick)).labels,
+    }
+    try:
+        from selflabel.cluster import sinkhorn_cluster
+
+        out["Sinkhorn clustering"] = lambda x, k, seed: sinkhorn_cluster(x, k, seed=seed).labels
+    except ImportError:
+        pass
+    return out
+
+
+def pm(values: Sequence[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    ap.add_argument("--seeds", type=int, default=None)
+    args = ap.parse_args(argv)
+    from selflabel.metrics import cluster_metrics
+
+    n_seeds = args.seeds or (2 if args.quick else 3)
+    rows = []
+    for name in args.datasets:
+        t0 = time.perf_counter()
+        x, y = load_features(name)
+        k = len(set(y.tolist()))
+        print(f"{name}: {x.shape[0]} images, D={x.shape[1]}, K={k} (features {time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+        for method, fn in methods(args.quick).items():
+            seeds = [0] if method == "Ward" else range(n_seeds)  # Ward is deterministic (on the full set)
+            scores: dict[str, list[float]] = {"nmi": [], "ari": [], "accuracy": [], "time": []}
+            for seed in seeds:
+                t = time.perf_counter()
+                labels = fn(x, k, seed)
+                scores["time"].append(time.perf_counter() - t)
+                for key, v in cluster_metrics(y, labels).items():
+                    scores[key].append(v)
+            rows.append([name, method, len(seeds), pm(scores["nmi"]), pm(scores["ari"]), pm(scores["accuracy"]),
+                         f"{np.mean(scores['time']):.1f}"])
+            print(" | ".join(map(str, rows[-1])), file=sys.stderr)
+    table = markdown_table(["data set", "method", "seeds", "NMI", "ARI", "accuracy", "time (s)"], rows)
+    text = "\n".join([
+        "# Clustering quality on frozen mobilenet_v2 features" + (" (quick)" if args.quick else ""), "",
+        f"Machine: {machine_info()}", "",
+        "Same features and preparation (centred, L2-normalised) for every method; K = number of classes;"
+        " mean ± std over seeds; accuracy = Hungarian-matched. k-means: scikit-learn defaults (k-means++,"
+        " n_init='auto'). Ward: scikit-learn AgglomerativeClustering.", "",
+        table, "",
+    ])
+    write_result("quality-quick" if args.quick else "quality", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""SeLa and SwAV on real features: imagenette-val (100 images per class) through the default offline backbone.
+
+Floors are the values measured on this subset (see benchmarks/quality.py for the full sets) minus a margin.
+"""
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+PER_CLASS = 100
+
+pytestmark = pytest.mark.integration
+# Measured on this subset (seeds 0-2, 2 CPU cores): SeLa accuracy 0.966-0.968, NMI 0.923-0.927 (k-means 0.84);
+# SwAV accuracy 0.71-0.81, NMI 0.70-0.78 (SwAV needs more images than 1000 for its per-batch codes).
+SELA_ACC, SELA_NMI = 0.93, 0.88
+SWAV_ACC, SWAV_NMI = 0.62, 0.62
+
+
+@pytest.fixture(scope="module")
+def imagenette_features():
+    return load_subset()
+
+
+def load_subset():
+    """Features [N, 1280] and class names of the first PER_CLASS images of each imagenette-val class."""
+    root = DATA / "imagenette-val"
+    if not root.is_dir():
+        pytest.skip(f"{root} not found")
+    features = pytest.importorskip("selflabel.features")
+    backbones = pytest.importorskip("selflabel.backbones")
+    from selflabel.data import scan_folder
+    from selflabel.errors import BackboneUnavailable
+
+    if not hasattr(features, "extract_features"):
+        pytest.skip("selflabel.features.extract_features not available")
+    try:
+        backbone = backbones.create_backbone("mobilenet_v2")
+    except BackboneUnavailable as exc:
+        pytest.skip(str(exc))
+    by_class = defaultdict(list)
+    for rec in scan_folder(root).records:
+        by_class[rec.gt].append(rec)
+    records = [r for c in sorted(by_class) for r in sorted(by_class[c], key=lambda r: r.id)[:PER_CLASS]]
+    fr = features.extract_features(records, backbone, device="cpu", show_progress=False)
+    return np.asarray(fr.features, dtype=np.float32), np.array([r.gt for r in fr.records])
+
+
+def _kmeans_accuracy(x, y, k):
+    from sklearn.cluster import KMeans
+
+    from selflabel.cluster import prepare_features
+    from selflabel.metrics import hungarian_accuracy
+
+    return np.mean([hungarian_accuracy(y, KMeans(k, random_state=s).fit(prepare_features(x).numpy()).labels_) for s in range(3)])
+
+
+def test_sela_on_imagenette_features(imagenette_features):
+    from selflabel.config import RunConfig
+    from selflabel.metrics import cluster_metrics
+    from selflabel.train.sela import train_sela
+
+    x, y = imagenette_features
+    res = train_sela(x, 10, RunConfig(), heads=[20])
+    m = cluster_metrics(y, res.labels)
+    assert m["accuracy"] > SELA_ACC and m["nmi"] > SELA_NMI, m
+    assert m["accuracy"] >= _kmeans_accuracy(x, y, 10) - 0.02  # at least on par with k-means
+    assert np.bincount(res.head_labels[20], minlength=20).min() > 0
+
+
+def test_swav_on_imagenette_features(imagenette_features):
+    from selflabel.config import RunConfig
+    from selflabel.metrics import cluster_metrics
+    from selflabel.train.swav import train_swav
+
+    x, y = imagenette_features
+    m = cluster_metrics(y, train_swav(x, 10, RunConfig()).labels)
+    assert m["accuracy"] > SWAV_ACC and m["nmi"] > SWAV_NMI, m
+
