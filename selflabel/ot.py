@@ -271,6 +271,13 @@ def _worker_pool():
     return _POOL
 
 
+def _quiet(fn, *args):
+    """Run fn with numpy's floating-point warnings off (errstate is per thread): overflow and
+    log(0) are expected in the passes and checked explicitly by the callers."""
+    with np.errstate(all="ignore"):
+        return fn(*args)
+
+
 class _RowBlocks:
     """Contiguous row blocks, one per worker thread (CPU), or one block of torch ops (GPU)."""
 
@@ -286,19 +293,18 @@ class _RowBlocks:
         self.pool = _worker_pool() if len(self.blocks) > 1 else None
 
     def __enter__(self):
-        self._ctx = contextlib.ExitStack()
-        self._ctx.enter_context(_one_blas_thread(self.p.device))
-        self._ctx.enter_context(np.errstate(all="ignore"))  # inf/nan are checked by the callers
+        self._blas = _one_blas_thread(self.p.device)
+        self._blas.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self._ctx.close()
+        self._blas.__exit__(*exc)
 
     def map(self, fn) -> list:
         """[fn(start, end) for each block], the blocks in parallel."""
         if self.pool is None:
             return [fn(s, e) for s, e in self.blocks]
-        return [f.result() for f in [self.pool.submit(fn, s, e) for s, e in self.blocks]]
+        return [f.result() for f in [self.pool.submit(_quiet, fn, s, e) for s, e in self.blocks]]
 
     def chunks(self, s: int, e: int):
         return _chunks_range(s, e, self.rows)
@@ -317,10 +323,16 @@ class _RowBlocks:
 
 
 def _as_vector(x, n: int, name: str, device: torch.device) -> Tensor:
-    t = torch.as_tensor(x, dtype=torch.float64, device=device).reshape(-1)
+    """A user marginal as a float64 vector on ``device`` (numpy-backed on CPU), validated."""
+    if device.type == "cpu":
+        arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else x
+        t = torch.from_numpy(np.array(arr, dtype=np.float64).reshape(-1))
+    else:
+        t = torch.as_tensor(x, dtype=torch.float64, device=device).reshape(-1)
+    xb = _backend(t)
     if t.numel() != n:
         raise ValueError(f"{name} has {t.numel()} entries, expected {n}")
-    if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
+    if not bool(_xp(device).isfinite(xb).all()) or bool((xb <= 0).any()):
         raise ValueError(f"{name} must be finite and strictly positive (drop empty rows/clusters instead)")
     return t
 
@@ -374,7 +386,8 @@ def _prepare(scores: Tensor, a, b, eps: float, distributed: bool, rescale_b: boo
     dev = scores.device
     a_t = None if a is None else _as_vector(a, n, "a", dev)
     # one all-reduce for the global row count and the total mass of a
-    stats = torch.tensor([float(n), float(n) if a_t is None else float(a_t.sum())], dtype=torch.float64, device=dev)
+    stats = torch.tensor([float(n), float(n) if a_t is None else float(_backend(a_t).sum())],
+                         dtype=torch.float64, device=dev)
     _all_reduce(stats, world)
     n_global, mass = int(round(stats[0].item())), stats[1].item()
     if n_global == 0:
@@ -383,13 +396,13 @@ def _prepare(scores: Tensor, a, b, eps: float, distributed: bool, rescale_b: boo
         a_t = _full(n, 1.0 / n_global, dev)
         mass = 1.0
     if b is None:
-        b_t = torch.full((k,), mass / k, dtype=torch.float64, device=dev)
+        b_t = _full(k, mass / k, dev)
     else:
         b_t = _as_vector(b, k, "b", dev)
-        total = float(b_t.sum())
+        total = float(_backend(b_t).sum())
         if rescale_b and abs(total - mass) > 1e-9 * mass:
             log.debug("b sums to %g, a to %g: b rescaled to the mass of a", total, mass)
-            b_t = b_t * (mass / total)
+            _backend(b_t)[:] *= mass / total
     return _Problem(scores, float(eps), _compute_dtype(scores.dtype), a_t, b_t, n_global, world)
 
 
@@ -446,30 +459,32 @@ def _scan(p: _Problem, out: Tensor | None = None):
         raise ValueError("scores contain NaN/+inf, or a row that is -inf everywhere")
     m_min = float(mb.min()) if p.n else math.inf
     if out is None:  # one all-reduce (max) for the column statistics and the smallest row maximum
-        log_top = torch.full((p.k,), -math.inf, dtype=torch.float64, device=p.device)
+        stats_t = _zeros64(p.k + 1, p.device)
+        stats = _backend(stats_t)
+        stats[:] = -math.inf
         for acc, _ in parts:
-            torch.maximum(log_top, torch.as_tensor(acc, device=p.device).double() * inv, out=log_top)
-        stats = torch.cat([log_top, torch.tensor([-m_min], dtype=torch.float64, device=p.device)])
-        _all_reduce(stats, p.world, "max")
-        log_top, m_min, log_ktu = stats[: p.k], -float(stats[-1]), None
+            stats[: p.k] = xp.maximum(stats[: p.k], _cast(acc, torch.float64) * inv)
+        stats[p.k] = -m_min
+        _all_reduce(stats_t, p.world, "max")
+        log_top, m_min, log_ktu = stats[: p.k], -float(stats[p.k]), None
     else:  # partial sums relative to the global max score M; one max and one sum all-reduce
         top = torch.tensor([max([t for _, t in parts], default=-math.inf), -m_min], dtype=torch.float64,
                            device=p.device)
         _all_reduce(top, p.world, "max")
         M, m_min = float(top[0]), -float(top[1])
-        sums = torch.zeros(2, p.k, dtype=torch.float64, device=p.device)
+        sums_t = _zeros64(2 * p.k, p.device)
+        sums = _backend(sums_t).reshape(2, p.k)
         for acc, t in parts:
-            acc = torch.as_tensor(acc, device=p.device)
             sums[0] += acc[0]
             if t > -math.inf:
                 sums[1] += acc[1] * math.exp((t - M) * inv)
-        _all_reduce(sums, p.world)
-        log_top, log_ktu = torch.log(sums[0]), torch.log(sums[1])
+        _all_reduce(sums_t, p.world)
+        log_top, log_ktu = xp.log(sums[0]), xp.log(sums[1])
     if not bool((log_top > -math.inf).all()):
         if out is not None:  # a float sum underflowed; only the max scan can tell -inf apart
             return m, m_min, _scan(p)[2], log_ktu
         raise ValueError("scores have a column that is -inf everywhere: no mass can reach it")
-    return m, m_min, log_top, log_ktu
+    return m, m_min, log_top, log_ktu  # log_top, log_ktu: float64 backend arrays
 
 
 def _scaled_into(x, inv: float, out) -> None:
@@ -633,7 +648,7 @@ def _solve(p: _Problem, n_iters: int | None, tol: float, max_iters: int, log_dom
     g = None  # float64 backend array (numpy on CPU)
     logb = _xp(p.device).log(_backend(p.b))
     if log_ktu is not None and (float(_backend(m).max()) if p.n else m_min) - m_min <= T * p.eps:
-        g = logb - _backend(log_ktu)  # row weights were all representable
+        g = logb - log_ktu  # row weights were all representable
         if not _v_range_ok(g, p.dt):
             g = None  # some column sum underflowed: redo it exactly
     if g is None:
@@ -694,7 +709,7 @@ def _kernel_iterations(p, m, plan, g, f, budget, stop_on_tol, tol, check):
     inv = 1.0 / p.eps
 
     it, err, done, ok = 0, math.inf, False, True
-    with _RowBlocks(p) as rb, np.errstate(all="ignore"):  # overflow is detected below
+    with _RowBlocks(p) as rb:  # (overflow is detected below; numpy warnings are off, see _quiet)
 
         def finish_rows(s, e) -> None:
             """Scale kernel rows into the plan; log u in the unshifted frame:
@@ -860,7 +875,7 @@ def sinkhorn(
     if max_iters < 1:
         raise ValueError("max_iters must be >= 1")
     p = _prepare(scores, a, b, eps, distributed)
-    return _solve(p, n_iters, tol, max_iters, log_domain, return_plan)
+    return _quiet(_solve, p, n_iters, tol, max_iters, log_domain, return_plan)
 
 
 @torch.no_grad()
@@ -875,8 +890,9 @@ def sinkhorn_codes(scores: Tensor, eps: float = 0.05, n_iters: int = 3, distribu
     if n_iters < 1:
         raise ValueError("n_iters must be >= 1")
     p = _prepare(scores, None, None, eps, distributed)
-    res = _solve(p, n_iters, 0.0, n_iters, None, True)
-    return res.plan.mul_(p.n_global)
+    res = _quiet(_solve, p, n_iters, 0.0, n_iters, None, True)
+    _backend(res.plan)[...] *= p.n_global
+    return res.plan
 
 
 @torch.no_grad()
@@ -912,6 +928,12 @@ def sinkhorn_unbalanced(
         raise ValueError("reg_m must be positive (use inf for an exact marginal)")
     p = _prepare(scores, a, b, eps, distributed, rescale_b=False)
     fi = tuple(1.0 if math.isinf(r) else r / (r + p.eps) for r in (r1, r2))
+    return _quiet(_unbalanced, p, fi, reg_type, n_iters, tol, max_iters, return_plan)
+
+
+def _unbalanced(p: _Problem, fi, reg_type: str, n_iters, tol: float, max_iters: int,
+                return_plan: bool) -> SinkhornResult:
+    """The log-domain loop of :func:`sinkhorn_unbalanced` (POT's order: rows, then columns)."""
     xp, bb = _xp(p.device), _backend(p.b)
     loga, logb = _backend(_log_vec(p.a)), xp.log(bb)
     ra, rb = (loga, logb) if reg_type == "kl" else (loga * 0.0, logb * 0.0)
@@ -950,6 +972,11 @@ def sinkhorn_unbalanced(
 def assign(plan: Tensor) -> tuple[Tensor, Tensor]:
     """Hard labels from a plan: ``labels[i] = argmax_j plan[i, j]`` (int64) and ``confidence[i]``,
     the probability of that cluster within row i (``max / row sum``, float32 in [0, 1])."""
+    if plan.device.type == "cpu" and plan.dtype in (torch.float32, torch.float64):
+        x = plan.numpy()  # numpy: no OpenMP wake-ups (see _full)
+        labels = x.argmax(axis=1)
+        conf = x[np.arange(x.shape[0]), labels] / x.sum(axis=1, dtype=np.float64)
+        return torch.from_numpy(labels.astype(np.int64)), torch.from_numpy(conf.astype(np.float32))
     top, labels = plan.max(dim=1)
     conf = (top.double() / plan.sum(dim=1, dtype=torch.float64)).to(torch.float32)
     return labels, conf
