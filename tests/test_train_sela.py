@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from selflabel.config import RunConfig
+from selflabel.errors import InputError
 from selflabel.metrics import nmi
 from selflabel.train.common import TrainingInterrupted
 from selflabel.train.sela import optimize_labels, train_sela
@@ -150,6 +151,7 @@ KILL_SCRIPT = """
 import logging, sys, time
 import numpy as np
 from selflabel.config import RunConfig
+from selflabel.errors import InputError
 from selflabel.train.sela import train_sela
 
 class Slow(logging.Handler):  # a slower run, so the kill lands mid-training
@@ -188,3 +190,13 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     full = train_sela(x, 4, cfg)
     assert np.array_equal(full.labels, resumed.labels)
     np.testing.assert_array_equal(full.probs, resumed.probs)
+
+
+def test_cached_views_of_augmented_images_replace_feature_noise():
+    x, y = blobs([60] * 4, seed=6)
+    rng = np.random.default_rng(0)
+    views = np.stack([x + rng.normal(scale=0.5, size=x.shape).astype(np.float32) for _ in range(3)])
+    res = train_sela(x, 4, small_cfg(epochs=4, feature_noise=0.0, feature_dropout=0.0), views=views)
+    assert nmi(y, res.labels) > 0.95
+    with pytest.raises(InputError):
+        train_sela(x, 4, small_cfg(epochs=1), views=views[:, :10])

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..cluster import LabelResult, kmeanspp_init, sinkhorn_cluster
 from ..config import RunConfig, SelaConfig
+from ..errors import InputError
 from ..ot import sinkhorn
 from .augment import feature_view, make_generator, pick_cached_views
 from .checkpoint import checkpoint_path, fingerprint, load_checkpoint, save_checkpoint
@@ -132,7 +133,9 @@ def train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
     n, d = check_features(features, ks)
     finetune = check_finetune(cfg.cluster.finetune, features, records, backbone)
     src = FeatureSource(features, device)
-    cached_views = None if views is None else torch.from_numpy(np.ascontiguousarray(views, dtype=np.float32))
+    if views is not None and (views.ndim != 3 or views.shape[1:] != (n, d)):
+        raise InputError(f"views must be [V, {n}, {d}] (features of augmented images), got {tuple(views.shape)}")
+    cached_views = None if views is None else torch.from_numpy(np.array(views, dtype=np.float32))
     priors = [prior_marginal(cfg.cluster.prior, k)] + [None] * (len(ks) - 1)
     distributed = is_distributed()
     workers = num_workers(cfg.backbone.num_workers)
