@@ -373,3 +373,33 @@ def test_torch_code_path_matches_numpy_path(monkeypatch):
     monkeypatch.setattr(sot, "_numpy_path", lambda device: False)
     for got, want in zip(run(), expected):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-9)
+
+
+_MEMORY_SCRIPT = """
+import resource, numpy as np, torch
+from selflabel.ot import sinkhorn
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+arr = np.random.default_rng(0).standard_normal((10_000, 1_000), dtype=np.float32)
+s = torch.from_numpy(arr)
+base = peak()
+growth = []
+for scale, plan in ((150.0, False), (1 / 750, False), (1.0, True)):  # log domain, then kernel form
+    arr *= scale
+    r = sinkhorn(s, eps=0.05, n_iters=3, return_plan=plan)
+    growth += [peak() - base, int(r.log_domain)]
+print(*growth)
+"""
+
+
+def test_no_n_by_k_temporaries():
+    """Peak memory over the 40 MB input (fresh process): chunk-sized without the plan, in the log
+    domain and in the kernel form; the kernel form with the plan adds just the plan."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, check=True)
+    log_no, log_flag, kernel_no, kernel_flag, with_plan, _ = map(float, out.stdout.split())
+    assert (log_flag, kernel_flag) == (1, 0)
+    plan_mib = 10_000 * 1_000 * 4 / 2**20
+    assert max(log_no, kernel_no) < 0.3 * plan_mib, (log_no, kernel_no)
+    assert with_plan < 1.3 * plan_mib, with_plan
