@@ -869,6 +869,9 @@ def sinkhorn(
 
     Returns:
         :class:`SinkhornResult`; a warning is logged when ``n_iters is None`` and it did not converge.
+
+    Memory: the input, the returned plan (float32 unless the scores are float64; the kernel is built
+    in it) and row-chunk temporaries of about a megabyte per worker thread, nothing else N x K.
     """
     if n_iters is not None and n_iters < 1:
         raise ValueError("n_iters must be >= 1")
