@@ -58,7 +58,7 @@ def test_label_step_prior_sets_cluster_sizes():
 
 def test_recovers_balanced_blobs_with_balanced_labels_and_heads():
     x, y = blobs([100] * 5)
-    res = train_sela(x, 5, small_cfg(), heads=[3, 10])
+    res = train_sela(x, 5, small_cfg(final_assign="sinkhorn"), heads=[3, 10])
     assert nmi(y, res.labels) > 0.95
     assert np.bincount(res.labels, minlength=5).tolist() == [100] * 5  # SeLa's equipartition
     assert set(res.head_labels) == {3, 10}
@@ -76,15 +76,15 @@ def test_recovers_balanced_blobs_with_balanced_labels_and_heads():
 
 
 def test_recovers_imbalanced_blobs_with_the_heads_argmax():
-    # equipartitioned pseudo-labels split big clusters; the linear head trained on them under feature
-    # noise puts its boundaries in low-density regions, so its own argmax follows the real sizes.
-    # Not guaranteed: over blob seeds 0-5 this gave NMI 0.90, 0.91, 0.91, 0.83, 1.0, 1.0.
+    # the pseudo-labels are equipartitioned and split big clusters; the cosine head trained on them under
+    # feature noise puts its boundaries in low-density regions, so its own argmax (the default final
+    # assignment) follows the real sizes. Not guaranteed: over blob seeds 0-5 NMI was 0.79, 0.95, 0.94,
+    # 1.0, 0.97, 0.96 (0.94-1.0 with sela.init=kmeans++).
     sizes = [300, 200, 150, 100]
-    x, y = blobs(sizes, seed=5)
-    cfg = small_cfg(epochs=10, head="linear", feature_noise=0.5, final_assign="argmax")
-    res = train_sela(x, 4, cfg)
+    x, y = blobs(sizes, seed=4)
+    res = train_sela(x, 4, small_cfg())
     assert nmi(y, res.labels) > 0.9
-    assert sorted(np.bincount(res.labels).tolist()) != [187] * 4  # not forced to equal sizes
+    np.testing.assert_allclose(np.sort(np.bincount(res.labels)), sorted(sizes), atol=20)  # not 187 each
 
 
 def test_deterministic_and_memmap_input(tmp_path):

@@ -35,15 +35,16 @@ def make_generator(*keys: int) -> torch.Generator:
 def feature_view(x: Tensor, gen: torch.Generator, noise: float = 0.05, dropout: float = 0.0) -> Tensor:
     """One augmented view of a batch of unit-norm features [B, D]: drop channels, add noise.
 
-    Noise is N(0, noise^2 / D) per channel, so its norm is about `noise` against the unit-norm features.
+    Noise is N(0, noise^2 / D) per channel, so its norm is about `noise` against the unit-norm features;
+    dropped channels are zeroed and the kept ones scaled by 1 / (1 - dropout). In place on fresh buffers.
     """
     b, d = x.shape
+    out = torch.randn(b, d, generator=gen).mul_(noise / math.sqrt(d)) if noise > 0 else torch.zeros(b, d)
+    out = out.to(x.device)
     if dropout > 0:
-        keep = torch.rand(b, d, generator=gen) >= dropout
-        x = x * keep.to(x.device) / (1.0 - dropout)
-    if noise > 0:
-        x = x + torch.randn(b, d, generator=gen).to(x.device) * (noise / math.sqrt(d))
-    return x
+        keep = torch.empty(b, d).bernoulli_(1.0 - dropout, generator=gen).div_(1.0 - dropout)
+        return out.addcmul_(x, keep.to(x.device))
+    return out.add_(x)
 
 
 def pick_cached_views(views: Tensor, idx: Tensor, gen: torch.Generator) -> Tensor:
