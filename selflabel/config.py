@@ -70,7 +70,7 @@ class SelaConfig:
     init_temperature: float = 1.0  # head weights = prototypes / init_temperature
     feature_noise: float = 0.8  # augmentation in frozen-feature mode: noise norm vs unit-norm features
     feature_dropout: float = 0.3  # augmentation in frozen-feature mode: channel dropout rate
-    final_assign: str = "sinkhorn"  # sinkhorn: balanced label step to tolerance | argmax: the head's prediction
+    final_assign: str = "argmax"  # argmax: the trained head's prediction | sinkhorn: a last balanced label step
     finetune_epochs: int = 2
     finetune_lr: float = 1e-4
 
