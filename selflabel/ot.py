@@ -57,6 +57,7 @@ __all__ = [
 
 # Rows per chunk are chosen so that one chunk of the kernel has about this many bytes.
 _CPU_PASS_BYTES = 1 << 20  # row chunks of every pass: still in L2 for the second product
+_GROUP_CHUNKS = 16  # chunks per reduction group (the unit of work of a thread)
 _CPU_BULK_BYTES = 4 << 20  # assign_from_potentials' float64 temporaries
 _ACCEL_BYTES = 256 << 20  # GPUs have no cache to fuse in; big chunks only bound the temporaries
 _CHECK_EVERY_ACCEL = 10  # reading the error on a GPU synchronises the stream
@@ -279,18 +280,21 @@ def _quiet(fn, *args):
 
 
 class _RowBlocks:
-    """Contiguous row blocks, one per worker thread (CPU), or one block of torch ops (GPU)."""
+    """Row groups for the passes: fixed groups of ``_GROUP_CHUNKS`` chunks, each reduced in order,
+    spread over worker threads in contiguous runs (CPU), or one group of torch ops (GPU).
+
+    Partial results come back per group, in group order, whatever the number of workers: the
+    float sums (and so the answer, to the bit) do not depend on the machine's load."""
 
     def __init__(self, p: "_Problem"):
         self.p = p
         self.rows = p.rows(_CPU_PASS_BYTES)
-        workers = 1
-        if p.device.type == "cpu":
-            workers = max(1, min(_cpu_workers(), p.n // (4 * self.rows)))
-        per = -(-max(p.n, 1) // workers)
-        per = -(-per // self.rows) * self.rows  # align blocks to chunks
-        self.blocks = [(s, min(p.n, s + per)) for s in range(0, p.n, per)] or [(0, 0)]
-        self.pool = _worker_pool() if len(self.blocks) > 1 else None
+        span = self.rows * _GROUP_CHUNKS
+        self.groups = [(s, min(p.n, s + span)) for s in range(0, p.n, span)] or [(0, 0)]
+        workers = max(1, min(_cpu_workers(), len(self.groups))) if p.device.type == "cpu" else 1
+        per = -(-len(self.groups) // workers)
+        self.runs = [self.groups[i : i + per] for i in range(0, len(self.groups), per)]
+        self.pool = _worker_pool() if len(self.runs) > 1 else None
 
     def __enter__(self):
         self._blas = _one_blas_thread(self.p.device)
@@ -301,10 +305,11 @@ class _RowBlocks:
         self._blas.__exit__(*exc)
 
     def map(self, fn) -> list:
-        """[fn(start, end) for each block], the blocks in parallel."""
+        """[fn(start, end) for each group], in group order; runs of groups in parallel."""
         if self.pool is None:
-            return [fn(s, e) for s, e in self.blocks]
-        return [f.result() for f in [self.pool.submit(_quiet, fn, s, e) for s, e in self.blocks]]
+            return [fn(s, e) for s, e in self.groups]
+        futures = [self.pool.submit(_quiet, lambda run: [fn(s, e) for s, e in run], run) for run in self.runs]
+        return [r for f in futures for r in f.result()]
 
     def chunks(self, s: int, e: int):
         return _chunks_range(s, e, self.rows)

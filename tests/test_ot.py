@@ -286,7 +286,8 @@ def test_row_chunks_and_streamed_kernel_do_not_change_the_result(monkeypatch):
     full_log = sinkhorn(peaked, eps=0.05, n_iters=30)
     full = sinkhorn(_t(s, torch.float32), _t(a), _t(b), eps=0.1, n_iters=30)
     monkeypatch.setattr(sot, "_CPU_PASS_BYTES", 13 * 4 * 10)  # 10 rows per chunk
-    monkeypatch.setattr(sot, "_cpu_workers", lambda: 3)  # 3 row blocks in parallel threads
+    monkeypatch.setattr(sot, "_GROUP_CHUNKS", 2)  # 13 reduction groups
+    monkeypatch.setattr(sot, "_cpu_workers", lambda: 3)  # in 3 threads
     chunked = sinkhorn(_t(s, torch.float32), _t(a), _t(b), eps=0.1, n_iters=30)
     streamed = sinkhorn(_t(s, torch.float32), _t(a), _t(b), eps=0.1, n_iters=30, return_plan=False)
     logd = sinkhorn(_t(s, torch.float32), _t(a), _t(b), eps=0.1, n_iters=30, log_domain=True)
@@ -300,6 +301,23 @@ def test_row_chunks_and_streamed_kernel_do_not_change_the_result(monkeypatch):
         np.testing.assert_allclose(r.log_v.numpy() - r.log_v.numpy().max(),
                                    full.log_v.numpy() - full.log_v.numpy().max(), atol=1e-5)
         assert r.marginal_err == pytest.approx(full.marginal_err, rel=1e-3)
+
+
+def test_result_does_not_depend_on_the_number_of_threads(monkeypatch):
+    """The worker count follows the machine's load; the float sums must not (bitwise equal)."""
+    s, a, b = _problem(300, 7, seed=20)
+    monkeypatch.setattr(sot, "_CPU_PASS_BYTES", 7 * 4 * 8)
+    monkeypatch.setattr(sot, "_GROUP_CHUNKS", 3)
+    peaked = _t(s * 40, torch.float32)
+    runs = []
+    for workers in (1, 2, 5):
+        monkeypatch.setattr(sot, "_cpu_workers", lambda w=workers: w)
+        runs.append([sinkhorn(_t(s, torch.float32), _t(a), _t(b), eps=0.1, tol=1e-7).plan,
+                     sinkhorn(peaked, eps=0.05, n_iters=15).plan,
+                     sinkhorn_codes(_t(s, torch.float32))])
+    for other in runs[1:]:
+        for x, y in zip(runs[0], other):
+            assert torch.equal(x, y)
 
 
 def test_assign_and_assign_from_potentials_agree():
