@@ -6,7 +6,7 @@ imagenette-val and beat it on cifar10-test? Every method sees the same preparati
 (centred and L2-normalised, `selflabel.cluster.prepare_features`; the trainers do the same inside their
 input layer) and K = the number of classes. Scores: NMI, ARI, Hungarian accuracy; mean +- std over seeds.
 
-    python -m benchmarks.quality [--quick] [--datasets imagenette-val cifar10-test] [--seeds 3]
+    python -m benchmarks.quality [--quick] [--datasets imagenette-val cifar10-test] [--seeds 3] [--threads 1]
 
 --quick: 2 seeds and fewer epochs (a smoke run; results go to quality-quick.md).
 """
@@ -116,7 +116,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS))
     ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch and BLAS/OpenMP threads for every method (default: the libraries' own)")
     args = ap.parse_args(argv)
+    if args.threads:  # the same budget for every method; on a shared, loaded CPU 1 thread is the fastest
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)
     from selflabel.metrics import cluster_metrics
 
     n_seeds = args.seeds or (2 if args.quick else 3)
@@ -142,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = "\n".join([
         "# Clustering quality on frozen mobilenet_v2 features" + (" (quick)" if args.quick else ""), "",
         f"Machine: {machine_info()}", "",
+        f"Command: python -m benchmarks.quality {' '.join(argv if argv is not None else sys.argv[1:])}", "",
         "Same features and preparation (centred, L2-normalised) for every method; K = number of classes;"
         " mean ± std over seeds; accuracy = Hungarian-matched. k-means: scikit-learn defaults (k-means++,"
         " n_init='auto'). Ward: scikit-learn AgglomerativeClustering.", "",
