@@ -70,6 +70,8 @@ def init_from_env(device: str = "auto", timeout_s: float | None = None) -> DistC
                              f"MASTER_PORT={os.environ.get('MASTER_PORT')}): {exc}") from None
     ctx = context()
     log.info("distributed: rank %d/%d backend %s", ctx.rank, ctx.world_size, backend)
+    if os.environ.get("SELFLABEL_TEST_FAIL_RANK") == str(ctx.rank):  # testing hook: one rank dies after set-up
+        raise SelflabelError(f"rank {ctx.rank} failed on purpose (SELFLABEL_TEST_FAIL_RANK)")
     return ctx
 
 
@@ -102,6 +104,36 @@ def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_blocks(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Concatenate every rank's block (rank order) along dim 0: the inverse of `ctx.block` row splits.
+
+    Blocks may differ in length by one row; they are padded to the longest for `all_gather` (gloo and
+    nccl alike; under nccl the tensor travels on this rank's GPU and comes back on t's device).
+    """
+    if not ctx.enabled:
+        return t
+    comm = torch.device("cuda", ctx.local_rank) if ctx.backend == "nccl" else torch.device("cpu")
+    sizes = [torch.zeros(1, dtype=torch.long, device=comm) for _ in range(ctx.world_size)]
+    dist.all_gather(sizes, torch.tensor([t.shape[0]], device=comm))
+    sizes_i = [int(x.item()) for x in sizes]
+    longest = max(sizes_i)
+    pad = torch.zeros((longest - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=comm)
+    mine = torch.cat([t.to(comm), pad])
+    parts = [torch.empty_like(mine) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, mine)
+    return torch.cat([p[:m] for p, m in zip(parts, sizes_i)]).to(t.device)
+
+
+def mean_over_ranks(value: float, ctx: DistContext) -> float:
+    """The mean of a per-rank number (e.g. an epoch's loss) over ranks."""
+    if not ctx.enabled:
+        return value
+    comm = torch.device("cuda", ctx.local_rank) if ctx.backend == "nccl" else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=comm)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item()) / ctx.world_size
 
 
 def barrier(ctx: DistContext) -> None:

@@ -55,6 +55,26 @@ def is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def check_distributed(ctx, batch_size: int, finetune: bool) -> None:
+    """DDP keeps single-process semantics only when every rank gets an equal slice of each global batch."""
+    if not ctx.enabled:
+        return
+    if batch_size % ctx.world_size:
+        raise InputError(f"the batch size ({batch_size}) must be divisible by the number of processes "
+                         f"({ctx.world_size}) so every rank trains on an equal slice; change the batch size or --nproc_per_node")
+    if finetune:
+        raise InputError("finetune mode is not supported under torchrun yet (frozen-feature training is); "
+                         "run the finetune in a single process")
+
+
+def wrap_ddp(model: torch.nn.Module, ctx, device: str | torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around `model` under torchrun (gradients averaged over ranks); the model itself otherwise."""
+    if not ctx.enabled:
+        return model
+    dev = torch.device(device)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
 def seeded_init(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """Build a module with parameters drawn from `seed`, leaving the global RNG as it was."""
     with torch.random.fork_rng(devices=[]):

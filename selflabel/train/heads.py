@@ -106,7 +106,10 @@ class SelaNet(nn.Module):
     def classify(self, x: Tensor) -> list[Tensor]:
         return self.heads(self.trunk(x))
 
-    def forward(self, x: Tensor, *, from_images: bool = False) -> list[Tensor]:
+    def forward(self, x: Tensor, *, from_images: bool = False, prepared: bool = False) -> list[Tensor]:
+        """`prepared=True`: x is already prepared (`classify`); going through forward lets DDP sync gradients."""
+        if prepared:
+            return self.classify(x)
         if from_images:
             x = global_features(self.backbone, x)
         return self.classify(self.prep(x))
@@ -163,8 +166,59 @@ class SwavNet(nn.Module):
     def project(self, x: Tensor) -> Tensor:
         return self.projection(x)
 
-    def forward(self, x: Tensor, *, from_images: bool = False) -> tuple[Tensor, list[Tensor]]:
-        if from_images:
-            x = global_features(self.backbone, x)
-        z = self.project(self.prep(x))
+    def forward(self, x: Tensor, *, from_images: bool = False, prepared: bool = False) -> tuple[Tensor, list[Tensor]]:
+        """`prepared=True`: x is already prepared (views); going through forward lets DDP sync gradients."""
+        if not prepared:
+            if from_images:
+                x = global_features(self.backbone, x)
+            x = self.prep(x)
+        z = self.project(x)
         return z, self.prototypes(z)
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of the GLOBAL batch (all ranks' slices).
+
+    `nn.SyncBatchNorm` refuses CPU modules ("SyncBatchNorm layers only work with GPU modules", torch 2.14),
+    so on CPU/gloo the per-rank sums (count, sum, sum of squares) are all-reduced with the autograd-aware
+    `torch.distributed.nn.functional.all_reduce`: forward and gradients equal BatchNorm1d on the whole
+    batch in one process (up to summation order). Same parameters, buffers and state_dict as BatchNorm1d.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or not torch.distributed.is_initialized():
+            return super().forward(x)
+        import warnings
+
+        from torch.distributed.nn.functional import all_reduce
+
+        n_local = torch.full((1,), float(x.shape[0]), dtype=x.dtype, device=x.device)
+        with warnings.catch_warnings():  # "deprecated" in 2.14, but its replacement is private API
+            warnings.simplefilter("ignore", FutureWarning)
+            stats = all_reduce(torch.cat([n_local, x.sum(0), (x * x).sum(0)]))
+        n = stats[0]
+        mean = stats[1 : 1 + x.shape[1]] / n
+        var = (stats[1 + x.shape[1] :] / n - mean * mean).clamp_min(0)  # biased, as BatchNorm normalises
+        with torch.no_grad():
+            m = self.momentum if self.momentum is not None else 0.1
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
+            self.num_batches_tracked.add_(1)
+        out = (x - mean) / torch.sqrt(var + self.eps)
+        return out * self.weight + self.bias if self.affine else out
+
+
+def convert_batchnorm(module: nn.Module, distributed: bool, cuda: bool) -> nn.Module:
+    """Under DDP, batch statistics over the global batch: nn.SyncBatchNorm on GPUs, GlobalBatchNorm1d on CPU."""
+    if not distributed:
+        return module
+    if cuda:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            new = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            convert_batchnorm(child, distributed, cuda)
+    return module

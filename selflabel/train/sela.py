@@ -32,9 +32,10 @@ from ..ot import sinkhorn
 from .augment import feature_view, make_generator, pick_cached_views
 from .checkpoint import checkpoint_path, fingerprint, load_checkpoint, save_checkpoint
 from .common import (FeatureSource, TrainingInterrupted, check_features, check_finetune, cluster_prototypes,
-                     cosine_lr, data_digest, head_ks, image_loader, image_views_for, is_distributed, num_workers,
-                     prior_marginal, seeded_init, update_epochs)
-from .heads import SelaNet
+                     check_distributed, cosine_lr, data_digest, head_ks, image_loader, image_views_for, num_workers,
+                     prior_marginal, seeded_init, update_epochs, wrap_ddp)
+from ..distributed import all_gather_blocks, barrier, context, mean_over_ranks
+from .heads import SelaNet, convert_batchnorm
 from .losses import multihead_cross_entropy
 
 log = logging.getLogger(__name__)
@@ -101,12 +102,14 @@ def build_optimizer(model: SelaNet, scfg: SelaConfig, finetune: bool) -> torch.o
 # ----------------------------------------------------------------------------- evaluation passes
 @torch.no_grad()
 def predict_log_probs(model: SelaNet, src: FeatureSource, batch_size: int, *, records=None, views=None,
-                      workers: int = 0) -> list[Tensor]:
-    """log-softmax of every head over the whole data set (eval mode, no augmentation), on the CPU."""
+                      workers: int = 0, rows: tuple[int, int] | None = None) -> list[Tensor]:
+    """log-softmax of every head over the whole data set, or rows [start, end) of it (eval mode, no
+    augmentation), on the CPU."""
     model.eval()
     outs: list[list[Tensor]] = [[] for _ in model.heads.ks]
     if records is None:
-        batches = ((x, False) for x in src.batches(batch_size))
+        lo, hi = rows if rows is not None else (0, src.n)
+        batches = ((src.rows(torch.arange(s, min(s + batch_size, hi))), False) for s in range(lo, hi, batch_size))
     else:
         loader = image_loader(records, views, 0, 0, range(len(records)), batch_size, workers, plain=True)
         batches = ((x.to(src.device), True) for x in loader)
@@ -137,7 +140,8 @@ def train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
         raise InputError(f"views must be [V, {n}, {d}] (features of augmented images), got {tuple(views.shape)}")
     cached_views = None if views is None else torch.from_numpy(np.array(views, dtype=np.float32))
     priors = [prior_marginal(cfg.cluster.prior, k)] + [None] * (len(ks) - 1)
-    distributed = is_distributed()
+    ctx = context()  # under torchrun: DDP training, row-distributed label steps, rank 0 writes
+    distributed = ctx.enabled
     workers = num_workers(cfg.backbone.num_workers)
     image_views = image_views_for(backbone, cfg.backbone.image_size, 1, 0) if finetune else None
 
@@ -145,8 +149,12 @@ def train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
     updates = update_epochs(total_epochs, scfg.label_updates)
     steps_per_epoch = max(1, n // scfg.batch_size)  # drop_last: BatchNorm needs > 1 sample
     batch_size = min(scfg.batch_size, n)
+    check_distributed(ctx, batch_size, finetune)
+    lo, hi = ctx.block(batch_size)  # this rank's slice of every global batch (equal slices)
+    row_block = ctx.block(n)  # this rank's rows for the label step
 
-    model = build_model(d, ks, scfg, seed, backbone if finetune else None).to(device)
+    model = convert_batchnorm(build_model(d, ks, scfg, seed, backbone if finetune else None), distributed,
+                              torch.device(device).type == "cuda").to(device)
     model.prep.mean.copy_(src.mean())
     stage_finetune = False
     optimizer = build_optimizer(model, scfg, finetune=False)
@@ -170,6 +178,7 @@ def train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
         labels = [t.clone() for t in state["labels"]]
         history = state["history"]
         log.info("SeLa: resuming from %s after epoch %d/%d", ckpt_file, start_epoch, total_epochs)
+    ddp = wrap_ddp(model, ctx, device)  # `model` itself in a single process
 
     for epoch in range(start_epoch, total_epochs):
         t0 = time.perf_counter()
@@ -181,10 +190,11 @@ def train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
         # 1. labels: Sinkhorn over the whole data set, per head
         if epoch in updates:
             log_p = predict_log_probs(model, src, 4 * batch_size, records=records if in_finetune else None,
-                                      views=image_views, workers=workers)
+                                      views=image_views, workers=workers, rows=row_block if distributed else None)
             stats = {"epoch": epoch, "sinkhorn_iters": [], "marginal_err": [], "changed": []}
-            for h in range(len(ks)):
-                new, res = optimize_labels(log_p[h], scfg.lamb, priors[h], distributed=distributed)
+            for h in range(len(ks)):  # each rank solves for its rows (marginals all-reduced), then shares its labels
+                new, res = optimize_labels(log_p[h], scfg.lamb, priors[h], tol=0.1 / n, distributed=distributed)
+                new = all_gather_blocks(new, ctx)
                 stats["sinkhorn_iters"].append(int(res.n_iters))
                 stats["marginal_err"].append(float(res.marginal_err))
                 stats["changed"].append(float((new != labels[h]).float().mean()))
@@ -194,7 +204,7 @@ def train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
                      [round(c, 3) for c in stats["changed"]])
 
         # 2. representation: cross-entropy on the labels, under augmentation
-        model.train()
+        ddp.train()
         stage_start = scfg.epochs if in_finetune else 0
         stage_epochs = (scfg.finetune_epochs if in_finetune else scfg.epochs)
         perm = torch.randperm(n, generator=make_generator(seed, epoch, 1))
@@ -214,21 +224,26 @@ def train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
                 idx = batch
                 gen = make_generator(seed, epoch, step, 2)
                 raw = src.rows(idx) if cached_views is None else pick_cached_views(cached_views, idx, gen).to(device)
-                logits = model.classify(feature_view(model.prep(raw), gen, scfg.feature_noise, scfg.feature_dropout))
+                # noise drawn for the whole global batch, then this rank's slice: sample i sees what it sees in one process
+                x = feature_view(model.prep(raw), gen, scfg.feature_noise, scfg.feature_dropout)
+                idx = idx[lo:hi]
+                logits = ddp(x[lo:hi], prepared=True)  # DDP averages the slices' gradients = the global mean loss's
             loss = multihead_cross_entropy(logits, [lab[idx].to(device) for lab in labels])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
 
-        history["loss"].append(float(np.mean(losses)) if losses else float("nan"))
+        history["loss"].append(mean_over_ranks(float(np.mean(losses)), ctx) if losses else float("nan"))
         history["epoch_time_s"].append(time.perf_counter() - t0)
         log.info("SeLa epoch %d/%d: loss %.4f (%.1fs)", epoch + 1, total_epochs, history["loss"][-1],
                  history["epoch_time_s"][-1])
         if ckpt_file is not None:
-            save_checkpoint(ckpt_file, {"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(),
-                                        "optimizer": optimizer.state_dict(), "stage_finetune": stage_finetune,
-                                        "labels": labels, "history": history})
+            if ctx.is_main:  # only rank 0 writes; every rank resumes from the same file
+                save_checkpoint(ckpt_file, {"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(),
+                                            "optimizer": optimizer.state_dict(), "stage_finetune": stage_finetune,
+                                            "labels": labels, "history": history})
+            barrier(ctx)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             raise TrainingInterrupted(f"stopped after epoch {epoch + 1} (testing hook)")
 
@@ -241,7 +256,9 @@ def train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
         if scfg.final_assign == "argmax":
             lab = log_p[h].argmax(1)
         else:
-            lab, res = optimize_labels(log_p[h], scfg.lamb, priors[h], distributed=distributed)
+            r0, r1 = row_block if distributed else (0, n)
+            lab, res = optimize_labels(log_p[h][r0:r1], scfg.lamb, priors[h], tol=0.1 / n, distributed=distributed)
+            lab = all_gather_blocks(lab, ctx)
             final_stats["sinkhorn_iters"].append(int(res.n_iters))
             final_stats["marginal_err"].append(float(res.marginal_err))
             final_stats["converged"].append(bool(res.converged))

@@ -33,9 +33,10 @@ from ..ot import sinkhorn, sinkhorn_codes
 from .augment import feature_view, make_generator
 from .checkpoint import checkpoint_path, fingerprint, load_checkpoint, save_checkpoint
 from .common import (FeatureSource, TrainingInterrupted, check_features, check_finetune, cluster_prototypes,
-                     cosine_lr, data_digest, head_ks, image_loader, image_views_for, is_distributed, num_workers,
-                     prior_marginal, seeded_init)
-from .heads import SwavNet, global_features
+                     check_distributed, cosine_lr, data_digest, head_ks, image_loader, image_views_for, num_workers,
+                     prior_marginal, seeded_init, wrap_ddp)
+from ..distributed import DistContext, all_gather_blocks, all_gather_objects, barrier, context, mean_over_ranks
+from .heads import SwavNet, convert_batchnorm, global_features
 from .losses import swav_loss
 from .queue import FeatureQueue
 
@@ -69,15 +70,44 @@ def queue_length(sw: SwavConfig, ks: Sequence[int], batch_size: int, n: int) -> 
     return (length // batch_size) * batch_size  # as main_swav.py: a whole number of batches
 
 
+def queue_state_global(queue: FeatureQueue, ctx: DistContext, batch_size: int) -> dict:
+    """The queue as one process would hold it. Under DDP each rank queues its own slices (as main_swav.py),
+    so rank r holds columns [r*b, (r+1)*b) of every queued global batch; interleaving them back gives a
+    checkpoint that any number of processes can resume from."""
+    state = queue.state_dict()
+    if not ctx.enabled:
+        return state
+    parts = all_gather_objects(state["z"], ctx)
+    v, length, p = parts[0].shape
+    blocks = [z.view(v, length * ctx.world_size // batch_size, -1, p) for z in parts]
+    return {"z": torch.cat(blocks, dim=2).reshape(v, -1, p), "filled": state["filled"] * ctx.world_size}
+
+
+def queue_state_local(state: dict, ctx: DistContext, batch_size: int) -> dict:
+    """This rank's part (its slice of every queued global batch) of a `queue_state_global` state."""
+    if not ctx.enabled:
+        return state
+    z = state["z"]
+    v, length, p = z.shape
+    lo, hi = ctx.block(batch_size)
+    return {"z": z.view(v, length // batch_size, batch_size, p)[:, :, lo:hi].reshape(v, -1, p),
+            "filled": int(state["filled"]) // ctx.world_size}
+
+
 # ----------------------------------------------------------------------------- one SwAV step
 def swav_step(model: SwavNet, views: list[Tensor], queue: FeatureQueue | None, sw: SwavConfig, n_assign: int,
               distributed: bool) -> Tensor:
-    """Loss of one batch given its prepared views (each [B, D] features or, after the backbone, embeddings)."""
+    """Loss of one batch given its prepared views (each [B, D] features or, after the backbone, embeddings).
+
+    `model` may be the DDP wrapper: the forward pass goes through it so gradients are averaged over ranks;
+    with `distributed` each rank holds its slice of the batch and the Sinkhorn marginals are all-reduced.
+    """
     bs = views[0].shape[0]
-    z = model.project(torch.cat(views))  # [V*B, P], unit norm
+    net = getattr(model, "module", model)
+    z, all_scores = model(torch.cat(views), prepared=True)  # z [V*B, P], unit norm
     loss = 0.0
-    for layer in model.prototypes.layers:  # one swapped-prediction problem per head
-        scores = layer(z).split(bs)
+    for layer, layer_scores in zip(net.prototypes.layers, all_scores):  # one swapped-prediction problem per head
+        scores = layer_scores.split(bs)
         codes = {}
         with torch.no_grad():
             for i in range(n_assign):
@@ -120,7 +150,8 @@ def train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
     n, d = check_features(features, ks)
     finetune = check_finetune(cfg.cluster.finetune, features, records, backbone)
     src = FeatureSource(features, device)
-    distributed = is_distributed()
+    ctx = context()  # under torchrun: DDP training, distributed Sinkhorn codes, rank 0 writes
+    distributed = ctx.enabled
     workers = num_workers(cfg.backbone.num_workers)
     n_large, n_small = int(sw.nmb_crops[0]), int(sw.nmb_crops[1]) if len(sw.nmb_crops) > 1 else 0
     if n_large < 2:
@@ -130,12 +161,15 @@ def train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
     batch_size = min(sw.batch_size, n)
     steps_per_epoch = max(1, n // batch_size)
     total_epochs = sw.epochs + (sw.finetune_epochs if finetune else 0)
-    q_len = queue_length(sw, ks, batch_size, n)
+    check_distributed(ctx, batch_size, finetune)
+    lo, hi = ctx.block(batch_size)  # this rank's slice of every global batch (equal slices)
+    q_len = queue_length(sw, ks, batch_size, n)  # global; each rank queues its own slices (q_len / world rows)
     # main_swav.py freezes the prototypes for ~300 of many thousand iterations; on a short schedule
     # (small data) a fixed count could cover the whole run, so it is capped at a tenth of the iterations
     freeze_iters = min(sw.freeze_prototypes_iters, (total_epochs * steps_per_epoch) // 10)
 
-    model = build_model(d, ks, sw, seed, backbone if finetune else None).to(device)
+    model = convert_batchnorm(build_model(d, ks, sw, seed, backbone if finetune else None), distributed,
+                              torch.device(device).type == "cuda").to(device)
     model.prep.mean.copy_(src.mean())
     stage_finetune = False
     optimizer = build_optimizer(model, sw, finetune=False)
@@ -155,10 +189,11 @@ def train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
         optimizer = build_optimizer(model, sw, finetune=stage_finetune)
         optimizer.load_state_dict(state["optimizer"])
         if state["queue"] is not None:
-            queue = FeatureQueue(n_large, q_len, sw.proj_dim, device)
-            queue.load_state_dict(state["queue"])
+            queue = FeatureQueue(n_large, q_len // ctx.world_size, sw.proj_dim, device)
+            queue.load_state_dict(queue_state_local(state["queue"], ctx, batch_size))
         history = state["history"]
         log.info("SwAV: resuming from %s after epoch %d/%d", ckpt_file, start_epoch, total_epochs)
+    ddp = wrap_ddp(model, ctx, device)  # `model` itself in a single process
 
     for epoch in range(start_epoch, total_epochs):
         t0 = time.perf_counter()
@@ -167,9 +202,9 @@ def train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
             stage_finetune = True
             optimizer = build_optimizer(model, sw, finetune=True)
         if q_len > 0 and epoch >= sw.queue_start_epoch and queue is None:  # as main_swav.py: start the queue
-            queue = FeatureQueue(n_large, q_len, sw.proj_dim, device)
+            queue = FeatureQueue(n_large, q_len // ctx.world_size, sw.proj_dim, device)
 
-        model.train()
+        ddp.train()
         stage_start, stage_epochs = (sw.epochs, sw.finetune_epochs) if in_finetune else (0, sw.epochs)
         perm = torch.randperm(n, generator=make_generator(seed, epoch, 1))
         if in_finetune:
@@ -192,7 +227,8 @@ def train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
                 gen = make_generator(seed, epoch, step, 2)
                 views = [feature_view(x, gen, sw.feature_noise, sw.feature_dropout) for _ in range(n_large)]
                 views += [feature_view(x, gen, sw.small_noise, sw.small_dropout) for _ in range(n_small)]
-            loss = swav_step(model, views, queue, sw, n_large, distributed)
+                views = [v[lo:hi] for v in views]  # noise drawn for the global batch, then this rank's slice
+            loss = swav_step(ddp, views, queue, sw, n_large, distributed)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if it < freeze_iters:  # main_swav.py: no prototype update for the first iterations
@@ -201,14 +237,17 @@ def train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
             optimizer.step()
             losses.append(loss.item())
 
-        history["loss"].append(float(np.mean(losses)) if losses else float("nan"))
+        history["loss"].append(mean_over_ranks(float(np.mean(losses)), ctx) if losses else float("nan"))
         history["epoch_time_s"].append(time.perf_counter() - t0)
         log.info("SwAV epoch %d/%d: loss %.4f (%.1fs)", epoch + 1, total_epochs, history["loss"][-1],
                  history["epoch_time_s"][-1])
         if ckpt_file is not None:
-            save_checkpoint(ckpt_file, {"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(),
-                                        "optimizer": optimizer.state_dict(), "stage_finetune": stage_finetune,
-                                        "queue": None if queue is None else queue.state_dict(), "history": history})
+            q_state = None if queue is None else queue_state_global(queue, ctx, batch_size)  # a collective: all ranks
+            if ctx.is_main:  # only rank 0 writes; every rank resumes from the same file
+                save_checkpoint(ckpt_file, {"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(),
+                                            "optimizer": optimizer.state_dict(), "stage_finetune": stage_finetune,
+                                            "queue": q_state, "history": history})
+            barrier(ctx)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             raise TrainingInterrupted(f"stopped after epoch {epoch + 1} (testing hook)")
 
@@ -223,9 +262,10 @@ def train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
         if h == 0:
             probs = torch.softmax(scores / sw.temperature, dim=1).numpy().astype(np.float32)
         if sw.final_assign == "sinkhorn":
-            res = sinkhorn(scores.double(), b=prior_marginal(cfg.cluster.prior, k) if h == 0 else None, eps=sw.eps,
-                           tol=1e-6, max_iters=1000, distributed=distributed)
-            lab = res.plan.argmax(1)
+            r0, r1 = ctx.block(n)  # each rank its rows, marginals all-reduced, labels shared
+            res = sinkhorn(scores[r0:r1].double(), b=prior_marginal(cfg.cluster.prior, k) if h == 0 else None,
+                           eps=sw.eps, tol=1e-6, max_iters=1000, distributed=distributed)
+            lab = all_gather_blocks(res.plan.argmax(1), ctx)
             final_stats["sinkhorn_iters"].append(int(res.n_iters))
             final_stats["marginal_err"].append(float(res.marginal_err))
         else:
