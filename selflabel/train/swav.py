@@ -119,7 +119,7 @@ def swav_step(model: SwavNet, views: list[Tensor], queue: FeatureQueue | None, s
     if queue is not None:
         for i in range(n_assign):
             queue.push(i, z[i * bs:(i + 1) * bs], last_view=i == n_assign - 1)
-    return loss / len(model.prototypes.layers)
+    return loss / len(net.prototypes.layers)
 
 
 @torch.no_grad()

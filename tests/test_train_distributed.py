@@ -1,0 +1,147 @@
+"""SeLa and SwAV under DistributedDataParallel (2 CPU processes, gloo) equal a single-process run.
+
+Equality is up to floating-point summation order: DDP averages two slice gradients instead of one
+batch gradient, the Sinkhorn marginals and the global BatchNorm statistics are all-reduced. Those
+differ from one process by ~1e-7 relative per step; over a short schedule that stays far below the
+tolerances here (prototypes atol 1e-4) and flips at most a sample whose two best clusters tie.
+"""
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch.multiprocessing as mp
+
+from selflabel.config import load_config
+from selflabel.runfiles import read_labels
+from selflabel.sample import sample_dir
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _features() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(5, 24)) * 2
+    truth = rng.permutation(np.repeat(np.arange(5), 40))  # 200 rows
+    return (centers[truth] + rng.normal(size=(200, 24))).astype(np.float32)
+
+
+# SeLa with an MLP head (BatchNorm: GlobalBatchNorm1d under DDP) and a balanced final step; SwAV with a
+# queue (batch 40 < 4 k) so per-rank queues and the distributed codes are exercised, final Sinkhorn too.
+CASES = {
+    "sela": ["sela.epochs=4", "sela.label_updates=2", "sela.batch_size=40", "sela.head=mlp", "sela.hidden_dim=32",
+             "sela.final_assign=sinkhorn"],
+    "swav": ["swav.epochs=4", "swav.batch_size=40", "swav.hidden_dim=32", "swav.proj_dim=16", "swav.queue_start_epoch=1",
+             "swav.final_assign=sinkhorn"],
+}
+
+
+def _train(method, feats, out_dir):
+    from selflabel.train.sela import train_sela
+    from selflabel.train.swav import train_swav
+
+    cfg = load_config(None, [*CASES[method], "seed=5"])
+    fn = train_sela if method == "sela" else train_swav
+    return fn(feats, 5, cfg, heads=[3], out_dir=out_dir)
+
+
+def _worker(rank, world, port, method, feats, out):
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    res = _train(method, feats, out + f".ckpt")
+    np.savez(out + f".{rank}.npz", labels=res.labels, protos=res.prototypes, probs=res.probs, head3=res.head_labels[3],
+             loss=np.array(res.info["loss"]))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["sela", "swav"])
+def test_ddp_trainer_equals_single_process(tmp_path, method):
+    feats = _features()
+    single = _train(method, feats, None)
+    out = str(tmp_path / method)
+    mp.spawn(_worker, args=(2, _free_port(), method, feats, out), nprocs=2, join=True)
+    r0, r1 = np.load(out + ".0.npz"), np.load(out + ".1.npz")
+    for key in ("labels", "protos", "probs", "head3", "loss"):  # every rank returns the same, complete result
+        np.testing.assert_array_equal(r0[key], r1[key])
+    assert len(r0["labels"]) == 200
+    np.testing.assert_array_equal(r0["labels"], single.labels)
+    np.testing.assert_array_equal(r0["head3"], single.head_labels[3])
+    np.testing.assert_allclose(r0["protos"], single.prototypes, atol=1e-4)
+    np.testing.assert_allclose(r0["probs"], single.probs, atol=1e-4)
+    np.testing.assert_allclose(r0["loss"], single.info["loss"], rtol=1e-4)
+    # only rank 0 wrote the checkpoint, and it resumes to the same state in one process
+    ckpt = tmp_path / f"{method}.ckpt" / "checkpoints" / f"{method}.pt"
+    assert ckpt.is_file() and not list(ckpt.parent.glob(".*tmp*"))
+    resumed = _train(method, feats, tmp_path / f"{method}.ckpt")
+    assert resumed.info["resumed_from_epoch"] == 4
+    np.testing.assert_array_equal(resumed.labels, single.labels)
+
+
+def test_batch_size_not_divisible_is_input_error(tmp_path):
+    mp.spawn(_odd_batch_worker, args=(2, _free_port(), str(tmp_path / "msg.txt")), nprocs=2, join=True)
+    assert "divisible" in (tmp_path / "msg.txt").read_text()
+
+
+def _odd_batch_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    from selflabel.errors import InputError
+    from selflabel.train.sela import train_sela
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        train_sela(_features(), 5, load_config(None, ["sela.batch_size=41", "sela.epochs=1"]))
+    except InputError as exc:
+        if rank == 0:
+            with open(out, "w") as f:
+                f.write(str(exc))
+    dist.destroy_process_group()
+
+
+def _run(cmd, env=None, timeout=400):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def _torchrun(*args):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(_free_port()), "-m", "selflabel", *args]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sela", "swav"])
+def test_torchrun_label_equals_single_process(tmp_path, method):
+    sets = ["--set", f"{method}.epochs=3", "--set", f"{method}.batch_size=50"]
+    common = ["label", str(sample_dir()), "--method", method, "--backbone", "tiny", "--k", "4", "--seed", "3", "-q", *sets]
+    one = _run([sys.executable, "-m", "selflabel", *common, "--out", str(tmp_path / "one"), "--cache-dir", str(tmp_path / "c1")])
+    assert one.returncode == 0, one.stderr[-4000:]
+    two = _run(_torchrun(*common, "--out", str(tmp_path / "two"), "--cache-dir", str(tmp_path / "c2")),
+               env={"OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
+    a, b = read_labels(tmp_path / "one"), read_labels(tmp_path / "two")
+    assert [r.path for r in a] == [r.path for r in b] and len(a) == 100
+    assert [r.cluster for r in a] == [r.cluster for r in b]
+    np.testing.assert_allclose([r.confidence for r in a], [r.confidence for r in b], atol=1e-4)
+    np.testing.assert_allclose(np.load(tmp_path / "one" / "prototypes.npy"), np.load(tmp_path / "two" / "prototypes.npy"),
+                               atol=1e-4)
+
+
+def test_failed_rank_stops_the_job(tmp_path):
+    t0 = time.perf_counter()
+    proc = _run(_torchrun("label", str(sample_dir()), "--backbone", "tiny", "--k", "4", "-q", "--out", str(tmp_path / "r"),
+                          "--cache-dir", str(tmp_path / "c")),
+                env={"OMP_NUM_THREADS": "1", "SELFLABEL_TEST_FAIL_RANK": "1", "SELFLABEL_DIST_TIMEOUT": "120"}, timeout=120)
+    assert proc.returncode != 0
+    assert time.perf_counter() - t0 < 60
+    assert "failed on purpose" in proc.stdout + proc.stderr
