@@ -7,8 +7,12 @@ Two steps alternate (paper sec. 3):
   2. representation: train the network with cross-entropy on those labels, under augmentation.
 The labels are re-optimised `label_updates` times, spread over the epochs.
 
-Frozen mode (default): the network is a head (linear or MLP) on cached, L2-normalised features and the
+Frozen mode (default): the network is a head on cached, centred + L2-normalised features and the
 augmentation is feature noise / channel dropout (or cached features of augmented views, `views=`).
+Measured choices (benchmarks/quality.py): cosine-classifier heads (cos / 0.1; a linear head fits any
+starting partition and keeps it, an MLP memorises it), started as prototype classifiers on the balanced
+Sinkhorn clustering, a label step before every epoch, and final labels = the trained head's argmax
+(`sela.final_assign=sinkhorn` gives one more balanced label step instead).
 Finetune mode (`cluster.finetune`, a backbone and image records): after `sela.epochs` frozen epochs, the
 backbone is trained end to end with image augmentations for `sela.finetune_epochs` more epochs.
 """
