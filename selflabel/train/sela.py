@@ -36,8 +36,8 @@ from ..ot import sinkhorn
 from .augment import feature_view, make_generator, pick_cached_views
 from .checkpoint import checkpoint_path, fingerprint, load_checkpoint, save_checkpoint
 from .common import (FeatureSource, TrainingInterrupted, check_features, check_finetune, cluster_prototypes,
-                     check_distributed, cosine_lr, data_digest, head_ks, image_loader, image_views_for, num_workers,
-                     prior_marginal, seeded_init, update_epochs, wrap_ddp)
+                     check_distributed, cosine_lr, cpu_threads, data_digest, head_ks, image_loader, image_views_for,
+                     num_workers, prior_marginal, seeded_init, update_epochs, wrap_ddp)
 from ..distributed import all_gather_blocks, barrier, context, mean_over_ranks
 from .heads import SelaNet, convert_batchnorm
 from .losses import multihead_cross_entropy
@@ -134,6 +134,14 @@ def train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
     every epoch and a new call with the same arguments resumes from it and gives the same result.
     `stop_after_epoch` (testing hook) raises TrainingInterrupted after that many epochs, like a kill.
     """
+    with cpu_threads(cfg.sela.cpu_threads, device, cfg.cluster.finetune):
+        return _train_sela(features, k, cfg, heads=heads, out_dir=out_dir, device=device, records=records,
+                           backbone=backbone, views=views, stop_after_epoch=stop_after_epoch)
+
+
+def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int] = (), out_dir: Path | None = None,
+               device: str = "cpu", records=None, backbone=None, views: np.ndarray | None = None,
+               stop_after_epoch: int | None = None) -> LabelResult:
     t_start = time.perf_counter()
     scfg, seed = cfg.sela, int(cfg.seed)
     ks = head_ks(k, heads)

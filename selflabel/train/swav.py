@@ -33,8 +33,8 @@ from ..ot import sinkhorn, sinkhorn_codes
 from .augment import feature_view, make_generator
 from .checkpoint import checkpoint_path, fingerprint, load_checkpoint, save_checkpoint
 from .common import (FeatureSource, TrainingInterrupted, check_features, check_finetune, cluster_prototypes,
-                     check_distributed, cosine_lr, data_digest, head_ks, image_loader, image_views_for, num_workers,
-                     prior_marginal, seeded_init, wrap_ddp)
+                     check_distributed, cosine_lr, cpu_threads, data_digest, head_ks, image_loader, image_views_for,
+                     num_workers, prior_marginal, seeded_init, wrap_ddp)
 from ..distributed import DistContext, all_gather_blocks, all_gather_objects, barrier, context, mean_over_ranks
 from .heads import SwavNet, convert_batchnorm, global_features
 from .losses import swav_loss
@@ -144,6 +144,13 @@ def train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
     Same contract as `train_sela`: checkpoints in out_dir/checkpoints/swav.pt after every epoch, resume
     to the same result, `stop_after_epoch` testing hook.
     """
+    with cpu_threads(cfg.swav.cpu_threads, device, cfg.cluster.finetune):
+        return _train_swav(features, k, cfg, heads=heads, out_dir=out_dir, device=device, records=records,
+                           backbone=backbone, stop_after_epoch=stop_after_epoch)
+
+
+def _train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int] = (), out_dir: Path | None = None,
+               device: str = "cpu", records=None, backbone=None, stop_after_epoch: int | None = None) -> LabelResult:
     t_start = time.perf_counter()
     sw, seed = cfg.swav, int(cfg.seed)
     ks = head_ks(k, heads)
