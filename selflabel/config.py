@@ -73,6 +73,7 @@ class SelaConfig:
     final_assign: str = "argmax"  # argmax: the trained head's prediction | sinkhorn: a last balanced label step
     finetune_epochs: int = 2
     finetune_lr: float = 1e-4
+    cpu_threads: int = 1  # torch threads for frozen-mode training on CPU (0: torch's default); see train/common.py
 
 
 @dataclass
@@ -99,6 +100,7 @@ class SwavConfig:
     final_assign: str = "argmax"  # argmax: nearest prototype | sinkhorn: balanced assignment to tolerance
     finetune_epochs: int = 2
     finetune_lr: float = 1e-4
+    cpu_threads: int = 1  # torch threads for frozen-mode training on CPU (0: torch's default)
 
 
 @dataclass
