@@ -7,6 +7,7 @@ contiguous blocks, so rank r of a row-distributed Sinkhorn holds rows [start:end
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -149,5 +150,9 @@ def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
 
 
 def shutdown(ctx: DistContext) -> None:
+    """Destroy the process group after collecting garbage: a DDP module still alive in a reference
+    cycle when the group goes away aborts the process at exit (C++ terminate)."""
     if ctx.enabled and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()

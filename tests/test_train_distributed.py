@@ -62,7 +62,10 @@ def _worker(rank, world, port, method, feats, out):
     res = _train(method, feats, out + f".ckpt")
     np.savez(out + f".{rank}.npz", labels=res.labels, protos=res.prototypes, probs=res.probs, head3=res.head_labels[3],
              loss=np.array(res.info["loss"]))
-    dist.destroy_process_group()
+    del res
+    from selflabel.distributed import context, shutdown
+
+    shutdown(context())
 
 
 @pytest.mark.parametrize("method", ["sela", "swav"])

@@ -1,8 +1,11 @@
 """End to end on real photos: the foundation's acceptance check (imagenette-val, offline default backbone, k=10)."""
+import shutil
+
 import pytest
 
 from selflabel.config import RunConfig
 from selflabel.evaluate import evaluate_run
+from selflabel.features import default_cache_root
 from selflabel.pipeline import label_folder
 
 from conftest import shared
@@ -20,6 +23,8 @@ def imagenette_runs(tmp_path_factory):
         cfg.cluster.k = 10
         cfg.backbone.cache_dir = str(tmp / "cache")  # a fresh cache: run 0 computes, run 1 must not
         runs.append((cfg, label_folder(cfg, show_progress=False)))
+    # hand the computed shards to the default cache, so later integration tests do not recompute them
+    shutil.copytree(tmp / "cache", default_cache_root(), dirs_exist_ok=True)
     return runs
 
 
