@@ -64,9 +64,13 @@ class Backbone(nn.Module):
     def transform(self) -> Callable:
         return self.make_transform()
 
+    def decode_size(self, size: int | None = None) -> int:
+        """Smallest side the decoder must deliver for `make_transform(size, crop=True)` (JPEG draft mode)."""
+        return int(round((size or self.image_size) / 0.875))
+
     def cache_key(self, size: int | None = None, crop: bool = True) -> str:
-        """Identifies weights + preprocessing, so cached features are reused only when valid."""
-        return f"{self.name}-{self.weights_id}-s{size or self.image_size}-{'crop' if crop else 'full'}"
+        """Identifies weights + preprocessing (JPEG draft decoding included), so cached features are reused only when valid."""
+        return f"{self.name}-{self.weights_id}-s{size or self.image_size}-{'crop' if crop else 'full'}-draft"
 
     def forward(self, x: torch.Tensor) -> BackboneOutput:
         return self._forward(x)

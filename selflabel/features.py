@@ -206,7 +206,8 @@ def extract_features(
 def _compute_missing(todo, backbone, cache, dev, dtype, batch_size, num_workers, max_pixels, flush_every, show_progress) -> dict[str, str]:
     """Forward passes for cache misses, flushing shards as they fill. Returns {digest: reason} of failures."""
     digests = list(todo)
-    ds = ImageDataset([todo[d] for d in digests], backbone.transform, max_pixels=max_pixels)
+    ds = ImageDataset([todo[d] for d in digests], backbone.transform, max_pixels=max_pixels,
+                      draft_size=backbone.decode_size())
     workers = min(4, os.cpu_count() or 1) if num_workers < 0 else num_workers
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip,
                         pin_memory=dev.type == "cuda", persistent_workers=False)

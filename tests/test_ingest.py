@@ -158,3 +158,13 @@ def test_permission_error_is_reported_even_as_root(tmp_path, monkeypatch):
     monkeypatch.setattr(data.Image, "open", refuse)
     with pytest.raises(ImageLoadError, match="permission denied"):
         load_rgb(p)
+
+
+def test_jpeg_draft_decoding_keeps_enough_pixels(tmp_path):
+    p = tmp_path / "big.jpg"
+    Image.fromarray(np.full((1200, 1600, 3), 128, np.uint8)).save(p, quality=90)
+    full = load_rgb(p)
+    small = load_rgb(p, draft_size=256)
+    assert full.size == (1600, 1200)
+    assert min(small.size) >= 256 and small.size[0] < 1600  # decoded at a reduced scale
+    assert abs(np.asarray(small).mean() - 128) < 3
