@@ -35,19 +35,22 @@ def default_k(n: int, n_classes: int | None = None) -> int:
     return int(max(2, min(100, round((n / 2) ** 0.5), n)))
 
 
-def prepare_features(features: np.ndarray, device: str | torch.device = "cpu", chunk: int = 65536) -> torch.Tensor:
+def prepare_features(features: np.ndarray, device: str | torch.device = "cpu", chunk: int = 8192) -> torch.Tensor:
     """Centre and L2-normalise (cosine geometry). Post-ReLU CNN features all share a large mean
-    direction; removing it makes cosine similarity discriminative. Reads a memmap in chunks."""
+    direction; removing it makes cosine similarity discriminative. Reads a memmap in chunks, so the
+    result is the only N x D array held (benchmarks/memory.py)."""
     n, d = features.shape
     mean = np.zeros(d, dtype=np.float64)
     for s in range(0, n, chunk):
-        mean += np.asarray(features[s:s + chunk], dtype=np.float64).sum(0)
+        mean += features[s:s + chunk].sum(0, dtype=np.float64)
     mean /= max(n, 1)
     out = torch.empty((n, d), dtype=torch.float32, device=device)
     m = torch.as_tensor(mean, dtype=torch.float32, device=device)
     for s in range(0, n, chunk):
-        x = torch.from_numpy(np.array(features[s:s + chunk], dtype=np.float32)).to(device) - m
-        out[s:s + chunk] = F.normalize(x, dim=1)
+        x = out[s:s + chunk]
+        x.copy_(torch.from_numpy(np.ascontiguousarray(features[s:s + chunk], dtype=np.float32)))
+        x.sub_(m)
+        x.div_(x.norm(dim=1, keepdim=True).clamp_min(1e-12))
     return out
 
 
