@@ -48,7 +48,7 @@ def prepare_features(features: np.ndarray, device: str | torch.device = "cpu", c
     m = torch.as_tensor(mean, dtype=torch.float32, device=device)
     for s in range(0, n, chunk):
         x = out[s:s + chunk]
-        x.copy_(torch.from_numpy(np.ascontiguousarray(features[s:s + chunk], dtype=np.float32)))
+        x.copy_(torch.from_numpy(np.array(features[s:s + chunk], dtype=np.float32)))  # a writable copy of the chunk
         x.sub_(m)
         x.div_(x.norm(dim=1, keepdim=True).clamp_min(1e-12))
     return out
