@@ -5,8 +5,10 @@ Nothing here knows about a particular algorithm; the loops in `sela.py` and `swa
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -17,8 +19,13 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..cluster import LabelResult
+from ..distributed import barrier, mean_over_ranks
 from ..errors import InputError, SelflabelError
 from .augment import ImageViews, make_generator, norm_stats
+from .checkpoint import save_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 class TrainingInterrupted(SelflabelError):
@@ -227,6 +234,45 @@ def prior_marginal(prior: Sequence[float] | None, k: int) -> Tensor | None:
     if (p <= 0).any():
         raise InputError("cluster.prior entries must be positive")
     return p / p.sum()
+
+
+def sgd_optimizer(head_params: Sequence[torch.nn.Parameter], backbone: torch.nn.Module | None, lr: float,
+                  backbone_lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD with momentum 0.9 (as both papers); with a `backbone` (finetune stage) it gets its own, smaller lr.
+    Each group keeps its `base_lr` for the cosine schedule."""
+    groups = [{"params": list(head_params), "lr": lr, "base_lr": lr}]
+    if backbone is not None:
+        groups.append({"params": list(backbone.parameters()), "lr": backbone_lr, "base_lr": backbone_lr})
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def end_epoch(method: str, epoch: int, total_epochs: int, losses: Sequence[float], t0: float, history: dict[str, list],
+              ctx, ckpt_file: Path | None, state: Callable[[], dict | None], stop_after_epoch: int | None) -> None:
+    """After an epoch: record its loss (mean over ranks) and time, log them, checkpoint, honour the test hook.
+
+    `state()` builds the checkpoint dict; every rank calls it (it may hold a collective, e.g. gathering
+    the SwAV queue) and only rank 0 writes, then all ranks wait, so they resume from the same file.
+    """
+    history["loss"].append(mean_over_ranks(float(np.mean(losses)), ctx) if len(losses) else float("nan"))
+    history["epoch_time_s"].append(time.perf_counter() - t0)
+    log.info("%s epoch %d/%d: loss %.4f (%.1fs)", method, epoch + 1, total_epochs, history["loss"][-1],
+             history["epoch_time_s"][-1])
+    if ckpt_file is not None:
+        st = state()
+        if ctx.is_main:
+            save_checkpoint(ckpt_file, st)
+        barrier(ctx)
+    if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+        raise TrainingInterrupted(f"stopped after epoch {epoch + 1} (testing hook)")
+
+
+def label_result(final: dict[int, np.ndarray], k: int, probs: np.ndarray, src: FeatureSource,
+                 info: dict[str, Any]) -> LabelResult:
+    """A trainer's output: the chosen head's labels and confidences, the other heads, cluster prototypes."""
+    chosen = final[k]
+    return LabelResult(labels=chosen, confidence=probs[np.arange(len(chosen)), chosen].astype(np.float32),
+                       prototypes=cluster_prototypes(src, chosen, k),
+                       head_labels={kk: v for kk, v in final.items() if kk != k}, probs=probs, info=info)
 
 
 def fmt_path(p: Path | None) -> str | None:

@@ -34,11 +34,11 @@ from ..config import RunConfig, SelaConfig
 from ..errors import InputError
 from ..ot import sinkhorn
 from .augment import feature_view, make_generator, pick_cached_views
-from .checkpoint import checkpoint_path, fingerprint, load_checkpoint, save_checkpoint
-from .common import (FeatureSource, TrainingInterrupted, check_features, check_finetune, cluster_prototypes,
-                     check_distributed, cosine_lr, cpu_threads, data_digest, head_ks, image_loader, image_views_for,
-                     num_workers, prior_marginal, seeded_init, update_epochs, wrap_ddp)
-from ..distributed import all_gather_blocks, barrier, context, mean_over_ranks
+from .checkpoint import checkpoint_path, fingerprint, load_checkpoint
+from .common import (FeatureSource, check_distributed, check_features, check_finetune, cosine_lr, cpu_threads,
+                     data_digest, end_epoch, head_ks, image_loader, image_views_for, label_result, num_workers,
+                     prior_marginal, seeded_init, sgd_optimizer, update_epochs, wrap_ddp)
+from ..distributed import all_gather_blocks, context
 from .heads import SelaNet, convert_batchnorm
 from .losses import multihead_cross_entropy
 
@@ -95,12 +95,9 @@ def init_heads(model: SelaNet, src: FeatureSource, features: np.ndarray, how: st
 
 
 def build_optimizer(model: SelaNet, scfg: SelaConfig, finetune: bool) -> torch.optim.Optimizer:
-    """SGD with momentum (as the paper). In the finetune stage the backbone gets its own, smaller lr."""
-    head_params = list(model.trunk.parameters()) + list(model.heads.parameters())
-    groups = [{"params": head_params, "lr": scfg.lr, "base_lr": scfg.lr}]
-    if finetune:
-        groups.append({"params": list(model.backbone.parameters()), "lr": scfg.finetune_lr, "base_lr": scfg.finetune_lr})
-    return torch.optim.SGD(groups, lr=scfg.lr, momentum=0.9, weight_decay=scfg.weight_decay)
+    """SGD on the trunk and heads; in the finetune stage the backbone too, with its own, smaller lr."""
+    return sgd_optimizer([*model.trunk.parameters(), *model.heads.parameters()], model.backbone if finetune else None,
+                         scfg.lr, scfg.finetune_lr, scfg.weight_decay)
 
 
 # ----------------------------------------------------------------------------- evaluation passes
@@ -246,18 +243,9 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
             optimizer.step()
             losses.append(loss.item())
 
-        history["loss"].append(mean_over_ranks(float(np.mean(losses)), ctx) if losses else float("nan"))
-        history["epoch_time_s"].append(time.perf_counter() - t0)
-        log.info("SeLa epoch %d/%d: loss %.4f (%.1fs)", epoch + 1, total_epochs, history["loss"][-1],
-                 history["epoch_time_s"][-1])
-        if ckpt_file is not None:
-            if ctx.is_main:  # only rank 0 writes; every rank resumes from the same file
-                save_checkpoint(ckpt_file, {"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(),
-                                            "optimizer": optimizer.state_dict(), "stage_finetune": stage_finetune,
-                                            "labels": labels, "history": history})
-            barrier(ctx)
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
-            raise TrainingInterrupted(f"stopped after epoch {epoch + 1} (testing hook)")
+        end_epoch("SeLa", epoch, total_epochs, losses, t0, history, ctx, ckpt_file, lambda: {
+            "fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "stage_finetune": stage_finetune, "labels": labels, "history": history}, stop_after_epoch)
 
     # ---- final labels: one more label step, to tolerance, with the trained network
     log_p = predict_log_probs(model, src, 4 * batch_size, records=records if finetune else None,
@@ -277,10 +265,7 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
         final[kk] = lab.numpy().astype(np.int64)
 
     probs = log_p[0].exp().numpy().astype(np.float32)
-    chosen = final[k]
     info = {"method": "sela", "mode": "finetune" if finetune else "frozen", "ks": ks, "epochs": total_epochs,
             "label_update_epochs": updates, "final_assign": scfg.final_assign, "final": final_stats,
             "resumed_from_epoch": start_epoch, "time_s": time.perf_counter() - t_start, **history}
-    return LabelResult(labels=chosen, confidence=probs[np.arange(n), chosen].astype(np.float32),
-                       prototypes=cluster_prototypes(src, chosen, k),
-                       head_labels={kk: v for kk, v in final.items() if kk != k}, probs=probs, info=info)
+    return label_result(final, k, probs, src, info)

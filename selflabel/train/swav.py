@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,11 +30,11 @@ from ..cluster import LabelResult
 from ..config import RunConfig, SwavConfig
 from ..ot import sinkhorn, sinkhorn_codes
 from .augment import feature_view, make_generator
-from .checkpoint import checkpoint_path, fingerprint, load_checkpoint, save_checkpoint
-from .common import (FeatureSource, TrainingInterrupted, check_features, check_finetune, cluster_prototypes,
-                     check_distributed, cosine_lr, cpu_threads, data_digest, head_ks, image_loader, image_views_for,
-                     num_workers, prior_marginal, seeded_init, wrap_ddp)
-from ..distributed import DistContext, all_gather_blocks, all_gather_objects, barrier, context, mean_over_ranks
+from .checkpoint import checkpoint_path, fingerprint, load_checkpoint
+from .common import (FeatureSource, check_distributed, check_features, check_finetune, cosine_lr, cpu_threads,
+                     data_digest, end_epoch, head_ks, image_loader, image_views_for, label_result, num_workers,
+                     prior_marginal, seeded_init, sgd_optimizer, wrap_ddp)
+from ..distributed import DistContext, all_gather_blocks, all_gather_objects, context
 from .heads import SwavNet, convert_batchnorm, global_features
 from .losses import swav_loss
 from .queue import FeatureQueue
@@ -50,11 +49,9 @@ def build_model(in_dim: int, ks: Sequence[int], sw: SwavConfig, seed: int, backb
 
 
 def build_optimizer(model: SwavNet, sw: SwavConfig, finetune: bool) -> torch.optim.Optimizer:
-    head_params = list(model.projection.parameters()) + list(model.prototypes.parameters())
-    groups = [{"params": head_params, "lr": sw.lr, "base_lr": sw.lr}]
-    if finetune:
-        groups.append({"params": list(model.backbone.parameters()), "lr": sw.finetune_lr, "base_lr": sw.finetune_lr})
-    return torch.optim.SGD(groups, lr=sw.lr, momentum=0.9, weight_decay=sw.weight_decay)
+    """SGD on the projection and prototypes; in the finetune stage the backbone too, with its own, smaller lr."""
+    return sgd_optimizer([*model.projection.parameters(), *model.prototypes.parameters()],
+                         model.backbone if finetune else None, sw.lr, sw.finetune_lr, sw.weight_decay)
 
 
 def queue_length(sw: SwavConfig, ks: Sequence[int], batch_size: int, n: int) -> int:
@@ -244,19 +241,10 @@ def _train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
             optimizer.step()
             losses.append(loss.item())
 
-        history["loss"].append(mean_over_ranks(float(np.mean(losses)), ctx) if losses else float("nan"))
-        history["epoch_time_s"].append(time.perf_counter() - t0)
-        log.info("SwAV epoch %d/%d: loss %.4f (%.1fs)", epoch + 1, total_epochs, history["loss"][-1],
-                 history["epoch_time_s"][-1])
-        if ckpt_file is not None:
-            q_state = None if queue is None else queue_state_global(queue, ctx, batch_size)  # a collective: all ranks
-            if ctx.is_main:  # only rank 0 writes; every rank resumes from the same file
-                save_checkpoint(ckpt_file, {"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(),
-                                            "optimizer": optimizer.state_dict(), "stage_finetune": stage_finetune,
-                                            "queue": q_state, "history": history})
-            barrier(ctx)
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
-            raise TrainingInterrupted(f"stopped after epoch {epoch + 1} (testing hook)")
+        end_epoch("SwAV", epoch, total_epochs, losses, t0, history, ctx, ckpt_file, lambda: {
+            "fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "stage_finetune": stage_finetune, "history": history,
+            "queue": None if queue is None else queue_state_global(queue, ctx, batch_size)}, stop_after_epoch)
 
     # ---- final labels from the clean embeddings and the (normalised) prototypes
     model.prototypes.normalize_()
@@ -279,10 +267,7 @@ def _train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
             lab = scores.argmax(1)
         final[kk] = lab.numpy().astype(np.int64)
 
-    chosen = final[k]
     info = {"method": "swav", "mode": "finetune" if finetune else "frozen", "ks": ks, "epochs": total_epochs,
             "queue_length": q_len, "freeze_prototypes_iters": freeze_iters, "final_assign": sw.final_assign, "final": final_stats,
             "resumed_from_epoch": start_epoch, "time_s": time.perf_counter() - t_start, **history}
-    return LabelResult(labels=chosen, confidence=probs[np.arange(n), chosen].astype(np.float32),
-                       prototypes=cluster_prototypes(src, chosen, k),
-                       head_labels={kk: v for kk, v in final.items() if kk != k}, probs=probs, info=info)
+    return label_result(final, k, probs, src, info)
