@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
+from appserver import CHROMIUM, CHROMIUM_ARGS, serve_app  # tests/e2e/appserver.py
 from selflabel.atomic import atomic_save_npy
-from selflabel.review.launch import streamlit_command
 from selflabel.review.store import ReviewStore
 from selflabel.review.thumbs import ThumbCache
 from selflabel.runfiles import LabelRow, write_labels, write_manifest
@@ -83,25 +81,9 @@ def browser_time(run: Path, name: str) -> None:
     except ImportError:
         print("playwright missing: no browser timing")
         return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "SELFLABEL_RUN"}
-    proc = subprocess.Popen(streamlit_command(run, port=port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(150):
-            try:
-                urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
-        args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with serve_app(run) as (url, _proc):
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=args)
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             for label in ("cold", "warm"):
                 if label == "cold":
@@ -120,9 +102,6 @@ def browser_time(run: Path, name: str) -> None:
                 print(f"{'browser: click Open -> cluster heading shown, ' + label:<58s} {heading * 1000:8.0f} ms")
                 print(f"{'browser: click Open -> 48 thumbnails shown, ' + label:<58s} {(time.perf_counter() - t) * 1000:8.0f} ms")
             browser.close()
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 if __name__ == "__main__":

@@ -9,27 +9,19 @@ to 256 colours to stay small.
 """
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
-from selflabel.review.launch import streamlit_command
+from appserver import CHROMIUM, CHROMIUM_ARGS, serve_app  # tests/e2e/appserver.py
 from selflabel.review.store import ReviewStore
 from selflabel.runfiles import read_labels
-
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
 
 def settle(page) -> None:
     """Wait until the script rerun that the last click started has finished."""
@@ -56,21 +48,9 @@ def main() -> None:
         cid = int(sys.argv[3]) if len(sys.argv) > 3 else min(majority, key=lambda c: majority[c].most_common(1)[0][1] / sum(majority[c].values()))
         label = f"{store.names()[cid]} ({store.cluster_size(cid)})"
         worst = [m.path for m in store.members(cid, least_confident=True, limit=2)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "SELFLABEL_RUN"}
-    proc = subprocess.Popen(streamlit_command(run, port=port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(150):
-            try:
-                urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
+    with serve_app(run) as (url, _proc):
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1440, "height": 1050})
             page.set_default_timeout(60_000)
             page.goto(url)
@@ -92,9 +72,6 @@ def main() -> None:
             raw = out.with_suffix(".raw.png")
             page.screenshot(path=str(raw))
             browser.close()
-    finally:
-        proc.terminate()
-        proc.wait(10)
     with Image.open(raw) as im:
         im.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(out, optimize=True)
     raw.unlink()

@@ -6,62 +6,25 @@ Needs Debian's `chromium` (/usr/bin/chromium) and the `playwright` Python packag
 from __future__ import annotations
 
 import csv
-import os
-import shutil
-import socket
-import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from selflabel.review.launch import streamlit_command
+from appserver import CHROMIUM, CHROMIUM_ARGS, serve_app  # tests/e2e/appserver.py
 from selflabel.review.sample import make_sample_run
 from selflabel.review.store import ReviewStore
 
-CHROMIUM = os.environ.get("SELFLABEL_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
 playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()
 def server(tmp_path: Path):
     """(url, run folder, process) of the app serving a synthetic run; stopped afterwards."""
     run = make_sample_run(tmp_path)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "SELFLABEL_RUN"}
-    log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen(streamlit_command(run, "127.0.0.1", port), stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the app did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.2)
+    with serve_app(run, tmp_path / "server.log") as (url, proc):
         yield url, run, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def settle(page) -> None:
