@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import math
 import sys
 import warnings
 from pathlib import Path

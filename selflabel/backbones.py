@@ -19,7 +19,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torchvision import transforms as T
 
 from .errors import BackboneUnavailable, InputError

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist

@@ -59,7 +59,7 @@ def _worker(rank, world, port, method, feats, out):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    res = _train(method, feats, out + f".ckpt")
+    res = _train(method, feats, out + ".ckpt")
     np.savez(out + f".{rank}.npz", labels=res.labels, protos=res.prototypes, probs=res.probs, head3=res.head_labels[3],
              loss=np.array(res.info["loss"]))
     del res
