@@ -19,6 +19,19 @@ import numpy as np
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+def shared_root() -> Path:
+    """`../shared/data` beside the checkout, or $SELFLABEL_SHARED_DATA."""
+    return Path(os.environ.get("SELFLABEL_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+def shared_data(name: str) -> Path:
+    """`<shared root>/<name>`; exits with a one-line message when it is missing."""
+    path = shared_root() / name
+    if not path.is_dir():
+        raise SystemExit(f"{path}: data set not found (set SELFLABEL_SHARED_DATA to the folder holding {name}/)")
+    return path
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

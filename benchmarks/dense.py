@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import machine_info, markdown_table, write_result
+from benchmarks.common import machine_info, markdown_table, shared_root, write_result
 from selflabel.metrics import confusion, miou_hungarian, miou_overcluster
 
 N_CLASSES, VOID = 11, 11
@@ -40,8 +39,7 @@ QUICK_IMAGES = 30
 
 
 def camvid_val() -> Path:
-    root = Path(os.environ.get("SELFLABEL_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-    return root / "camvid" / "val"
+    return shared_root() / "camvid" / "val"
 
 
 def kmeans_parts(sample: np.ndarray, k: int, seed: int = 0):

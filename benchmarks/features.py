@@ -5,7 +5,7 @@ forward, cache write; fresh cache) get to the model alone running on random tens
 shape? Goal: at least 0.8x. Each pipeline run is bracketed by a bare-forward run before and after
 it, and the ratio is taken against their mean, so the slow drift of a shared machine cancels.
 Then: what decoding costs for real photo sizes (imagenette ships 224 px JPEGs), with and without
-JPEG draft decoding, and (when a ratio misses the goal) DataLoader workers vs torch threads.
+JPEG draft decoding (which the library uses), and (when a ratio misses the goal) DataLoader workers vs torch threads.
 
     python -m benchmarks.features [--quick] [--n 256] [--rounds 2] [--device auto] [--workers-table always]
 """
@@ -27,26 +27,18 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `selflabel
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from benchmarks.common import markdown_table, write_result
+from benchmarks.common import markdown_table, shared_data, write_result
 from selflabel.backbones import Backbone, create_backbone
 from selflabel.data import ImageRecord, load_rgb, scan_folder
+from selflabel.data import load_rgb as _library_load_rgb
 from selflabel.features import autocast_dtype, extract_features, resolve_device
 
 BACKBONES = ("mobilenet_v2", "efficientnet_lite0")
 QUICK_BACKBONES = ("tiny_vit",)
 AMPS = ("fp32", "bf16")
 GOAL = 0.8
-
-
-def shared_data(name: str) -> Path:
-    """`../shared/data/<name>` next to the checkout, or under $SELFLABEL_SHARED_DATA."""
-    root = Path(os.environ.get("SELFLABEL_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-    path = root / name
-    if not path.is_dir():
-        raise SystemExit(f"{path}: data set not found (set SELFLABEL_SHARED_DATA to the folder holding {name}/)")
-    return path
 
 
 def stratified(records: Sequence[ImageRecord], n: int | None) -> list[ImageRecord]:
@@ -123,21 +115,25 @@ def pipeline_rate(records: Sequence[ImageRecord], backbone: Backbone, *, batch_s
 
 def bracketed(records, backbone, *, batch_size: int, amp: str, device: torch.device, bare_batches: int,
               num_workers: int = -1) -> dict[str, float]:
-    """bare, pipeline, bare: the pipeline rate against the mean of the two bare rates around it."""
+    """bare, pipeline, bare: the pipeline rate against the better of the two bare rates around it
+    (other load only ever slows a run down, so the faster bare run is the cleaner one)."""
     (b1, c1) = bare_forward_rate(backbone, batch_size=batch_size, n_batches=bare_batches, amp=amp, device=device, with_cpu=True)
     p, split = pipeline_rate(records, backbone, batch_size=batch_size, amp=amp, device=device, num_workers=num_workers)
     (b2, c2) = bare_forward_rate(backbone, batch_size=batch_size, n_batches=bare_batches, amp=amp, device=device, with_cpu=True)
-    bare = (b1 + b2) / 2
-    return {"bare": bare, "bare_spread": abs(b1 - b2) / bare, "pipeline": p, "ratio": p / bare,
-            "cpu_ratio": split.pop("cpu_rate") / ((c1 + c2) / 2), **split}
+    bare, bare_cpu, pipe_cpu = max(b1, b2), max(c1, c2), split.pop("cpu_rate")
+    return {"bare": bare, "bare_cpu": bare_cpu, "bare_spread": abs(b1 - b2) / bare, "pipeline": p, "pipeline_cpu": pipe_cpu,
+            "ratio": p / bare, "cpu_ratio": pipe_cpu / bare_cpu, **split}
 
 
 def rounds(n_rounds: int, records, backbone, **kw) -> dict[str, float]:
-    """`n_rounds` bracketed measurements; medians, and the range of the ratio."""
+    """`n_rounds` bracketed measurements: best pipeline rate over best bare rate (best of each side),
+    the range of the per-round ratios, and the median of the pipeline's own time split."""
     rs = [bracketed(records, backbone, **kw) for _ in range(n_rounds)]
-    out = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+    out = {k: statistics.median(r[k] for r in rs) for k in ("hash", "forward", "gather")}
+    for k in ("bare", "bare_cpu", "pipeline", "pipeline_cpu", "bare_spread"):
+        out[k] = max(r[k] for r in rs)
+    out["ratio"], out["cpu_ratio"] = out["pipeline"] / out["bare"], out["pipeline_cpu"] / out["bare_cpu"]
     out["ratio_lo"], out["ratio_hi"] = min(r["ratio"] for r in rs), max(r["ratio"] for r in rs)
-    out["bare_spread"] = max(r["bare_spread"] for r in rs)
     return out
 
 
@@ -155,20 +151,12 @@ def _log(msg: str) -> None:
     print(f"[features] {msg}", file=sys.stderr, flush=True)
 
 
-# --- decode cost and a draft-mode prototype ---------------------------------------------------
+# --- decode cost with and without JPEG draft decoding ----------------------------------------
 
-def load_rgb_draft(path, *, max_pixels: int = 100_000_000, display: str | None = None, short_side: int = 256):
-    """Prototype of `selflabel.data.load_rgb` with JPEG draft decoding: libjpeg scales by 1/2, 1/4
-    or 1/8 while decoding (DCT domain), to the smallest scale whose short side is still >= `short_side`.
-    Same steps otherwise (size check, first frame, EXIF orientation, RGB); no error mapping."""
-    with Image.open(path) as im:
-        w, h = im.size
-        if w * h > max_pixels:
-            raise ValueError(f"{display or path}: too large")
-        im.draft("RGB", (short_side, short_side))  # no-op for non-JPEG formats
-        im.seek(0)
-        im.load()
-        return ImageOps.exif_transpose(im).convert("RGB")
+def load_rgb_full(path, **kw):
+    """`selflabel.data.load_rgb` with draft decoding turned off: full-size decode, then resize."""
+    kw["draft_size"] = None
+    return _library_load_rgb(path, **kw)
 
 
 def make_photos(records: Sequence[ImageRecord], size: tuple[int, int], dst: Path) -> list[ImageRecord]:
@@ -185,10 +173,10 @@ def make_photos(records: Sequence[ImageRecord], size: tuple[int, int], dst: Path
 
 def decode_ms(records: Sequence[ImageRecord], backbone: Backbone) -> tuple[float, float]:
     """ms per image of decode + the backbone's transform on one thread (what one worker does):
-    (library `load_rgb`, draft prototype), passes alternating, best of three each."""
+    (full decode, draft decode as the library does), passes alternating, best of three each."""
     tf = backbone.transform
-    short = int(round(backbone.image_size / 0.875))
-    loaders = (load_rgb, lambda p: load_rgb_draft(p, short_side=short))
+    short = backbone.decode_size()
+    loaders = (load_rgb, lambda p: load_rgb(p, draft_size=short))
     best = [float("inf")] * 2
     with torch_threads(1):
         for load in loaders:
@@ -203,23 +191,22 @@ def decode_ms(records: Sequence[ImageRecord], backbone: Backbone) -> tuple[float
 
 
 @contextmanager
-def draft_decoding(short_side: int):
-    """Swap `selflabel.data.load_rgb` for the draft prototype (DataLoader workers fork and inherit it)."""
+def full_decoding():
+    """Turn the library's JPEG draft decoding off (DataLoader workers fork and inherit the swap)."""
     import selflabel.data as data
 
-    orig = data.load_rgb
-    data.load_rgb = lambda path, **kw: load_rgb_draft(path, short_side=short_side, **kw)
+    data.load_rgb = load_rgb_full
     try:
         yield
     finally:
-        data.load_rgb = orig
+        data.load_rgb = _library_load_rgb
 
 
-def photos_section(records, backbone_name: str, bs: int, device: torch.device, bare_batches: int, n_photos: int) -> str:
+def photos_section(records, backbone_name: str, bs: int, device: torch.device, bare_batches: int, n_photos: int,
+                   n_rounds: int) -> str:
     """Decode cost by photo size, and the pipeline on 12 MP photos with and without draft decoding."""
     bb = create_backbone(backbone_name)
     amp = library_amp(device)
-    short = int(round(bb.image_size / 0.875))
     bare = bare_forward_rate(bb, batch_size=bs, n_batches=bare_batches, amp=amp, device=device)
     fwd_ms = 1000 / bare
     sizes = [("imagenette as shipped (224x224; draft is a no-op)", None), ("1024x768 (0.8 MP)", (1024, 768)),
@@ -233,14 +220,15 @@ def photos_section(records, backbone_name: str, bs: int, device: torch.device, b
                          f"{expected_ratio(fwd_ms, lib, device):.2f} / {expected_ratio(fwd_ms, dra, device):.2f}"])
             _log(f"decode {label}: {lib:.1f} ms library, {dra:.1f} ms draft")
         photos12 = make_photos(records[:n_photos], (4032, 3024), Path(tmp))
-        lib_r = bracketed(photos12, bb, batch_size=bs, amp=amp, device=device, bare_batches=bare_batches)
-        _log(f"12 MP pipeline: {lib_r['ratio']:.2f}x")
-        with draft_decoding(short):
-            dra_r = bracketed(photos12, bb, batch_size=bs, amp=amp, device=device, bare_batches=bare_batches)
+        with full_decoding():
+            lib_r = rounds(n_rounds, photos12, bb, batch_size=bs, amp=amp, device=device, bare_batches=bare_batches)
+        _log(f"12 MP pipeline, full decode: {lib_r['ratio']:.2f}x")
+        dra_r = rounds(n_rounds, photos12, bb, batch_size=bs, amp=amp, device=device, bare_batches=bare_batches)
         _log(f"12 MP pipeline with draft: {dra_r['ratio']:.2f}x")
-    prow = [[name, f"{r['bare']:.1f}", f"{r['pipeline']:.1f}", f"**{r['ratio']:.2f}x**"]
-            for name, r in (("library `load_rgb` (full decode, then resize)", lib_r),
-                            ("draft-decode prototype (`Image.draft`)", dra_r))]
+    prow = [[name, f"{r['bare']:.1f}", f"{r['pipeline']:.1f}", f"**{r['ratio']:.2f}x**", f"{r['cpu_ratio']:.2f}x",
+             f"{r['hash']:.2f} / {r['forward']:.2f}"]
+            for name, r in (("full decode, then resize (draft off)", lib_r),
+                            ("library as shipped (JPEG draft decoding)", dra_r))]
     return "\n".join([
         f"### Decode cost by photo size ({backbone_name} {amp}, {os.cpu_count()} CPU cores)",
         "",
@@ -252,16 +240,17 @@ def photos_section(records, backbone_name: str, bs: int, device: torch.device, b
         if device.type == "cpu" else
         f"on a GPU the {default_workers()} workers decode in parallel with the forward: min(1, W f / d)."),
         "",
-        markdown_table(["images", "decode ms/img (library)", "decode ms/img (draft)", "draft speed-up",
-                        "decode / forward (library)", "decode / forward (draft)", "expected pipeline / bare (library / draft)"], rows),
+        markdown_table(["images", "decode ms/img (full)", "decode ms/img (draft)", "draft speed-up",
+                        "decode / forward (full)", "decode / forward (draft)", "expected pipeline / bare (full / draft)"], rows),
         "",
-        f"Pipeline vs bare on {len(photos12)} such 12 MP photos (bracketed as above, workers {default_workers()}; "
-        "the draft row swaps `selflabel.data.load_rgb` for the prototype `load_rgb_draft` in this file). "
+        f"Pipeline vs bare on {len(photos12)} such 12 MP photos ({n_rounds} bracketed round(s) as above, workers {default_workers()}; "
+        "the full-decode row turns the library's draft decoding off). "
         f"A DataLoader worker builds a whole batch, so each of the first {default_workers()} batches of {bs} images is "
         "decoded by one worker alone before the first forward: on a run this short that start-up weighs, and the "
         "ratios stay below the steady-state 'expected' column above.",
         "",
-        markdown_table(["decode", "bare img/s", "pipeline img/s", "pipeline / bare"], prow),
+        markdown_table(["decode", "bare img/s", "pipeline img/s", "pipeline / bare", "same, per CPU second",
+                        "pipeline s: hash / decode+forward"], prow),
     ])
 
 
@@ -338,11 +327,13 @@ def main(argv: list[str] | None = None) -> str:
     parts = [
         "## Feature extraction: pipeline vs bare model" + (" (quick)" if args.quick else ""),
         "",
-        f"{len(records)} imagenette-val images (224 px JPEGs) per round, {n_rounds} round(s), medians shown; "
+        f"{len(records)} imagenette-val images (224 px JPEGs) per round, {n_rounds} round(s); "
         f"device {device}, batch {bs}, DataLoader workers {default_workers()} (library default), torch threads "
         f"{torch.get_num_threads()}. Pipeline = `extract_features` with a fresh temporary cache (hash + decode + "
         "resize + forward + cache write). Bare = the same model on a random tensor already on the device, "
-        f"{bare_batches} batches right before and right after each pipeline run; 'bare drift' = how much those two "
+        f"{bare_batches} batch(es) right before and right after each pipeline run. The ratio is the best pipeline rate "
+        "over the best bare rate (other load only ever slows a run down); '(range)' = the per-round ratios; "
+        "'bare drift' = how much the two bare runs of a round "
         "differed (the machine's noise: other processes share these cores). 'Per CPU second' compares images per "
         "CPU second (this process plus its DataLoader workers) instead of per wall second: less sensitive to "
         "other load, but it also counts the threads' spin-waiting.",
@@ -353,7 +344,7 @@ def main(argv: list[str] | None = None) -> str:
         parts += ["", "tiny_vit is a random-init test model at 64 px: its forward outruns JPEG decoding and the "
                   "DataLoader start-up, so its row checks the harness, not the goal."]
     if not args.quick and args.photos > 0:
-        parts += ["", photos_section(records, backbones[0], bs, device, bare_batches, args.photos)]
+        parts += ["", photos_section(records, backbones[0], bs, device, bare_batches, args.photos, n_rounds)]
     if args.workers_table == "always" or (args.workers_table == "auto" and missed and not args.quick):
         parts += ["", workers_section(records, backbones[0], bs, device, bare_batches)]
     text = "\n".join(parts) + "\n"

@@ -13,7 +13,6 @@ input layer) and K = the number of classes. Scores: NMI, ARI, Hungarian accuracy
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,19 +23,10 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `selflabel
 
 import numpy as np
 
-from benchmarks.common import machine_info, markdown_table, write_result
+from benchmarks.common import machine_info, markdown_table, shared_data, write_result
 
 DATASETS = ("imagenette-val", "cifar10-test")
 WARD_MAX = 10_000  # Ward is O(N^2) memory: subsample above this many images
-
-
-def shared_data(name: str) -> Path:
-    """`../shared/data/<name>` beside the checkout, or under $SELFLABEL_SHARED_DATA."""
-    root = Path(os.environ.get("SELFLABEL_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-    path = root / name
-    if not path.is_dir():
-        raise SystemExit(f"{path}: data set not found (set SELFLABEL_SHARED_DATA to the folder holding {name}/)")
-    return path
 
 
 def load_features(name: str, backbone: str = "mobilenet_v2") -> tuple[np.ndarray, np.ndarray]:
