@@ -148,3 +148,92 @@ def test_failed_rank_stops_the_job(tmp_path):
     assert proc.returncode != 0
     assert time.perf_counter() - t0 < 60
     assert "failed on purpose" in proc.stdout + proc.stderr
+
+
+# ---- end-to-end fine-tuning under DDP: image crops through the backbone inside the DDP forward, the
+# backbone's BatchNorm2d on global-batch statistics (GlobalBatchNorm2d), each rank its slice of every batch
+FINETUNE_CASES = {
+    "sela": ["sela.epochs=1", "sela.finetune_epochs=2", "sela.batch_size=12", "sela.finetune_lr=0.05",
+             "sela.label_updates=3"],
+    "swav": ["swav.epochs=1", "swav.finetune_epochs=2", "swav.batch_size=12", "swav.nmb_crops=[2,2]",
+             "swav.freeze_prototypes_iters=0", "swav.hidden_dim=32", "swav.proj_dim=16"],
+}
+
+
+def _finetune_inputs(root):
+    """36 generated images (3 colours of square on noise) as files, the tiny CNN's initial state, features."""
+    import torch
+    from PIL import Image
+
+    from selflabel.backbones import create_backbone
+
+    rng = np.random.default_rng(0)
+    colors = [(220, 30, 30), (30, 200, 40), (40, 40, 220)]
+    paths = []
+    for i in range(36):
+        arr = rng.integers(0, 60, size=(40, 40, 3), dtype=np.uint8)
+        arr[8:32, 8:32] = colors[i % 3]
+        paths.append(root / f"img{i:02d}.png")
+        Image.fromarray(arr).save(paths[-1])
+    bb = create_backbone("tiny")
+    bb.image_size = 32
+    torch.save(bb.state_dict(), root / "init.pt")
+    with torch.no_grad():
+        feats = bb(torch.stack([bb.make_transform(32)(Image.open(p).convert("RGB")) for p in paths])).global_feat.numpy()
+    return paths, feats
+
+
+def _finetune(method, paths, feats, init):
+    import torch
+
+    from selflabel.backbones import create_backbone
+    from selflabel.train.sela import train_sela
+    from selflabel.train.swav import train_swav
+
+    bb = create_backbone("tiny")
+    bb.image_size = 32
+    bb.load_state_dict(torch.load(init, weights_only=True))
+    cfg = load_config(None, [*FINETUNE_CASES[method], "seed=3", "cluster.finetune=true", "backbone.num_workers=0"])
+    fn = train_sela if method == "sela" else train_swav
+    res = fn(feats, 3, cfg, records=list(paths), backbone=bb)
+    return res, {k: v.detach().numpy().copy() for k, v in bb.state_dict().items() if v.dtype.is_floating_point}
+
+
+def _finetune_worker(rank, world, port, method, paths, feats, init, out):
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    res, weights = _finetune(method, paths, feats, init)
+    np.savez(out + f".{rank}.npz", labels=res.labels, probs=res.probs, loss=np.array(res.info["loss"]),
+             **{"bb." + k: v for k, v in weights.items()})
+    from selflabel.distributed import context, shutdown
+
+    shutdown(context())
+
+
+@pytest.mark.parametrize("method", ["sela", "swav"])
+def test_ddp_finetune_equals_single_process(tmp_path, method):
+    paths, feats = _finetune_inputs(tmp_path)
+    single, weights = _finetune(method, paths, feats, tmp_path / "init.pt")
+    assert single.info["mode"] == "finetune"
+    out = str(tmp_path / method)
+    mp.spawn(_finetune_worker, args=(2, _free_port(), method, paths, feats, tmp_path / "init.pt", out), nprocs=2, join=True)
+    r0, r1 = np.load(out + ".0.npz"), np.load(out + ".1.npz")
+    np.testing.assert_array_equal(r0["labels"], r1["labels"])
+    np.testing.assert_array_equal(r0["labels"], single.labels)
+    np.testing.assert_allclose(r0["probs"], single.probs, atol=1e-4)
+    np.testing.assert_allclose(r0["loss"], single.info["loss"], rtol=1e-4)
+    trained = [k for k in weights if not np.array_equal(weights[k], torch_init(tmp_path)[k])]
+    assert any(k.startswith("net.0.") for k in trained)  # the backbone was trained end to end ...
+    for k, v in weights.items():  # ... to the same weights and BatchNorm statistics on both ranks and in one process
+        np.testing.assert_allclose(r0["bb." + k], v, atol=1e-4, err_msg=k)
+        np.testing.assert_array_equal(r0["bb." + k], r1["bb." + k])
+
+
+def torch_init(root):
+    import torch
+
+    return {k: v.numpy() for k, v in torch.load(root / "init.pt", weights_only=True).items()}

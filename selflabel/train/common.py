@@ -82,16 +82,13 @@ def is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def check_distributed(ctx, batch_size: int, finetune: bool) -> None:
+def check_distributed(ctx, batch_size: int) -> None:
     """DDP keeps single-process semantics only when every rank gets an equal slice of each global batch."""
     if not ctx.enabled:
         return
     if batch_size % ctx.world_size:
         raise InputError(f"the batch size ({batch_size}) must be divisible by the number of processes "
                          f"({ctx.world_size}) so every rank trains on an equal slice; change the batch size or --nproc_per_node")
-    if finetune:
-        raise InputError("finetune mode is not supported under torchrun yet (frozen-feature training is); "
-                         "run the finetune in a single process")
 
 
 def wrap_ddp(model: torch.nn.Module, ctx, device: str | torch.device) -> torch.nn.Module:
@@ -100,6 +97,21 @@ def wrap_ddp(model: torch.nn.Module, ctx, device: str | torch.device) -> torch.n
         return model
     dev = torch.device(device)
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def wrap_stage(model: torch.nn.Module, ctx, device: str | torch.device, train_backbone: bool) -> torch.nn.Module:
+    """The (DDP-wrapped) model for one training stage. The backbone's parameters take gradients only in
+    the end-to-end stage; DDP expects a gradient for every parameter it was built with, so each stage
+    gets its own wrapper (building one broadcasts rank 0's state, which all ranks already share)."""
+    if getattr(model, "backbone", None) is not None:
+        model.backbone.requires_grad_(train_backbone)
+    return wrap_ddp(model, ctx, device)
+
+
+def rank_order(perm: Tensor, steps: int, batch_size: int, lo: int, hi: int) -> list[int]:
+    """This rank's samples [lo, hi) of each global batch of `perm`, batch after batch (for a DataLoader
+    whose batch size is hi - lo): every rank an equal slice, so DDP's averaged gradient is the global one."""
+    return torch.cat([perm[s * batch_size + lo:s * batch_size + hi] for s in range(steps)]).tolist()
 
 
 def seeded_init(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:

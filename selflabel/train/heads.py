@@ -166,23 +166,28 @@ class SwavNet(nn.Module):
     def project(self, x: Tensor) -> Tensor:
         return self.projection(x)
 
-    def forward(self, x: Tensor, *, from_images: bool = False, prepared: bool = False) -> tuple[Tensor, list[Tensor]]:
-        """`prepared=True`: x is already prepared (views); going through forward lets DDP sync gradients."""
+    def forward(self, x: Tensor | Sequence[Tensor], *, from_images: bool = False,
+                prepared: bool = False) -> tuple[Tensor, list[Tensor]]:
+        """`prepared=True`: x is already prepared (views); going through forward lets DDP sync gradients.
+        `from_images=True`: x is a batch of images or a list of them, one per crop resolution (multi-crop),
+        each through the backbone in one pass; the outputs are concatenated in that order."""
         if not prepared:
             if from_images:
-                x = global_features(self.backbone, x)
+                groups = [x] if isinstance(x, Tensor) else list(x)
+                x = torch.cat([global_features(self.backbone, g) for g in groups])
             x = self.prep(x)
         z = self.project(x)
         return z, self.prototypes(z)
 
 
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics are those of the GLOBAL batch (all ranks' slices).
+class _GlobalBatchNorm:
+    """Batch norm whose training statistics are those of the GLOBAL batch (all ranks' slices).
 
     `nn.SyncBatchNorm` refuses CPU modules ("SyncBatchNorm layers only work with GPU modules", torch 2.14),
-    so on CPU/gloo the per-rank sums (count, sum, sum of squares) are all-reduced with the autograd-aware
-    `torch.distributed.nn.functional.all_reduce`: forward and gradients equal BatchNorm1d on the whole
-    batch in one process (up to summation order). Same parameters, buffers and state_dict as BatchNorm1d.
+    so on CPU/gloo the per-rank sums (count, sum, sum of squares per channel) are all-reduced with the
+    autograd-aware `torch.distributed.nn.functional.all_reduce`: forward and gradients equal plain batch
+    norm on the whole batch in one process (up to summation order). Same parameters, buffers and
+    state_dict as the torch class it extends.
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -192,32 +197,48 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
         from torch.distributed.nn.functional import all_reduce
 
-        n_local = torch.full((1,), float(x.shape[0]), dtype=x.dtype, device=x.device)
+        c = x.shape[1]
+        dims = [0, *range(2, x.ndim)]  # every axis but the channels
+        n_local = torch.full((1,), float(x.numel() // c), dtype=x.dtype, device=x.device)
         with warnings.catch_warnings():  # "deprecated" in 2.14, but its replacement is private API
             warnings.simplefilter("ignore", FutureWarning)
-            stats = all_reduce(torch.cat([n_local, x.sum(0), (x * x).sum(0)]))
+            stats = all_reduce(torch.cat([n_local, x.sum(dims), (x * x).sum(dims)]))
         n = stats[0]
-        mean = stats[1 : 1 + x.shape[1]] / n
-        var = (stats[1 + x.shape[1] :] / n - mean * mean).clamp_min(0)  # biased, as BatchNorm normalises
+        mean = stats[1 : 1 + c] / n
+        var = (stats[1 + c :] / n - mean * mean).clamp_min(0)  # biased, as batch norm normalises
         with torch.no_grad():
             m = self.momentum if self.momentum is not None else 0.1
             self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
             self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
             self.num_batches_tracked.add_(1)
-        out = (x - mean) / torch.sqrt(var + self.eps)
-        return out * self.weight + self.bias if self.affine else out
+        shape = (1, c) + (1,) * (x.ndim - 2)
+        out = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+        return out * self.weight.view(shape) + self.bias.view(shape) if self.affine else out
+
+
+class GlobalBatchNorm1d(_GlobalBatchNorm, nn.BatchNorm1d):
+    """BatchNorm1d with global-batch statistics under torch.distributed (see `_GlobalBatchNorm`)."""
+
+
+class GlobalBatchNorm2d(_GlobalBatchNorm, nn.BatchNorm2d):
+    """BatchNorm2d with global-batch statistics under torch.distributed: a fine-tuned CNN backbone on CPU."""
 
 
 def convert_batchnorm(module: nn.Module, distributed: bool, cuda: bool) -> nn.Module:
-    """Under DDP, batch statistics over the global batch: nn.SyncBatchNorm on GPUs, GlobalBatchNorm1d on CPU."""
+    """Under DDP, batch statistics over the global batch: nn.SyncBatchNorm on GPUs, GlobalBatchNorm1d/2d on CPU.
+
+    Only plain BatchNorm1d/2d are converted on CPU; a subclass (e.g. timm's BatchNormAct2d) keeps per-rank
+    statistics, which trains as well but is not bit-comparable with a single process."""
     if not distributed:
         return module
     if cuda:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
-        if type(child) is nn.BatchNorm1d:
-            new = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+        glob = {nn.BatchNorm1d: GlobalBatchNorm1d, nn.BatchNorm2d: GlobalBatchNorm2d}.get(type(child))
+        if glob is not None:
+            new = glob(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
             new.load_state_dict(child.state_dict())
+            new.train(child.training)
             setattr(module, name, new)
         else:
             convert_batchnorm(child, distributed, cuda)

@@ -37,7 +37,8 @@ from .augment import feature_view, make_generator, pick_cached_views
 from .checkpoint import checkpoint_path, fingerprint, load_checkpoint
 from .common import (FeatureSource, check_distributed, check_features, check_finetune, cosine_lr, cpu_threads,
                      data_digest, end_epoch, head_ks, image_loader, image_views_for, label_result, num_workers,
-                     prior_marginal, seeded_init, sgd_optimizer, update_epochs, wrap_ddp)
+                     prior_marginal, rank_order, seeded_init, sgd_optimizer, update_epochs,
+                     wrap_stage)
 from ..distributed import all_gather_blocks, context
 from .heads import SelaNet, convert_batchnorm
 from .losses import multihead_cross_entropy
@@ -112,7 +113,8 @@ def predict_log_probs(model: SelaNet, src: FeatureSource, batch_size: int, *, re
         lo, hi = rows if rows is not None else (0, src.n)
         batches = ((src.rows(torch.arange(s, min(s + batch_size, hi))), False) for s in range(lo, hi, batch_size))
     else:
-        loader = image_loader(records, views, 0, 0, range(len(records)), batch_size, workers, plain=True)
+        lo, hi = rows if rows is not None else (0, len(records))
+        loader = image_loader(records, views, 0, 0, range(lo, hi), batch_size, workers, plain=True)
         batches = ((x.to(src.device), True) for x in loader)
     for x, from_images in batches:
         for h, logits in enumerate(model(x, from_images=from_images)):
@@ -158,7 +160,7 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
     updates = update_epochs(total_epochs, scfg.label_updates)
     steps_per_epoch = max(1, n // scfg.batch_size)  # drop_last: BatchNorm needs > 1 sample
     batch_size = min(scfg.batch_size, n)
-    check_distributed(ctx, batch_size, finetune)
+    check_distributed(ctx, batch_size)
     lo, hi = ctx.block(batch_size)  # this rank's slice of every global batch (equal slices)
     row_block = ctx.block(n)  # this rank's rows for the label step
 
@@ -187,7 +189,7 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
         labels = [t.clone() for t in state["labels"]]
         history = state["history"]
         log.info("SeLa: resuming from %s after epoch %d/%d", ckpt_file, start_epoch, total_epochs)
-    ddp = wrap_ddp(model, ctx, device)  # `model` itself in a single process
+    ddp = wrap_stage(model, ctx, device, stage_finetune)  # `model` itself in a single process
 
     for epoch in range(start_epoch, total_epochs):
         t0 = time.perf_counter()
@@ -195,6 +197,7 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
         if in_finetune and not stage_finetune:  # entering the end-to-end stage: new optimiser with the backbone
             stage_finetune = True
             optimizer = build_optimizer(model, scfg, finetune=True)
+            ddp = wrap_stage(model, ctx, device, True)
 
         # 1. labels: Sinkhorn over the whole data set, per head
         if epoch in updates:
@@ -218,7 +221,8 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
         stage_epochs = (scfg.finetune_epochs if in_finetune else scfg.epochs)
         perm = torch.randperm(n, generator=make_generator(seed, epoch, 1))
         if in_finetune:
-            batches = image_loader(records, image_views, seed, epoch, perm.tolist(), batch_size, workers, drop_last=True)
+            order = rank_order(perm, steps_per_epoch, batch_size, lo, hi)
+            batches = image_loader(records, image_views, seed, epoch, order, hi - lo, workers, drop_last=True)
         else:
             batches = (perm[s * batch_size:(s + 1) * batch_size] for s in range(steps_per_epoch))
         losses = []
@@ -227,8 +231,8 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(group["base_lr"], it, stage_epochs * steps_per_epoch)
             if in_finetune:
-                idx = perm[step * batch_size:(step + 1) * batch_size]
-                logits = model(batch[0].to(device), from_images=True)
+                idx = perm[step * batch_size + lo:step * batch_size + hi]  # this rank's slice, as rank_order
+                logits = ddp(batch[0].to(device), from_images=True)
             else:
                 idx = batch
                 gen = make_generator(seed, epoch, step, 2)

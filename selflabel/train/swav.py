@@ -33,7 +33,7 @@ from .augment import feature_view, make_generator
 from .checkpoint import checkpoint_path, fingerprint, load_checkpoint
 from .common import (FeatureSource, check_distributed, check_features, check_finetune, cosine_lr, cpu_threads,
                      data_digest, end_epoch, head_ks, image_loader, image_views_for, label_result, num_workers,
-                     prior_marginal, seeded_init, sgd_optimizer, wrap_ddp)
+                     prior_marginal, rank_order, seeded_init, sgd_optimizer, wrap_stage)
 from ..distributed import DistContext, all_gather_blocks, all_gather_objects, context
 from .heads import SwavNet, convert_batchnorm, global_features
 from .losses import swav_loss
@@ -93,15 +93,21 @@ def queue_state_local(state: dict, ctx: DistContext, batch_size: int) -> dict:
 
 # ----------------------------------------------------------------------------- one SwAV step
 def swav_step(model: SwavNet, views: list[Tensor], queue: FeatureQueue | None, sw: SwavConfig, n_assign: int,
-              distributed: bool) -> Tensor:
-    """Loss of one batch given its prepared views (each [B, D] features or, after the backbone, embeddings).
+              distributed: bool, from_images: bool = False) -> Tensor:
+    """Loss of one batch given its prepared views (each [B, D] features), or with `from_images` its image
+    crops (one tensor per resolution, the views of that resolution stacked: [V_r * B, 3, H_r, W_r]).
 
-    `model` may be the DDP wrapper: the forward pass goes through it so gradients are averaged over ranks;
-    with `distributed` each rank holds its slice of the batch and the Sinkhorn marginals are all-reduced.
+    `model` may be the DDP wrapper: the forward pass (backbone included) goes through it so gradients are
+    averaged over ranks; with `distributed` each rank holds its slice of the batch and the Sinkhorn
+    marginals are all-reduced.
     """
-    bs = views[0].shape[0]
     net = getattr(model, "module", model)
-    z, all_scores = model(torch.cat(views), prepared=True)  # z [V*B, P], unit norm
+    if from_images:
+        bs = views[0].shape[0] // n_assign  # the first group holds the n_assign large views
+        z, all_scores = model(views, from_images=True)  # z [V*B, P], unit norm
+    else:
+        bs = views[0].shape[0]
+        z, all_scores = model(torch.cat(views), prepared=True)
     loss = 0.0
     for layer, layer_scores in zip(net.prototypes.layers, all_scores):  # one swapped-prediction problem per head
         scores = layer_scores.split(bs)
@@ -165,7 +171,7 @@ def _train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
     batch_size = min(sw.batch_size, n)
     steps_per_epoch = max(1, n // batch_size)
     total_epochs = sw.epochs + (sw.finetune_epochs if finetune else 0)
-    check_distributed(ctx, batch_size, finetune)
+    check_distributed(ctx, batch_size)
     lo, hi = ctx.block(batch_size)  # this rank's slice of every global batch (equal slices)
     q_len = queue_length(sw, ks, batch_size, n)  # global; each rank queues its own slices (q_len / world rows)
     # main_swav.py freezes the prototypes for ~300 of many thousand iterations; on a short schedule
@@ -197,7 +203,7 @@ def _train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
             queue.load_state_dict(queue_state_local(state["queue"], ctx, batch_size))
         history = state["history"]
         log.info("SwAV: resuming from %s after epoch %d/%d", ckpt_file, start_epoch, total_epochs)
-    ddp = wrap_ddp(model, ctx, device)  # `model` itself in a single process
+    ddp = wrap_stage(model, ctx, device, stage_finetune)  # `model` itself in a single process
 
     for epoch in range(start_epoch, total_epochs):
         t0 = time.perf_counter()
@@ -205,6 +211,7 @@ def _train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
         if in_finetune and not stage_finetune:
             stage_finetune = True
             optimizer = build_optimizer(model, sw, finetune=True)
+            ddp = wrap_stage(model, ctx, device, True)
         if q_len > 0 and epoch >= sw.queue_start_epoch and queue is None:  # as main_swav.py: start the queue
             queue = FeatureQueue(n_large, q_len // ctx.world_size, sw.proj_dim, device)
 
@@ -212,7 +219,8 @@ def _train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
         stage_start, stage_epochs = (sw.epochs, sw.finetune_epochs) if in_finetune else (0, sw.epochs)
         perm = torch.randperm(n, generator=make_generator(seed, epoch, 1))
         if in_finetune:
-            batches = image_loader(records, image_views, seed, epoch, perm.tolist(), batch_size, workers, drop_last=True)
+            order = rank_order(perm, steps_per_epoch, batch_size, lo, hi)
+            batches = image_loader(records, image_views, seed, epoch, order, hi - lo, workers, drop_last=True)
         else:
             batches = (perm[s * batch_size:(s + 1) * batch_size] for s in range(steps_per_epoch))
         losses = []
@@ -222,17 +230,16 @@ def _train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
                 group["lr"] = cosine_lr(group["base_lr"], (epoch - stage_start) * steps_per_epoch + step,
                                         stage_epochs * steps_per_epoch)
             model.prototypes.normalize_()  # prototypes on the unit sphere before every step
-            if in_finetune:  # real multi-crop: one backbone pass per resolution, as main_swav.py
-                large = global_features(model.backbone, torch.cat(batch[:n_large]).to(device))
-                feats = [large] + ([global_features(model.backbone, torch.cat(batch[n_large:]).to(device))] if n_small else [])
-                views = list(model.prep(torch.cat(feats)).split(batch[0].shape[0]))
+            if in_finetune:  # real multi-crop: one backbone pass per resolution (as main_swav.py), inside the DDP forward
+                crops = [torch.cat(batch[:n_large]).to(device)] + ([torch.cat(batch[n_large:]).to(device)] if n_small else [])
+                loss = swav_step(ddp, crops, queue, sw, n_large, distributed, from_images=True)
             else:
                 x = model.prep(src.rows(batch))
                 gen = make_generator(seed, epoch, step, 2)
                 views = [feature_view(x, gen, sw.feature_noise, sw.feature_dropout) for _ in range(n_large)]
                 views += [feature_view(x, gen, sw.small_noise, sw.small_dropout) for _ in range(n_small)]
                 views = [v[lo:hi] for v in views]  # noise drawn for the global batch, then this rank's slice
-            loss = swav_step(ddp, views, queue, sw, n_large, distributed)
+                loss = swav_step(ddp, views, queue, sw, n_large, distributed)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if it < freeze_iters:  # main_swav.py: no prototype update for the first iterations
