@@ -223,6 +223,46 @@ def test_dense_view(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert "concept mask overlay" in [c for img in at.get("image") for c in img.captions]
 
 
+def test_rename_concept_and_reject_then_export_dense_coco(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pycocotools.coco import COCO
+
+    from selflabel.export.coco import rle_to_mask
+
+    run = make_sample_run(tmp_path, dense=True)
+    entries = json.loads((run / "dense" / "dense.json").read_text())["images"]
+    at = show(open_app(run, monkeypatch), "Dense")
+    at.selectbox(key="concept").set_value(2)
+    at.text_input(key="concept_name").input("road sign")
+    click(at, "rename_concept")
+    assert list(at.dataframe[0].value["name"]) == ["concept_01", "road sign", "concept_03", "concept_04"]
+    assert db(run).concept_names() == {2: "road sign"}
+    # reject the first dense image in its cluster, then export COCO from the Export view
+    first = entries[0]["id"]
+    db(run).set_status([first], "rejected")
+    show(at, "Export")
+    click(at, "export|coco")
+    coco = COCO(str(run / "exports" / "coco.json"))
+    names = {c["name"] for c in coco.loadCats(coco.getCatIds())}
+    assert "road sign" in names and "concept_02" not in names
+    files = {im["file_name"] for im in coco.loadImgs(coco.getImgIds())}
+    assert files == {e["id"] for e in entries[1:]}  # the rejected image is left out
+    for im in coco.loadImgs(coco.getImgIds()):  # masks still decode to the label maps, concept by concept
+        entry = next(e for e in entries if e["id"] == im["file_name"])
+        lm = np.asarray(Image.open(run / "dense" / entry["map"]))
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[im["id"]])):
+            assert rle_to_mask(ann["segmentation"]).sum() == ann["area"] and (lm[rle_to_mask(ann["segmentation"]) > 0] > 0).all()
+    # two undos (the rejection, then the rename) bring the default name back; the CLI's export sees it
+    click(at, "undo")
+    assert db(run).concept_names() == {2: "road sign"} and db(run).member(first).status == "ok"
+    click(at, "undo")
+    assert db(run).concept_names() == {}
+    from selflabel.export import export_run
+
+    path, n = export_run(run, "coco", tmp_path / "cli.json")
+    coco = COCO(str(path))
+    assert n == 4 and "concept_02" in {c["name"] for c in coco.loadCats(coco.getCatIds())}
+
+
 def test_no_run_folder_is_an_error_not_a_crash(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SELFLABEL_RUN", str(tmp_path))
     at = AppTest.from_file(str(APP), default_timeout=30).run()

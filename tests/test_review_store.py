@@ -14,7 +14,8 @@ import pytest
 
 from selflabel.errors import InputError
 from selflabel.review.sample import CLASSES, make_sample_run
-from selflabel.review.store import ConflictError, ReviewStore, default_name, effective_labels, split_labels
+from selflabel.review.store import (ConflictError, ReviewStore, default_name, effective_concept_names, effective_labels,
+                                   split_labels)
 from selflabel.runfiles import read_labels
 
 
@@ -31,6 +32,7 @@ def snapshot(store: ReviewStore):
 def assert_consistent(store: ReviewStore) -> None:
     """The stored state is exactly labels.csv with the active edits replayed."""
     assert store.state() == store.replay()
+    assert (*store.state(), store.concept_names()) == store.replay(concepts=True)
 
 
 def test_seeds_from_labels_in_wal_mode(run: Path) -> None:
@@ -256,3 +258,24 @@ def test_a_changed_labels_csv_is_refused(run: Path) -> None:
         ReviewStore(run)
     with pytest.raises(InputError, match="different labels.csv"):
         effective_labels(run)
+
+
+def test_concept_renames_are_edits_with_exact_undo(run: Path) -> None:
+    with ReviewStore(run) as s:
+        assert s.concept_names() == {} and effective_concept_names(run) == {}
+        first = s.rename_concept(2, "  car ", known=[1, 2, 3])
+        assert s.concept_names() == {2: "car"}
+        assert s.rename_concept(2, "car") is None  # no change, no log row
+        s.rename_concept(2, "vehicle")
+        s.rename(1, "grass")  # cluster names and concept names are separate
+        assert s.concept_names() == {2: "vehicle"} and s.names()[1] == "grass"
+        assert_consistent(s)
+        with pytest.raises(InputError, match="empty"):
+            s.rename_concept(2, "   ")
+        with pytest.raises(InputError, match="concept 9 does not exist"):
+            s.rename_concept(9, "x", known=[1, 2, 3])
+        s.undo(2)
+        assert s.concept_names() == {2: "car"} and s.names()[1] == default_name(1)
+        assert_consistent(s)
+        assert [e.kind for e in s.history()][-1:] == ["rename_concept"] and s.history()[-1].id == first
+    assert effective_concept_names(run) == {2: "car"}  # as the CLI's export reads it

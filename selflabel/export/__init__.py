@@ -40,10 +40,11 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, 
 
 
 def _export_coco(run: Path, manifest: dict, rows, names, rejected, target: Path) -> int:
-    """Dense runs: instance masks with the user's concept names; otherwise one whole-image box per image."""
+    """Dense runs: instance masks with the user's concept names, rejected images left out; otherwise one
+    whole-image box per image."""
+    from ..review.store import effective_concept_names
     from . import coco
 
-    dense_coco = run / "dense" / "coco.json"
-    if dense_coco.is_file():
-        return coco.export_coco_dense(run, target)
+    if (run / "dense" / "dense.json").is_file():
+        return coco.export_coco_dense(run, target, names=effective_concept_names(run), rejected=rejected)
     return coco.export_coco_image_level(rows, names, manifest["data_root"], target, rejected)

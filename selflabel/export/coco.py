@@ -180,12 +180,12 @@ def export_coco_image_level(rows: Iterable[Any], names: Mapping[int, str], data_
 
 
 def export_coco_dense(run_dir: str | Path, out_path: str | Path | None = None,
-                      names: Mapping[int, str] | None = None) -> int:
+                      names: Mapping[int, str] | None = None, rejected: set[str] | None = None) -> int:
     """COCO instances from a dense run's concept maps (`dense/dense.json` + `dense/maps/*.png`).
 
     Thing concepts give one annotation per connected component, stuff concepts one per image.
     `names` renames concepts (concept id -> name); defaults are the names stored in dense.json.
-    Returns the number of images.
+    Images in `rejected` (ids as in labels.csv) are left out. Returns the number of images.
     """
     from PIL import Image
 
@@ -202,6 +202,8 @@ def export_coco_dense(run_dir: str | Path, out_path: str | Path | None = None,
     things = {cid for cid, kind in kinds.items() if kind == "thing"}
     images, anns = [], []
     for entry in meta["images"]:
+        if rejected and entry["id"] in rejected:
+            continue
         lm = np.asarray(Image.open(dense_dir / entry["map"]))
         image_id = len(images) + 1
         images.append({"id": image_id, "file_name": entry["id"], "width": int(lm.shape[1]), "height": int(lm.shape[0])})

@@ -292,21 +292,30 @@ def map_view(store: ReviewStore, run: Path) -> None:
         tooltip=["path", "cluster"]).interactive(), width="stretch")
 
 
-def dense_view(run: Path) -> None:
+def dense_view(store: ReviewStore, run: Path) -> None:
     import pandas as pd
 
     dense = run / DENSE
     meta = dense_meta(run)
-    concepts = [c for c in meta.get("concepts", []) if isinstance(c, dict) and "id" in c]
+    renamed = store.concept_names()
+    concepts = [{**c, "name": renamed.get(int(c["id"]), str(c.get("name", c["id"])))}
+                for c in meta.get("concepts", []) if isinstance(c, dict) and "id" in c]
+    names = {int(c["id"]): c["name"] for c in concepts}
     graph_file = dense / "graph.json"
     if graph_file.is_file():
         st.header("Concept graph")
         parts = st.toggle("Show the part graph (nodes = parts, coloured by concept)", key="part_graph")
-        draw_graph(json.loads(graph_file.read_text(encoding="utf-8")),
-                   {int(c["id"]): str(c.get("name", c["id"])) for c in concepts}, parts=parts)
+        draw_graph(json.loads(graph_file.read_text(encoding="utf-8")), names, parts=parts)
     if concepts:
         cols = [k for k in ("id", "name", "kind", "area_fraction", "n_images", "n_annotations") if k in concepts[0]]
         st.dataframe(pd.DataFrame([{k: c.get(k) for k in cols} for c in concepts]), hide_index=True)
+        # a concept's name is its COCO category; two concepts given one name export as one category
+        left, mid, right = st.columns([2, 3, 1], vertical_alignment="bottom")
+        cid = left.selectbox("Concept", list(names), format_func=lambda c: f"{c}: {names[c]}", key="concept")
+        mid.text_input("New name", key="concept_name", placeholder="e.g. car")
+        right.button("Rename concept", key="rename_concept", on_click=lambda: act(
+            store.rename_concept, st.session_state["concept"], st.session_state.get("concept_name") or "",
+            known=list(names), done="Concept renamed."))
     overlays = sorted((dense / "overlays").glob("*.png"))
     st.header(f"Mask overlays ({len(overlays)})")
     by_file = {v.get("overlay"): k for k, v in dense_index(run).items()}
@@ -412,7 +421,7 @@ def main() -> None:
     elif view == "Map":
         map_view(store, run)
     elif view == "Dense":
-        dense_view(run)
+        dense_view(store, run)
     else:
         export_view(run)
 

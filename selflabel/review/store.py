@@ -5,7 +5,8 @@
 - `edits`: one row per user action (rename, merge, split, move, status, undo). Rows are never
   updated or deleted (triggers enforce it). Each row stores the action's arguments and its
   exact changes as before/after pairs, so undo restores the previous state exactly.
-- `images`, `names`: the current state, i.e. labels.csv with every active edit applied.
+- `images`, `names`: the current state, i.e. labels.csv with every active edit applied;
+  `concept_names`: the user's names for a dense run's object concepts (COCO categories).
   `replay()` recomputes it from labels.csv and the log; the tests check that both agree.
 
 Every edit is one `BEGIN IMMEDIATE` transaction that reads the rows it changes, writes them and
@@ -48,13 +49,14 @@ CREATE TABLE IF NOT EXISTS images (
 );
 CREATE INDEX IF NOT EXISTS images_cluster ON images (cluster, confidence);
 CREATE TABLE IF NOT EXISTS names (cluster INTEGER PRIMARY KEY, name TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS concept_names (concept INTEGER PRIMARY KEY, name TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS edits (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     ts REAL NOT NULL,
     kind TEXT NOT NULL,
     summary TEXT NOT NULL,
     args TEXT NOT NULL,                     -- JSON
-    changes TEXT NOT NULL,                  -- JSON list of ["i", path, before, after] / ["n", id, before, after]
+    changes TEXT NOT NULL,                  -- JSON list of ["i", path, before, after] / ["n" | "c", id, before, after]
     undoes INTEGER REFERENCES edits (id)
 );
 CREATE TRIGGER IF NOT EXISTS edits_no_update BEFORE UPDATE ON edits
@@ -205,6 +207,13 @@ class ReviewStore:
             ids = [c for (c,) in self.conn.execute("SELECT DISTINCT cluster FROM images ORDER BY cluster")]
         return {c: named.get(c, default_name(c)) for c in ids}
 
+    def concept_names(self) -> dict[int, str]:
+        """The user's names of dense concepts (concept id -> name); concepts not renamed are absent."""
+        with self._lock:
+            if self.conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'concept_names'").fetchone() is None:
+                return {}  # a database written before concept names existed, opened read-only
+            return dict(self.conn.execute("SELECT concept, name FROM concept_names").fetchall())
+
     def clusters(self) -> list[ClusterInfo]:
         """Every non-empty cluster, largest first."""
         with self._lock:
@@ -274,10 +283,11 @@ class ReviewStore:
             Edit(i, ts, k, s, json.loads(a), u, k != "undo" and i not in undone) for i, ts, k, s, a, u in rows
         ]
 
-    def replay(self) -> tuple[dict[str, tuple[int, float, str]], dict[int, str]]:
-        """Recompute the current state from labels.csv and the active edits' after-values."""
+    def replay(self, concepts: bool = False):
+        """Recompute the current state from labels.csv and the active edits' after-values:
+        (images, cluster names), and with `concepts` also the concept names."""
         imgs = {r.path: (int(r.cluster), float(r.confidence), "ok") for r in self.base_rows}
-        names: dict[int, str] = {}
+        names: dict[str, dict[int, str]] = {"n": {}, "c": {}}
         with self._lock:
             logged = self.conn.execute(f"SELECT changes FROM edits WHERE {_ACTIVE} ORDER BY id").fetchall()
         for (changes,) in logged:
@@ -285,10 +295,10 @@ class ReviewStore:
                 if kind == "i":
                     imgs[key] = (int(after[0]), float(after[1]), str(after[2]))
                 elif after is None:
-                    names.pop(int(key), None)
+                    names[kind].pop(int(key), None)
                 else:
-                    names[int(key)] = after
-        return imgs, names
+                    names[kind][int(key)] = after
+        return (imgs, names["n"], names["c"]) if concepts else (imgs, names["n"])
 
     # ---------------------------------------------------------------- writes
     def rename(self, cluster: int, name: str) -> int | None:
@@ -302,6 +312,22 @@ class ReviewStore:
                 return None
             return self._log(conn, "rename", f"rename {before or default_name(cluster)} -> {name}",
                              {"cluster": int(cluster), "name": name}, [["n", int(cluster), before, name]])
+
+    def rename_concept(self, concept: int, name: str, known: Iterable[int] | None = None) -> int | None:
+        """Name a dense object concept (its COCO category); `known`: the run's concept ids, to check against."""
+        name = name.strip()
+        if not name:
+            raise InputError("a concept name cannot be empty")
+        concept = int(concept)
+        if known is not None and concept not in {int(c) for c in known}:
+            raise InputError(f"concept {concept} does not exist in this run's dense outputs")
+        with self._lock, self._tx() as conn:
+            r = conn.execute("SELECT name FROM concept_names WHERE concept = ?", (concept,)).fetchone()
+            before = r[0] if r else None
+            if before == name:
+                return None
+            return self._log(conn, "rename_concept", f"rename concept {before or concept} -> {name}",
+                             {"concept": concept, "name": name}, [["c", concept, before, name]])
 
     def merge(self, sources: Sequence[int], target: int) -> int | None:
         """Move every member of `sources` into `target` (which keeps its name and id)."""
@@ -417,10 +443,12 @@ class ReviewStore:
         if kind == "i":
             conn.execute("UPDATE images SET cluster = ?, confidence = ?, status = ? WHERE path = ?",
                          (int(value[0]), float(value[1]), str(value[2]), key))
-        elif value is None:
-            conn.execute("DELETE FROM names WHERE cluster = ?", (int(key),))
+            return
+        table, col = {"n": ("names", "cluster"), "c": ("concept_names", "concept")}[kind]
+        if value is None:
+            conn.execute(f"DELETE FROM {table} WHERE {col} = ?", (int(key),))
         else:
-            conn.execute("INSERT OR REPLACE INTO names (cluster, name) VALUES (?, ?)", (int(key), value))
+            conn.execute(f"INSERT OR REPLACE INTO {table} ({col}, name) VALUES (?, ?)", (int(key), value))
 
     @staticmethod
     def _name(conn: sqlite3.Connection, cluster: int) -> str | None:
@@ -502,3 +530,12 @@ def effective_labels(run_dir: str | Path) -> tuple[list[LabelRow], dict[int, str
         return rows, {c: default_name(c) for c in sorted({r.cluster for r in rows})}, set(), set()
     with ReviewStore(run_dir, create=False) as store:
         return store.effective()
+
+
+def effective_concept_names(run_dir: str | Path) -> dict[int, str]:
+    """The review's names for a dense run's concepts (concept id -> name); {} without a review database."""
+    run_dir = Path(run_dir)
+    if not (run_dir / REVIEW_DB).exists():
+        return {}
+    with ReviewStore(run_dir, create=False) as store:
+        return store.concept_names()
