@@ -311,7 +311,7 @@ def dense_view(store: ReviewStore, run: Path) -> None:
         st.dataframe(pd.DataFrame([{k: c.get(k) for k in cols} for c in concepts]), hide_index=True)
         # a concept's name is its COCO category; two concepts given one name export as one category
         left, mid, right = st.columns([2, 3, 1], vertical_alignment="bottom")
-        cid = left.selectbox("Concept", list(names), format_func=lambda c: f"{c}: {names[c]}", key="concept")
+        left.selectbox("Concept", list(names), format_func=lambda c: f"{c}: {names[c]}", key="concept")
         mid.text_input("New name", key="concept_name", placeholder="e.g. car")
         right.button("Rename concept", key="rename_concept", on_click=lambda: act(
             store.rename_concept, st.session_state["concept"], st.session_state.get("concept_name") or "",
