@@ -37,6 +37,7 @@ class BackboneConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cache_dir: str | None = None  # None: $SELFLABEL_CACHE or ~/.cache/selflabel
     flush_every: int = 1024  # images per cache shard: a killed run loses at most this much work
+    rehash: bool = False  # hash every file again instead of trusting unchanged stats (size, mtime, ctime, inode)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from .atomic import atomic_path, atomic_save_npy, atomic_write_text
 from .backbones import Backbone
 from .data import ImageDataset, ImageRecord, Skipped, collate_skip, file_digest
+from .digests import DigestMemo
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -125,12 +126,17 @@ class FeatureResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def digest_records(records: Iterable[ImageRecord], skipped: list[Skipped]) -> list[tuple[ImageRecord, str]]:
-    """Content digest per readable record; unreadable files go to `skipped`."""
+DIGEST_MEMO = "digests.sqlite"  # beside the per-backbone cache folders (see selflabel/digests.py)
+
+
+def digest_records(records: Iterable[ImageRecord], skipped: list[Skipped],
+                   memo: DigestMemo | None = None) -> list[tuple[ImageRecord, str]]:
+    """Content digest per readable record (through `memo` when given); unreadable files go to `skipped`."""
+    digest = memo.digest if memo is not None else file_digest
     out = []
     for r in records:
         try:
-            out.append((r, file_digest(r.path)))
+            out.append((r, digest(r.path)))
         except OSError as exc:
             skipped.append(Skipped(r.id, f"cannot read: {exc.strerror or exc}"))
     return out
@@ -150,19 +156,25 @@ def extract_features(
     flush_every: int = 1024,
     out_path: str | Path | None = None,
     show_progress: bool = True,
+    rehash: bool = False,
 ) -> FeatureResult:
     """Global features for `records`, computing only what the cache lacks.
 
     Images that fail to decode are returned in `skipped` with their reason. With `out_path`,
     the row-aligned matrix is written there (atomically, via a memory-mapped .npy) and
-    returned memory-mapped, so N x D never has to fit in RAM twice.
+    returned memory-mapped, so N x D never has to fit in RAM twice. Files whose stat is unchanged since
+    an earlier run are not read again to hash them (`selflabel/digests.py`) unless `rehash`.
     """
     t0 = time.perf_counter()
     dev = resolve_device(str(device))
     dtype = autocast_dtype(amp, dev)
-    cache = FeatureCache(cache_dir or default_cache_root(), backbone.cache_key())
+    root = Path(cache_dir or default_cache_root())
+    cache = FeatureCache(root, backbone.cache_key())
     skipped: list[Skipped] = []
-    pairs = digest_records(records, skipped)
+    with DigestMemo(None if rehash else root / DIGEST_MEMO, file_digest) as memo:
+        pairs = digest_records(records, skipped, memo)
+    if memo.hits or memo.misses:
+        log.info("digests: %d unchanged files not re-read, %d hashed", memo.hits, memo.misses)
     t_hash = time.perf_counter() - t0
 
     todo: dict[str, ImageRecord] = {}

@@ -82,7 +82,7 @@ def label_folder(cfg: RunConfig, show_progress: bool = True) -> RunSummary:
     t = time.perf_counter()
     extract = dict(batch_size=cfg.backbone.batch_size, num_workers=cfg.backbone.num_workers, device=device,
                    amp=cfg.backbone.amp, cache_dir=cfg.backbone.cache_dir, max_pixels=cfg.ingest.max_pixels,
-                   flush_every=cfg.backbone.flush_every)
+                   flush_every=cfg.backbone.flush_every, rehash=cfg.backbone.rehash)
     n_sharded = 0
     if ctx.enabled:
         # each rank computes a disjoint block into the (shared) cache, then all read the whole store
