@@ -114,6 +114,17 @@ def peak_rss_mb() -> float:
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def read_bandwidth_gbs(nbytes: int = 256 * 2**20, repeat: int = 5) -> float:
+    """Main-memory READ bandwidth in GB/s with every core: ``torch.sum`` over a large float32 array
+    (torch's intra-op threads split it), best of ``repeat``. The floor of any pass that must read it."""
+    import torch
+
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    x.sum()
+    best, _ = timeit(lambda: x.sum(), repeat=repeat)
+    return x.numel() * 4 / best / 1e9
+
+
 def memory_bandwidth_gbs(nbytes: int = 256 * 2**20, repeat: int = 5) -> float:
     """Main-memory bandwidth in GB/s: bytes read + written by ``np.copyto`` of a large float32
     array (best of ``repeat``). The array must be much larger than the last-level cache."""
