@@ -8,7 +8,8 @@ input layer) and K = the number of classes. Scores: NMI, ARI, Hungarian accuracy
 
     python -m benchmarks.quality [--quick] [--datasets imagenette-val cifar10-test] [--seeds 3] [--threads 1]
 
---quick: 2 seeds and fewer epochs (a smoke run; results go to quality-quick.md).
+--quick: a class-balanced 2,000-image subset of each data set, 2 seeds and fewer epochs (a smoke run of
+about a minute; results go to quality-quick.md).
 """
 from __future__ import annotations
 
@@ -97,6 +98,14 @@ def methods(quick: bool) -> dict[str, Callable[[np.ndarray, int, int], np.ndarra
     return out
 
 
+def balanced_subset(y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of about `n` rows, the same number from every class (fixed seed)."""
+    rng = np.random.default_rng(seed)
+    classes = sorted(set(y.tolist()))
+    per = max(1, n // len(classes))
+    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per] for c in classes]))
+
+
 def pm(values: Sequence[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
@@ -106,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS))
     ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--max-images", type=int, default=None,
+                    help="class-balanced subset of each data set of at most this many images (quick: 2000)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch and BLAS/OpenMP threads for every method (default: the libraries' own)")
     args = ap.parse_args(argv)
@@ -122,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.datasets:
         t0 = time.perf_counter()
         x, y = load_features(name)
+        cap = args.max_images or (2000 if args.quick else None)
+        if cap and cap < len(y):
+            keep = balanced_subset(y, cap)
+            x, y = x[keep], y[keep]
         k = len(set(y.tolist()))
         print(f"{name}: {x.shape[0]} images, D={x.shape[1]}, K={k} (features {time.perf_counter() - t0:.0f}s)", file=sys.stderr)
         for method, fn in methods(args.quick).items():
