@@ -1,6 +1,7 @@
 """torch.distributed plumbing for `torchrun`: one context object, set up once at the edge.
 
-Backend nccl on GPUs, gloo on CPUs; collectives time out (SELFLABEL_DIST_TIMEOUT seconds, default
+Backend nccl on GPUs (with gloo beside it for the CPU tensors some steps reduce: "cpu:gloo,cuda:nccl"),
+gloo on CPUs; collectives time out (SELFLABEL_DIST_TIMEOUT seconds, default
 600) so a failed rank stops the job with an error instead of hanging it. Rows are split in
 contiguous blocks, so rank r of a row-distributed Sinkhorn holds rows [start:end).
 """
@@ -34,6 +35,11 @@ class DistContext:
         return self.world_size > 1
 
     @property
+    def uses_nccl(self) -> bool:
+        """CUDA tensors travel through nccl (the group may also have gloo for CPU tensors)."""
+        return self.backend is not None and "nccl" in str(self.backend)
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
@@ -51,6 +57,11 @@ def context() -> DistContext:
     return DistContext()
 
 
+def process_group_backend(use_cuda: bool) -> str:
+    """nccl carries only CUDA tensors; gloo beside it takes the CPU ones (label steps, loss means)."""
+    return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+
+
 def init_from_env(device: str = "auto", timeout_s: float | None = None) -> DistContext:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); no-op otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -59,7 +70,7 @@ def init_from_env(device: str = "auto", timeout_s: float | None = None) -> DistC
     if dist.is_initialized():
         return context()
     use_cuda = torch.cuda.is_available() and device != "cpu"
-    backend = "nccl" if use_cuda else "gloo"
+    backend = process_group_backend(use_cuda)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -78,7 +89,7 @@ def init_from_env(device: str = "auto", timeout_s: float | None = None) -> DistC
 
 def device_for(ctx: DistContext, requested: str = "auto") -> torch.device:
     """cuda:LOCAL_RANK under nccl, else what was asked for."""
-    if ctx.backend == "nccl":
+    if ctx.uses_nccl:
         return torch.device("cuda", ctx.local_rank)
     from .features import resolve_device
 
@@ -115,7 +126,7 @@ def all_gather_blocks(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """
     if not ctx.enabled:
         return t
-    comm = torch.device("cuda", ctx.local_rank) if ctx.backend == "nccl" else torch.device("cpu")
+    comm = torch.device("cuda", ctx.local_rank) if ctx.uses_nccl else torch.device("cpu")
     sizes = [torch.zeros(1, dtype=torch.long, device=comm) for _ in range(ctx.world_size)]
     dist.all_gather(sizes, torch.tensor([t.shape[0]], device=comm))
     sizes_i = [int(x.item()) for x in sizes]
@@ -131,7 +142,7 @@ def mean_over_ranks(value: float, ctx: DistContext) -> float:
     """The mean of a per-rank number (e.g. an epoch's loss) over ranks."""
     if not ctx.enabled:
         return value
-    comm = torch.device("cuda", ctx.local_rank) if ctx.backend == "nccl" else torch.device("cpu")
+    comm = torch.device("cuda", ctx.local_rank) if ctx.uses_nccl else torch.device("cpu")
     t = torch.tensor([value], dtype=torch.float64, device=comm)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item()) / ctx.world_size
