@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import ot_triton
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -667,7 +669,7 @@ def _solve(p: _Problem, n_iters: int | None, tol: float, max_iters: int, log_dom
 
     f = torch.empty(p.n, dtype=torch.float64, device=p.device)
     it, err, done = 0, math.inf, False
-    check = 1 if p.device.type == "cpu" else _CHECK_EVERY_ACCEL
+    check = _CHECK_EVERY_ACCEL if _lazy_checks(p.device) else 1
     if not use_log:
         it, err, done, g, ok = _kernel_iterations(p, m, plan, g, f, budget, n_iters is None, tol, check)
         if not ok:
@@ -686,6 +688,12 @@ def _solve(p: _Problem, n_iters: int | None, tol: float, max_iters: int, log_dom
         log.warning("Sinkhorn did not converge: marginal error %.3g > tol %.3g after %d iterations "
                     "(raise max_iters or eps)", err, tol, it)
     return SinkhornResult(plan, it, err, converged, f, _tensor(g), use_log)
+
+
+def _lazy_checks(device: torch.device) -> bool:
+    """Read errors and range flags only every ``_CHECK_EVERY_ACCEL`` iterations: on accelerators each
+    read synchronises the stream; on CPU they are free and checked every iteration."""
+    return device.type != "cpu"
 
 
 def _v_range_ok(g, dt: torch.dtype) -> bool:
@@ -712,6 +720,8 @@ def _kernel_iterations(p, m, plan, g, f, budget, stop_on_tol, tol, check):
     vb[:] = xp.exp(g)
     Kb = _backend(plan) if plan is not None else None
     inv = 1.0 / p.eps
+    fused = Kb is not None and ot_triton.available(Kb)
+    lazy = _lazy_checks(dev)  # accelerators: read the range flags (a sync) only when checking
 
     it, err, done, ok = 0, math.inf, False, True
     with _RowBlocks(p) as rb:  # (overflow is detected below; numpy warnings are off, see _quiet)
@@ -728,6 +738,11 @@ def _kernel_iterations(p, m, plan, g, f, budget, stop_on_tol, tol, check):
             """u = a / (K v) on rows s0:e0 and their K^T u, chunk by chunk (each read once). In a
             known last iteration the chunk is also scaled into the plan while in cache."""
             acc = _backend(torch.zeros(p.k, dtype=torch.float64, device=dev))
+            if fused:  # GPU: one Triton pass over the rows, K read once (selflabel/ot_triton.py)
+                ot_triton.fused_pass(Kb[s0:e0], vb, ab[s0:e0], ub[s0:e0], acc)
+                if last:
+                    finish_rows(s0, e0)
+                return acc
             tmp = _backend(torch.empty(p.k, dtype=dt, device=dev))
             kv = _backend(torch.empty(rb.rows, dtype=dt, device=dev))
             scratch = None if Kb is not None else _backend(torch.empty(rb.rows, p.k, dtype=dt, device=dev))
@@ -747,6 +762,13 @@ def _kernel_iterations(p, m, plan, g, f, budget, stop_on_tol, tol, check):
             return acc
 
         finished = False
+        good, bad = (it, g), None  # lazy mode: the last state known to be in range, and the pending flag
+
+        def in_range(x):
+            """all finite and > 0: a bool, or on accelerators a device tensor read at the next check."""
+            flag = xp.isfinite(x).all() & (x > 0).all()
+            return flag if lazy else bool(flag)
+
         while it < budget:
             finished = not stop_on_tol and it == budget - 1
             parts = rb.map(lambda s0, e0: block(s0, e0, finished))
@@ -754,12 +776,18 @@ def _kernel_iterations(p, m, plan, g, f, budget, stop_on_tol, tol, check):
             for c in parts:
                 colb += c
             _all_reduce(col_t, p.world)
-            if not (bool(xp.isfinite(colb).all()) and bool((colb > 0).all())):
+            flag = in_range(colb)
+            if lazy:
+                bad = ~flag if bad is None else bad | ~flag
+            elif not flag:
                 ok = False
                 break
             it += 1
             # rows are exact now; v * K^T u are the columns of the current plan
             if it == budget or (stop_on_tol and it % check == 0):
+                if lazy and bool(bad):  # left the range since the last check: go back there
+                    ok, (it, g) = False, good
+                    break
                 err = _l2(colb * xp.exp(g) - bb)
                 if stop_on_tol and err <= tol:
                     done = True
@@ -768,7 +796,15 @@ def _kernel_iterations(p, m, plan, g, f, budget, stop_on_tol, tol, check):
                 break
             g = logb - xp.log(colb)  # float64: finite (col > 0) even where dt is not
             vb[:] = xp.exp(g)
-            if not (bool(xp.isfinite(vb).all()) and bool((vb > 0).all())):  # left dt's range
+            flag = in_range(vb)  # left dt's range?
+            if lazy:
+                bad = bad | ~flag
+                if it % check == 0:  # one sync per `check` iterations
+                    if bool(bad):
+                        ok, (it, g) = False, good
+                        break
+                    good, bad = (it, g), None
+            elif not flag:
                 ok = False
                 break
         if not ok:  # (a plan scaled in a failed last pass is rebuilt by the log domain)

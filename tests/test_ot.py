@@ -391,6 +391,25 @@ def test_torch_code_path_matches_numpy_path(monkeypatch):
     monkeypatch.setattr(sot, "_numpy_path", lambda device: False)
     for got, want in zip(run(), expected):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-9)
+    # and as on a GPU: range flags and errors read every 10th iteration only
+    monkeypatch.setattr(sot, "_lazy_checks", lambda device: True)
+    for got, want in zip(run()[:1] + run()[2:], expected[:1] + expected[2:]):  # [1] stops at a multiple of 10
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_runtime_fallback_with_lazy_checks_goes_back_to_the_last_good_state(monkeypatch, caplog, lazy):
+    """On a GPU the range flags are read every 10th iteration: when u, v overflowed in between, the
+    log domain takes over from the last checked state, and the answer is the same as checking always."""
+    s, a, b = _problem(100, 6, seed=10, scale=30.0)
+    ref = sinkhorn(_t(s), _t(a), _t(b), eps=0.05, n_iters=30, log_domain=True)
+    monkeypatch.setattr(sot, "_log_threshold", lambda dtype: 1e9)
+    monkeypatch.setattr(sot, "_numpy_path", lambda device: False)
+    monkeypatch.setattr(sot, "_lazy_checks", lambda device: lazy)
+    with caplog.at_level(logging.INFO, logger="selflabel.ot"):
+        res = sinkhorn(_t(s, torch.float32), _t(a), _t(b), eps=0.05, n_iters=30)
+    assert "left the torch.float32 range" in caplog.text and res.log_domain and res.n_iters == 30
+    np.testing.assert_allclose(res.plan.double().numpy(), ref.plan.numpy(), rtol=1e-4, atol=1e-8)
 
 
 _MEMORY_SCRIPT = """
