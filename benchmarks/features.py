@@ -137,9 +137,11 @@ def rounds(n_rounds: int, records, backbone, **kw) -> dict[str, float]:
     return out
 
 
-def default_workers() -> int:
-    """What extract_features uses for num_workers=-1 (kept in step with selflabel/features.py)."""
-    return min(4, os.cpu_count() or 1)
+def default_workers(device: torch.device | None = None) -> int:
+    """What extract_features uses for num_workers=-1 on `device` (the library's own function)."""
+    from selflabel.features import default_num_workers
+
+    return default_num_workers(device or torch.device("cpu"))
 
 
 def library_amp(device: torch.device) -> str:
@@ -238,14 +240,14 @@ def photos_section(records, backbone_name: str, bs: int, device: torch.device, b
         "reach at best: " + ("on a CPU the forward's torch threads and the decoding workers share the same cores, "
         "so decode CPU time adds to the forward's: T f / (T f + d), with T torch threads, f forward ms/img, d decode ms/img."
         if device.type == "cpu" else
-        f"on a GPU the {default_workers()} workers decode in parallel with the forward: min(1, W f / d)."),
+        f"on a GPU the {default_workers(device)} workers decode in parallel with the forward: min(1, W f / d)."),
         "",
         markdown_table(["images", "decode ms/img (full)", "decode ms/img (draft)", "draft speed-up",
                         "decode / forward (full)", "decode / forward (draft)", "expected pipeline / bare (full / draft)"], rows),
         "",
-        f"Pipeline vs bare on {len(photos12)} such 12 MP photos ({n_rounds} bracketed round(s) as above, workers {default_workers()}; "
+        f"Pipeline vs bare on {len(photos12)} such 12 MP photos ({n_rounds} bracketed round(s) as above, workers {default_workers(device)}; "
         "the full-decode row turns the library's draft decoding off). "
-        f"A DataLoader worker builds a whole batch, so each of the first {default_workers()} batches of {bs} images is "
+        f"A DataLoader worker builds a whole batch, so each of the first {default_workers(device)} batches of {bs} images is "
         "decoded by one worker alone before the first forward: on a run this short that start-up weighs, and the "
         "ratios stay below the steady-state 'expected' column above.",
         "",
@@ -259,7 +261,7 @@ def expected_ratio(forward_ms: float, decode_ms: float, device: torch.device) ->
     if device.type == "cpu":
         cpu_forward = forward_ms * torch.get_num_threads()  # core-ms per image the forward uses
         return cpu_forward / (cpu_forward + decode_ms)
-    return min(1.0, default_workers() * forward_ms / decode_ms)
+    return min(1.0, default_workers(device) * forward_ms / decode_ms)
 
 
 def workers_section(records, backbone_name: str, bs: int, device: torch.device, bare_batches: int) -> str:
@@ -271,12 +273,12 @@ def workers_section(records, backbone_name: str, bs: int, device: torch.device, 
     variants = [("library default", -1, None), ("workers=0 (decode in the main process)", 0, None), ("workers=1", 1, None)]
     if cores > 1:
         t = max(1, cores - 1)
-        variants += [(f"workers={default_workers()}, torch threads {t}", -1, t), (f"workers=1, torch threads {t}", 1, t)]
+        variants += [(f"workers={default_workers(device)}, torch threads {t}", -1, t), (f"workers=1, torch threads {t}", 1, t)]
     rows = []
     for label, workers, threads in variants:
         with torch_threads(threads):
             r = bracketed(sub, bb, batch_size=bs, amp=amp, device=device, bare_batches=bare_batches, num_workers=workers)
-            rows.append([label, default_workers() if workers < 0 else workers, torch.get_num_threads(),
+            rows.append([label, default_workers(device) if workers < 0 else workers, torch.get_num_threads(),
                          f"{r['bare']:.1f}", f"{r['pipeline']:.1f}", f"**{r['ratio']:.2f}x**", f"{r['cpu_ratio']:.2f}x"])
         _log(f"variant {label}: {r['ratio']:.2f}x")
     return "\n".join([
@@ -328,7 +330,7 @@ def main(argv: list[str] | None = None) -> str:
         "## Feature extraction: pipeline vs bare model" + (" (quick)" if args.quick else ""),
         "",
         f"{len(records)} imagenette-val images (224 px JPEGs) per round, {n_rounds} round(s); "
-        f"device {device}, batch {bs}, DataLoader workers {default_workers()} (library default), torch threads "
+        f"device {device}, batch {bs}, DataLoader workers {default_workers(device)} (library default), torch threads "
         f"{torch.get_num_threads()}. Pipeline = `extract_features` with a fresh temporary cache (hash + decode + "
         "resize + forward + cache write). Bare = the same model on a random tensor already on the device, "
         f"{bare_batches} batch(es) right before and right after each pipeline run. The ratio is the best pipeline rate "
