@@ -87,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.dense", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help=f"first {QUICK_IMAGES} images, fewer variants")
     ap.add_argument("--data", type=Path, default=None, help="CamVid split with images/ and labels/ (default: shared camvid/val)")
+    ap.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda[:N]")
     args = ap.parse_args(argv)
     name = "dense" + ("-quick" if args.quick else "")
     data = args.data or camvid_val()
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     from selflabel.dense.extract import extract_dense
     from selflabel.dense.parts import fit_part_prototypes
     from selflabel.dense.pipeline import fit_concepts, segment
-    from selflabel.features import autocast_dtype
+    from selflabel.features import autocast_dtype, resolve_device
 
     torch.manual_seed(0)
     records = scan_folder(data / "images").records
@@ -109,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     cfg = RunConfig()
     dcfg = cfg.dense
     bb = create_backbone("mobilenet_v2")
-    dev = torch.device("cpu")
+    dev = resolve_device(args.device)
 
     # 1. the pipeline end to end
     with tempfile.TemporaryDirectory() as tmp:
