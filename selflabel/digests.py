@@ -26,7 +26,7 @@ _FLUSH_EVERY = 10_000  # new entries per write transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS digests (
-    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
+    path BLOB PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
     ino INTEGER NOT NULL, dev INTEGER NOT NULL, digest TEXT NOT NULL
 )
 """
@@ -82,7 +82,7 @@ class DigestMemo:
         """The content digest of `path`; raises OSError as reading the file would."""
         if self.conn is None:
             return self.compute(path)
-        key_path = os.path.abspath(path)
+        key_path = os.fsencode(os.path.abspath(path))  # bytes: any file name, UTF-8 or not
         st = os.stat(path)
         key = stat_key(st)
         try:

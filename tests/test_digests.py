@@ -106,3 +106,14 @@ def test_extract_features_second_run_reads_no_file(color_folder, cache_dir, monk
     np.testing.assert_array_equal(first.features, second.features)
     rehashed = extract_features(recs, bb, rehash=True, **kw)  # backbone.rehash=true: every file read again
     assert len(reads.paths) == 24 and rehashed.n_cached == 24
+
+
+def test_non_utf8_and_unicode_file_names(tmp_path, monkeypatch):
+    monkeypatch.setattr("selflabel.digests.RACY_S", 0.0)
+    names = [os.fsdecode(b"caf\xe9.bin"), "caf\u00e9 \u65e5\u672c.bin"]  # latin-1 bytes (not UTF-8) and unicode
+    files = [_aged(_write(tmp_path / n, n.encode("utf-8", "surrogateescape"))) for n in names]
+    for _ in range(2):
+        count = Counting()
+        with DigestMemo(tmp_path / "m.sqlite", count) as memo:
+            assert [memo.digest(f) for f in files] == [file_digest(f) for f in files]
+    assert count.paths == []  # the second round came from the memo
