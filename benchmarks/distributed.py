@@ -31,7 +31,8 @@ def _port() -> int:
 
 
 def _run(nproc: int, data: Path, out: Path, cache: Path, k: int) -> float:
-    label = ["-m", "selflabel", "label", str(data), "--out", str(out), "--k", str(k), "--cache-dir", str(cache), "-q"]
+    label = ["-m", "selflabel", "label", str(data), "--out", str(out), "--k", str(k), "--cache-dir", str(cache), "-q",
+             "--device", "cpu"]  # CPU processes (gloo): the 1 vs 2 comparison on this machine's cores
     if nproc == 1:
         cmd = [sys.executable, *label]
     else:

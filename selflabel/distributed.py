@@ -73,6 +73,10 @@ def init_from_env(device: str = "auto", timeout_s: float | None = None) -> DistC
     backend = process_group_backend(use_cuda)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise SelflabelError(
+                f"rank with LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) visible: one process "
+                "per GPU (torchrun --nproc_per_node <= the GPU count), or --device cpu for CPU processes (gloo)")
         torch.cuda.set_device(local_rank)
     timeout = datetime.timedelta(seconds=float(timeout_s or os.environ.get("SELFLABEL_DIST_TIMEOUT", 600)))
     try:

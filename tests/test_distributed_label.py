@@ -26,7 +26,8 @@ def _run(cmd, env=None):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_single_process(tmp_path):
-    common = ["--backbone", "mobilenet_v2", "--k", "10", "--cache-dir", str(tmp_path / "cache"), "--seed", "3", "-q"]
+    common = ["--backbone", "mobilenet_v2", "--k", "10", "--cache-dir", str(tmp_path / "cache"), "--seed", "3", "-q",
+              "--device", "cpu"]  # gloo CPU processes, also on a machine with one GPU
     _run([sys.executable, "-m", "selflabel", "label", str(sample_dir()), "--out", str(tmp_path / "one"), *common])
     (tmp_path / "cache2").mkdir()
     common[5] = str(tmp_path / "cache2")  # a fresh cache: the sharded extraction really runs

@@ -96,3 +96,18 @@ def test_gathered_rows_equal_single_process(ranks, single, name):
 def test_scenarios_exercise_both_domains(single):
     assert single["log"][4] and single["peaked"][4] and not single["fixed"][4]
     assert single["tol_prior"][3] and single["unbalanced"][3]
+
+
+def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
+    """torchrun --nproc_per_node 2 on a one-GPU machine: say so, instead of CUDA's 'invalid device ordinal'."""
+    import torch
+
+    from selflabel.distributed import init_from_env
+    from selflabel.errors import SelflabelError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SelflabelError, match="LOCAL_RANK=1 but only 1 GPU"):
+        init_from_env("auto")

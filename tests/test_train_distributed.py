@@ -126,7 +126,8 @@ def _torchrun(*args):
 @pytest.mark.parametrize("method", ["sela", "swav"])
 def test_torchrun_label_equals_single_process(tmp_path, method):
     sets = ["--set", f"{method}.epochs=3", "--set", f"{method}.batch_size=50"]
-    common = ["label", str(sample_dir()), "--method", method, "--backbone", "tiny", "--k", "4", "--seed", "3", "-q", *sets]
+    common = ["label", str(sample_dir()), "--method", method, "--backbone", "tiny", "--k", "4", "--seed", "3", "-q",
+              "--device", "cpu", *sets]
     one = _run([sys.executable, "-m", "selflabel", *common, "--out", str(tmp_path / "one"), "--cache-dir", str(tmp_path / "c1")])
     assert one.returncode == 0, one.stderr[-4000:]
     two = _run(_torchrun(*common, "--out", str(tmp_path / "two"), "--cache-dir", str(tmp_path / "c2")),
@@ -142,7 +143,8 @@ def test_torchrun_label_equals_single_process(tmp_path, method):
 
 def test_failed_rank_stops_the_job(tmp_path):
     t0 = time.perf_counter()
-    proc = _run(_torchrun("label", str(sample_dir()), "--backbone", "tiny", "--k", "4", "-q", "--out", str(tmp_path / "r"),
+    proc = _run(_torchrun("label", str(sample_dir()), "--backbone", "tiny", "--k", "4", "-q", "--device", "cpu",
+                          "--out", str(tmp_path / "r"),
                           "--cache-dir", str(tmp_path / "c")),
                 env={"OMP_NUM_THREADS": "1", "SELFLABEL_TEST_FAIL_RANK": "1", "SELFLABEL_DIST_TIMEOUT": "120"}, timeout=120)
     assert proc.returncode != 0
