@@ -54,7 +54,8 @@ def test_broken_files_are_skipped_and_rest_labelled(color_folder, cache_dir):
 def test_features_match_direct_forward(color_folder, cache_dir):
     recs = scan_folder(color_folder).records[:4]
     bb = create_backbone("tiny")
-    res = extract_features(recs, bb, batch_size=2, num_workers=0, cache_dir=cache_dir, amp="fp32", show_progress=False)
+    res = extract_features(recs, bb, batch_size=2, num_workers=0, cache_dir=cache_dir, amp="fp32", device="cpu",
+                           show_progress=False)  # the reference below runs on the CPU
     from selflabel.data import load_rgb
 
     x = torch.stack([bb.transform(load_rgb(r.path)) for r in recs])

@@ -91,11 +91,13 @@ def test_fused_triton_pass_equals_two_products():
 def test_sinkhorn_cluster_on_gpu_equals_cpu():
     from selflabel.cluster import sinkhorn_cluster
 
-    x = (_scores(2000, 64, seed=2) + 0.05 * torch.randn(2000, 64)).numpy().astype(np.float32)
+    noise = torch.randn(2000, 64, generator=torch.Generator().manual_seed(3))
+    x = (_scores(2000, 64, seed=2) + 0.05 * noise).numpy().astype(np.float32)
     cpu = sinkhorn_cluster(x, 8, seed=0, device="cpu")
     gpu = sinkhorn_cluster(x, 8, seed=0, device="cuda")
     assert (cpu.labels == gpu.labels).mean() > 0.995
-    assert np.bincount(gpu.labels, minlength=8).min() >= 2000 // 8 - 5
+    sizes_cpu, sizes_gpu = np.bincount(cpu.labels, minlength=8), np.bincount(gpu.labels, minlength=8)
+    assert np.abs(sizes_gpu - sizes_cpu).max() <= 10 and sizes_gpu.min() > 2000 // 8 * 0.8  # argmax of a balanced plan
 
 
 @pytest.mark.parametrize("method", ["sela", "swav"])
