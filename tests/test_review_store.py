@@ -279,3 +279,28 @@ def test_concept_renames_are_edits_with_exact_undo(run: Path) -> None:
         assert_consistent(s)
         assert [e.kind for e in s.history()][-1:] == ["rename_concept"] and s.history()[-1].id == first
     assert effective_concept_names(run) == {2: "car"}  # as the CLI's export reads it
+
+
+def test_tabs_opening_a_new_review_at_once_all_succeed(tmp_path: Path) -> None:
+    """SQLite answers the switch to WAL 'database is locked' at once (no busy wait) while another
+    connection holds the new file: three connections opening one new review together must all work."""
+    for trial in range(15):
+        run = make_sample_run(tmp_path / str(trial), per_class=3, mistakes=0)
+        errors: list[BaseException] = []
+
+        def open_and_edit(name: str) -> None:
+            try:
+                with ReviewStore(run) as s:
+                    s.rename(1, name)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_and_edit, args=(f"t{i}",)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        with ReviewStore(run) as s:
+            assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert len([e for e in s.history() if e.kind == "rename"]) == 3

@@ -106,6 +106,22 @@ class Edit:
     active: bool
 
 
+def _enable_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
+    """Switch the database to WAL, retrying while another connection holds it: SQLite answers this
+    pragma 'database is locked' at once instead of waiting for busy_timeout (two tabs opening a new
+    review together hit it)."""
+    deadline, delay = time.monotonic() + timeout_s, 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(2 * delay, 0.1)
+
+
 def _digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -130,7 +146,7 @@ class ReviewStore:
         )
         self.conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
         if create:
-            self.conn.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(self.conn, timeout_s)
         self.conn.execute("PRAGMA synchronous = NORMAL" if create else "PRAGMA query_only = 1")
         self._init(_digest(labels_path), create)
 
