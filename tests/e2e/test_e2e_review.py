@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from appserver import CHROMIUM, CHROMIUM_ARGS, serve_app  # tests/e2e/appserver.py
+from selflabel.review.launch import CHROMIUM_ARGS, chromium_path, serve_in_background
 from selflabel.review.sample import make_sample_run
 from selflabel.review.store import ReviewStore
 
+CHROMIUM = chromium_path()
 playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"no Chromi
 def server(tmp_path: Path):
     """(url, run folder, process) of the app serving a synthetic run; stopped afterwards."""
     run = make_sample_run(tmp_path)
-    with serve_app(run, tmp_path / "server.log") as (url, proc):
+    with serve_in_background(run, tmp_path / "server.log") as (url, proc):
         yield url, run, proc
 
 

@@ -1,6 +1,6 @@
 """Make docs/app.png: the review app on a real run, in headless Chromium (not a test; run by hand).
 
-    .venv/bin/python tests/e2e/screenshot_docs.py runs/imagenette docs/app.png [cluster-id]
+    python docs/screenshot_app.py runs/imagenette docs/app.png [cluster-id]
 
 Works on a copy of the run (the run's own review.sqlite is never touched). On the copy it names the
 clusters after the ground-truth class most of their images share, as a reviewer would, then opens
@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
-from appserver import CHROMIUM, CHROMIUM_ARGS, serve_app  # tests/e2e/appserver.py
+from selflabel.review.launch import CHROMIUM_ARGS, chromium_path, serve_in_background
 from selflabel.review.store import ReviewStore
 from selflabel.runfiles import read_labels
 
@@ -48,9 +48,9 @@ def main() -> None:
         cid = int(sys.argv[3]) if len(sys.argv) > 3 else min(majority, key=lambda c: majority[c].most_common(1)[0][1] / sum(majority[c].values()))
         label = f"{store.names()[cid]} ({store.cluster_size(cid)})"
         worst = [m.path for m in store.members(cid, least_confident=True, limit=2)]
-    with serve_app(run) as (url, _proc):
+    with serve_in_background(run) as (url, _proc):
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1440, "height": 1050})
             page.set_default_timeout(60_000)
             page.goto(url)

@@ -1,6 +1,6 @@
 """How long does a cluster of 2,000 images take to open? (not a test; run by hand)
 
-    .venv/bin/python tests/e2e/bench_open_cluster.py /work/shared/data/imagenette-val [RUN_DIR]
+    python -m benchmarks.app_open_cluster ../shared/data/imagenette-val [RUN_DIR]
 
 Builds a run whose cluster 0 holds 2,000 images of the folder (or uses RUN_DIR's largest cluster),
 then times, cold (no thumbnails on disk) and warm: the database query, the first page of thumbnails,
@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from appserver import CHROMIUM, CHROMIUM_ARGS, serve_app  # tests/e2e/appserver.py
+from selflabel.review.launch import CHROMIUM_ARGS, chromium_path, serve_in_background
 from selflabel.atomic import atomic_save_npy
 from selflabel.review.store import ReviewStore
 from selflabel.review.thumbs import ThumbCache
 from selflabel.runfiles import LabelRow, write_labels, write_manifest
 
-APP = Path(__file__).resolve().parents[2] / "app" / "review_app.py"
+APP = Path(__file__).resolve().parents[1] / "app" / "review_app.py"
 
 
 def make_run(data: Path, out: Path, n: int = 2000) -> Path:
@@ -81,9 +81,9 @@ def browser_time(run: Path, name: str) -> None:
     except ImportError:
         print("playwright missing: no browser timing")
         return
-    with serve_app(run) as (url, _proc):
+    with serve_in_background(run) as (url, _proc):
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             for label in ("cold", "warm"):
                 if label == "cold":
