@@ -114,6 +114,25 @@ def rank_order(perm: Tensor, steps: int, batch_size: int, lo: int, hi: int) -> l
     return torch.cat([perm[s * batch_size + lo:s * batch_size + hi] for s in range(steps)]).tolist()
 
 
+def epoch_batches(n: int, seed: int, epoch: int, steps: int, batch_size: int, lo: int, hi: int,
+                  images: tuple | None = None) -> tuple[Tensor, Any]:
+    """The epoch's permutation (drawn from (seed, epoch)) and its batches: global index batches over
+    cached features, or with `images` = (records, views, workers) a DataLoader of this rank's slice
+    [lo, hi) of every global batch (see `rank_order`)."""
+    perm = torch.randperm(n, generator=make_generator(seed, epoch, 1))
+    if images is None:
+        return perm, (perm[s * batch_size:(s + 1) * batch_size] for s in range(steps))
+    records, views, workers = images
+    order = rank_order(perm, steps, batch_size, lo, hi)
+    return perm, image_loader(records, views, seed, epoch, order, hi - lo, workers, drop_last=True)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int) -> None:
+    """The cosine schedule at `step`, each parameter group from its own `base_lr`."""
+    for group in optimizer.param_groups:
+        group["lr"] = cosine_lr(group["base_lr"], step, total_steps)
+
+
 def seeded_init(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """Build a module with parameters drawn from `seed`, leaving the global RNG as it was."""
     with torch.random.fork_rng(devices=[]):

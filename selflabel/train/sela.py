@@ -35,9 +35,9 @@ from ..errors import InputError
 from ..ot import sinkhorn
 from .augment import feature_view, make_generator, pick_cached_views
 from .checkpoint import checkpoint_path, fingerprint, load_checkpoint
-from .common import (FeatureSource, check_distributed, check_features, check_finetune, cosine_lr, cpu_threads,
-                     data_digest, end_epoch, head_ks, image_loader, image_views_for, label_result, num_workers,
-                     prior_marginal, rank_order, seeded_init, sgd_optimizer, update_epochs,
+from .common import (FeatureSource, check_distributed, check_features, check_finetune, cpu_threads,
+                     data_digest, end_epoch, epoch_batches, head_ks, image_loader, image_views_for, label_result, num_workers,
+                     prior_marginal, seeded_init, set_lr, sgd_optimizer, update_epochs,
                      wrap_stage)
 from ..distributed import all_gather_blocks, context
 from .heads import SelaNet, convert_batchnorm
@@ -219,17 +219,11 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
         ddp.train()
         stage_start = scfg.epochs if in_finetune else 0
         stage_epochs = (scfg.finetune_epochs if in_finetune else scfg.epochs)
-        perm = torch.randperm(n, generator=make_generator(seed, epoch, 1))
-        if in_finetune:
-            order = rank_order(perm, steps_per_epoch, batch_size, lo, hi)
-            batches = image_loader(records, image_views, seed, epoch, order, hi - lo, workers, drop_last=True)
-        else:
-            batches = (perm[s * batch_size:(s + 1) * batch_size] for s in range(steps_per_epoch))
+        perm, batches = epoch_batches(n, seed, epoch, steps_per_epoch, batch_size, lo, hi,
+                                      (records, image_views, workers) if in_finetune else None)
         losses = []
         for step, batch in enumerate(batches):
-            it = (epoch - stage_start) * steps_per_epoch + step
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(group["base_lr"], it, stage_epochs * steps_per_epoch)
+            set_lr(optimizer, (epoch - stage_start) * steps_per_epoch + step, stage_epochs * steps_per_epoch)
             if in_finetune:
                 idx = perm[step * batch_size + lo:step * batch_size + hi]  # this rank's slice, as rank_order
                 logits = ddp(batch[0].to(device), from_images=True)

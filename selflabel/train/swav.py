@@ -31,9 +31,9 @@ from ..config import RunConfig, SwavConfig
 from ..ot import sinkhorn, sinkhorn_codes
 from .augment import feature_view, make_generator
 from .checkpoint import checkpoint_path, fingerprint, load_checkpoint
-from .common import (FeatureSource, check_distributed, check_features, check_finetune, cosine_lr, cpu_threads,
-                     data_digest, end_epoch, head_ks, image_loader, image_views_for, label_result, num_workers,
-                     prior_marginal, rank_order, seeded_init, sgd_optimizer, wrap_stage)
+from .common import (FeatureSource, check_distributed, check_features, check_finetune, cpu_threads,
+                     data_digest, end_epoch, epoch_batches, head_ks, image_loader, image_views_for, label_result, num_workers,
+                     prior_marginal, seeded_init, set_lr, sgd_optimizer, wrap_stage)
 from ..distributed import DistContext, all_gather_blocks, all_gather_objects, context
 from .heads import SwavNet, convert_batchnorm, global_features
 from .losses import swav_loss
@@ -217,18 +217,12 @@ def _train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
 
         ddp.train()
         stage_start, stage_epochs = (sw.epochs, sw.finetune_epochs) if in_finetune else (0, sw.epochs)
-        perm = torch.randperm(n, generator=make_generator(seed, epoch, 1))
-        if in_finetune:
-            order = rank_order(perm, steps_per_epoch, batch_size, lo, hi)
-            batches = image_loader(records, image_views, seed, epoch, order, hi - lo, workers, drop_last=True)
-        else:
-            batches = (perm[s * batch_size:(s + 1) * batch_size] for s in range(steps_per_epoch))
+        _, batches = epoch_batches(n, seed, epoch, steps_per_epoch, batch_size, lo, hi,
+                                   (records, image_views, workers) if in_finetune else None)
         losses = []
         for step, batch in enumerate(batches):
             it = epoch * steps_per_epoch + step  # global iteration, for the prototype freeze
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(group["base_lr"], (epoch - stage_start) * steps_per_epoch + step,
-                                        stage_epochs * steps_per_epoch)
+            set_lr(optimizer, (epoch - stage_start) * steps_per_epoch + step, stage_epochs * steps_per_epoch)
             model.prototypes.normalize_()  # prototypes on the unit sphere before every step
             if in_finetune:  # real multi-crop: one backbone pass per resolution (as main_swav.py), inside the DDP forward
                 crops = [torch.cat(batch[:n_large]).to(device)] + ([torch.cat(batch[n_large:]).to(device)] if n_small else [])
