@@ -41,24 +41,14 @@ def load_features(name: str, backbone: str = "mobilenet_v2") -> tuple[np.ndarray
     return np.asarray(fr.features, dtype=np.float32), np.array([r.gt for r in fr.records])
 
 
-def sela_cfg(seed: int, quick: bool):
-    """The tuned frozen-feature SeLa settings (see the module docstring of selflabel.train.sela)."""
+def trainer_cfg(method: str, seed: int, quick: bool):
+    """The library's default (tuned) frozen-feature settings for `method` (sela | swav); 10 epochs in --quick."""
     from selflabel.config import RunConfig
 
     cfg = RunConfig()
     cfg.seed = seed
     if quick:
-        cfg.sela.epochs = 10
-    return cfg
-
-
-def swav_cfg(seed: int, quick: bool):
-    from selflabel.config import RunConfig
-
-    cfg = RunConfig()
-    cfg.seed = seed
-    if quick:
-        cfg.swav.epochs = 10
+        getattr(cfg, method).epochs = 10
     return cfg
 
 
@@ -86,8 +76,8 @@ def methods(quick: bool) -> dict[str, Callable[[np.ndarray, int, int], np.ndarra
     out = {
         "k-means (sklearn)": kmeans,
         "Ward": ward,
-        "SeLa (frozen)": lambda x, k, seed: train_sela(x, k, sela_cfg(seed, quick)).labels,
-        "SwAV (frozen)": lambda x, k, seed: train_swav(x, k, swav_cfg(seed, quick)).labels,
+        "SeLa (frozen)": lambda x, k, seed: train_sela(x, k, trainer_cfg("sela", seed, quick)).labels,
+        "SwAV (frozen)": lambda x, k, seed: train_swav(x, k, trainer_cfg("swav", seed, quick)).labels,
     }
     try:
         from selflabel.cluster import sinkhorn_cluster
