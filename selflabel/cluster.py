@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -68,6 +68,18 @@ def kmeanspp_init(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.
     return torch.stack(centers)
 
 
+def prior_marginal(prior: Sequence[float] | None, k: int) -> torch.Tensor | None:
+    """Column marginal b: the user's cluster-size prior (normalised, float64) or None (uniform)."""
+    if prior is None:
+        return None
+    if len(prior) != k:
+        raise InputError(f"cluster.prior has {len(prior)} entries but k = {k}")
+    p = torch.tensor(prior, dtype=torch.float64)
+    if (p <= 0).any():
+        raise InputError("cluster.prior entries must be positive")
+    return p / p.sum()
+
+
 @torch.no_grad()
 def sinkhorn_cluster(
     features: np.ndarray,
@@ -88,26 +100,28 @@ def sinkhorn_cluster(
     Under torch.distributed (`ctx`), each rank transports its block of rows: the Sinkhorn column
     sums and the prototype sums are all-reduced, so the result equals the single-process one.
     """
+    # every rank prepares the same full matrix (identical init)
+    return sinkhorn_cluster_prepared(prepare_features(features, device), k, eps=eps, temperature=temperature,
+                                     iters=iters, seed=seed, prior=prior, ctx=ctx)
+
+
+@torch.no_grad()
+def sinkhorn_cluster_prepared(x: torch.Tensor, k: int, *, eps: float = 0.05, temperature: float = 0.1,
+                              iters: int = 30, seed: int = 0, prior: list[float] | None = None,
+                              ctx: "DistContext | None" = None) -> LabelResult:
+    """`sinkhorn_cluster` on features already through `prepare_features` (several K, one preparation)."""
     from .distributed import DistContext, all_gather_objects, all_reduce_sum
     from .ot import sinkhorn
 
     ctx = ctx or DistContext()
-    n = features.shape[0]
+    n = x.shape[0]
     if k < 1 or k > n:
         raise InputError(f"k={k} must be between 1 and the number of images ({n})")
-    x = prepare_features(features, device)  # every rank prepares the same full matrix (identical init)
     gen = torch.Generator().manual_seed(seed)
     protos = kmeanspp_init(x, k, gen)
     start, end = ctx.block(n)
     xl = x[start:end]
-    b = None
-    if prior is not None:
-        if len(prior) != k:
-            raise InputError(f"cluster prior has {len(prior)} entries but k={k}")
-        b = torch.as_tensor(prior, dtype=torch.float32, device=x.device)
-        if (b <= 0).any():
-            raise InputError("cluster prior entries must be positive")
-        b = b / b.sum()
+    b = prior_marginal(prior, k)
     labels = torch.full((end - start,), -1, dtype=torch.long, device=x.device)
     sink_iters = []
     plan = None
@@ -124,29 +138,39 @@ def sinkhorn_cluster(
             break
     probs = torch.softmax(xl @ protos.T / temperature, dim=1)
     conf = probs.gather(1, labels[:, None])[:, 0]
-    sums = all_reduce_sum(torch.zeros((k, x.shape[1]), dtype=x.dtype, device=x.device).index_add_(0, labels, xl), ctx)
-    parts = all_gather_objects((labels.cpu().numpy(), conf.cpu().numpy(), probs.cpu().numpy(), plan.cpu().numpy()), ctx)
+    keep_plan = n * k <= 10_000_000  # the plan travels between ranks and into info only when small
+    parts = all_gather_objects((labels.cpu().numpy(), conf.cpu().numpy(), probs.cpu().numpy(),
+                                plan.cpu().numpy() if keep_plan else None), ctx)
     return LabelResult(
         labels=np.concatenate([p[0] for p in parts]).astype(np.int64),
         confidence=np.concatenate([p[1] for p in parts]).astype(np.float32),
-        prototypes=F.normalize(sums, dim=1).cpu().numpy().astype(np.float32),
+        prototypes=_mean_prototypes(xl, labels, k, ctx),
         probs=np.concatenate([p[2] for p in parts]).astype(np.float32),
         info={"method": "sinkhorn", "alternations": it + 1, "sinkhorn_iters": sink_iters,
-              "plan": np.concatenate([p[3] for p in parts]) if n * k <= 10_000_000 else None},
+              "plan": np.concatenate([p[3] for p in parts]) if keep_plan else None},
     )
 
 
-def _mean_prototypes(x: torch.Tensor, labels: torch.Tensor, k: int) -> np.ndarray:
-    """L2-normalised mean of each cluster's (prepared) features; zero for an empty cluster."""
+def _mean_prototypes(x: torch.Tensor, labels: torch.Tensor, k: int, ctx: "DistContext | None" = None) -> np.ndarray:
+    """L2-normalised mean of each cluster's (prepared) features, summed over ranks under `ctx`; zero
+    for an empty cluster."""
+    from .distributed import all_reduce_sum
+
     sums = torch.zeros((k, x.shape[1]), dtype=x.dtype, device=x.device).index_add_(0, labels, x)
+    if ctx is not None:
+        sums = all_reduce_sum(sums, ctx)
     return F.normalize(sums, dim=1).cpu().numpy().astype(np.float32)
 
 
 def kmeans_cluster(features: np.ndarray, k: int, *, seed: int = 0, temperature: float = 0.1) -> LabelResult:
     """scikit-learn k-means on the same prepared features (the baseline)."""
+    return kmeans_cluster_prepared(prepare_features(features), k, seed=seed, temperature=temperature)
+
+
+def kmeans_cluster_prepared(x: torch.Tensor, k: int, *, seed: int = 0, temperature: float = 0.1) -> LabelResult:
+    """`kmeans_cluster` on features already through `prepare_features`."""
     from sklearn.cluster import KMeans
 
-    x = prepare_features(features)
     km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(x.numpy())
     labels = torch.as_tensor(km.labels_, dtype=torch.long)
     protos = _mean_prototypes(x, labels, k)
@@ -162,16 +186,18 @@ def cluster_features(features: np.ndarray, k: int, cfg: "RunConfig", *, out_dir=
     method = cfg.cluster.method
     heads = [h for h in cfg.cluster.heads if h != k]
     if method == "sinkhorn":
-        res = sinkhorn_cluster(features, k, eps=cfg.cluster.eps, temperature=cfg.cluster.temperature,
-                               iters=cfg.cluster.iters, seed=cfg.seed, prior=cfg.cluster.prior, device=device, ctx=ctx)
+        x = prepare_features(features, device)  # once for the main K and every extra head
+        res = sinkhorn_cluster_prepared(x, k, eps=cfg.cluster.eps, temperature=cfg.cluster.temperature,
+                                        iters=cfg.cluster.iters, seed=cfg.seed, prior=cfg.cluster.prior, ctx=ctx)
         for h in heads:
-            res.head_labels[h] = sinkhorn_cluster(features, h, eps=cfg.cluster.eps, iters=cfg.cluster.iters,
-                                                  seed=cfg.seed, device=device, ctx=ctx).labels
+            res.head_labels[h] = sinkhorn_cluster_prepared(x, h, eps=cfg.cluster.eps, iters=cfg.cluster.iters,
+                                                           seed=cfg.seed, ctx=ctx).labels
         return res
     if method == "kmeans":
-        res = kmeans_cluster(features, k, seed=cfg.seed, temperature=cfg.cluster.temperature)
+        x = prepare_features(features)
+        res = kmeans_cluster_prepared(x, k, seed=cfg.seed, temperature=cfg.cluster.temperature)
         for h in heads:
-            res.head_labels[h] = kmeans_cluster(features, h, seed=cfg.seed).labels
+            res.head_labels[h] = kmeans_cluster_prepared(x, h, seed=cfg.seed).labels
         return res
     if method == "sela":
         from .train.sela import train_sela

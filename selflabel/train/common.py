@@ -255,18 +255,6 @@ def cluster_prototypes(features: FeatureSource, labels: np.ndarray, k: int, batc
     return F.normalize(sums, dim=1).float().numpy()
 
 
-def prior_marginal(prior: Sequence[float] | None, k: int) -> Tensor | None:
-    """Column marginal b for the chosen head: the user's cluster-size prior (normalised) or None (uniform)."""
-    if prior is None:
-        return None
-    if len(prior) != k:
-        raise InputError(f"cluster.prior has {len(prior)} entries but k = {k}")
-    p = torch.tensor(prior, dtype=torch.float64)
-    if (p <= 0).any():
-        raise InputError("cluster.prior entries must be positive")
-    return p / p.sum()
-
-
 def sgd_optimizer(head_params: Sequence[torch.nn.Parameter], backbone: torch.nn.Module | None, lr: float,
                   backbone_lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """SGD with momentum 0.9 (as both papers); with a `backbone` (finetune stage) it gets its own, smaller lr.

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..cluster import LabelResult, kmeanspp_init, sinkhorn_cluster
+from ..cluster import LabelResult, kmeanspp_init, prepare_features, prior_marginal, sinkhorn_cluster_prepared
 from ..config import RunConfig, SelaConfig
 from ..errors import InputError
 from ..ot import sinkhorn
@@ -37,7 +37,7 @@ from .augment import feature_view, make_generator, pick_cached_views
 from .checkpoint import checkpoint_path, fingerprint, load_checkpoint
 from .common import (FeatureSource, check_distributed, check_features, check_finetune, cpu_threads,
                      data_digest, end_epoch, epoch_batches, head_ks, image_loader, image_views_for, label_result, num_workers,
-                     prior_marginal, seeded_init, set_lr, sgd_optimizer, update_epochs,
+                     seeded_init, set_lr, sgd_optimizer, update_epochs,
                      wrap_stage)
 from ..distributed import all_gather_blocks, context
 from .heads import SelaNet, convert_batchnorm
@@ -80,10 +80,11 @@ def init_heads(model: SelaNet, src: FeatureSource, features: np.ndarray, how: st
     A random linear head gives a random hyperplane partition that a linear head fits and keeps."""
     if model.trunk.kind == "mlp" or how == "random":
         return
+    prepared = prepare_features(features) if how == "sinkhorn" else None  # once for every head
     for head in model.heads.heads:
         k = head.out_features
         if how == "sinkhorn":
-            protos = torch.from_numpy(sinkhorn_cluster(features, k, seed=seed).prototypes)
+            protos = torch.from_numpy(sinkhorn_cluster_prepared(prepared, k, seed=seed).prototypes)
         elif how == "kmeans++":
             gen = make_generator(seed, 3, k)
             idx = torch.randperm(src.n, generator=gen)[:max_rows].sort().values

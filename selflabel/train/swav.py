@@ -26,14 +26,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..cluster import LabelResult
+from ..cluster import LabelResult, prior_marginal
 from ..config import RunConfig, SwavConfig
 from ..ot import sinkhorn, sinkhorn_codes
 from .augment import feature_view, make_generator
 from .checkpoint import checkpoint_path, fingerprint, load_checkpoint
 from .common import (FeatureSource, check_distributed, check_features, check_finetune, cpu_threads,
                      data_digest, end_epoch, epoch_batches, head_ks, image_loader, image_views_for, label_result, num_workers,
-                     prior_marginal, seeded_init, set_lr, sgd_optimizer, wrap_stage)
+                     seeded_init, set_lr, sgd_optimizer, wrap_stage)
 from ..distributed import DistContext, all_gather_blocks, all_gather_objects, context
 from .heads import SwavNet, convert_batchnorm, global_features
 from .losses import swav_loss
@@ -163,6 +163,7 @@ def _train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
     ctx = context()  # under torchrun: DDP training, distributed Sinkhorn codes, rank 0 writes
     distributed = ctx.enabled
     workers = num_workers(cfg.backbone.num_workers)
+    prior = prior_marginal(cfg.cluster.prior, k) if sw.final_assign == "sinkhorn" else None  # checked before training
     n_large, n_small = int(sw.nmb_crops[0]), int(sw.nmb_crops[1]) if len(sw.nmb_crops) > 1 else 0
     if n_large < 2:
         raise ValueError("SwAV needs at least 2 large views (swav.nmb_crops[0] >= 2)")
@@ -259,7 +260,7 @@ def _train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
             probs = torch.softmax(scores / sw.temperature, dim=1).numpy().astype(np.float32)
         if sw.final_assign == "sinkhorn":
             r0, r1 = ctx.block(n)  # each rank its rows, marginals all-reduced, labels shared
-            res = sinkhorn(scores[r0:r1].double(), b=prior_marginal(cfg.cluster.prior, k) if h == 0 else None,
+            res = sinkhorn(scores[r0:r1].double(), b=prior if h == 0 else None,
                            eps=sw.eps, tol=1e-6, max_iters=1000, distributed=distributed)
             lab = all_gather_blocks(res.plan.argmax(1), ctx)
             final_stats["sinkhorn_iters"].append(int(res.n_iters))
