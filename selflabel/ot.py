@@ -366,8 +366,8 @@ class _Problem:
     def device(self) -> torch.device:
         return self.scores.device
 
-    def rows(self, nbytes: int, dtype: torch.dtype | None = None) -> int:
-        itemsize = torch.finfo(dtype or self.dt).bits // 8
+    def rows(self, nbytes: int) -> int:
+        itemsize = torch.finfo(self.dt).bits // 8
         return _rows_per_chunk(self.n, self.k, self.device, nbytes, itemsize)
 
 
@@ -426,7 +426,7 @@ def _scan(p: _Problem, out: Tensor | None = None):
     takes two column sums with one small GEMM: the plain sums, whose log stands in for ``log_top``
     (the same test up to log N, without a max pass), and the sums with row weights
     ``exp((m_i - M) / eps)``, M a running maximum: ``K^T u0`` for a uniform ``u0``, POT's first
-    column normalisation. Returns (m, m_min, log_top, log K^T u0 or None), all global.
+    column normalisation. Returns (m, m_min, log_top, log K^T u0 or None, M or None), all global.
     """
     m = torch.empty(p.n, dtype=p.dt, device=p.device)
     mb, inv = _backend(m), 1.0 / p.eps
@@ -465,6 +465,7 @@ def _scan(p: _Problem, out: Tensor | None = None):
     if p.n and not bool(xp.isfinite(mb).all()):
         raise ValueError("scores contain NaN/+inf, or a row that is -inf everywhere")
     m_min = float(mb.min()) if p.n else math.inf
+    M = None  # the global largest row maximum (known when the kernel is built)
     if out is None:  # one all-reduce (max) for the column statistics and the smallest row maximum
         stats_t = _zeros64(p.k + 1, p.device)
         stats = _backend(stats_t)
@@ -489,9 +490,9 @@ def _scan(p: _Problem, out: Tensor | None = None):
         log_top, log_ktu = xp.log(sums[0]), xp.log(sums[1])
     if not bool((log_top > -math.inf).all()):
         if out is not None:  # a float sum underflowed; only the max scan can tell -inf apart
-            return m, m_min, _scan(p)[2], log_ktu
+            return m, m_min, _scan(p)[2], log_ktu, M
         raise ValueError("scores have a column that is -inf everywhere: no mass can reach it")
-    return m, m_min, log_top, log_ktu  # log_top, log_ktu: float64 backend arrays
+    return m, m_min, log_top, log_ktu, M  # log_top, log_ktu: float64 backend arrays
 
 
 def _scaled_into(x, inv: float, out) -> None:
@@ -506,12 +507,12 @@ def _amax(x, axis: int):
     return x.max(axis=axis) if isinstance(x, np.ndarray) else x.amax(axis)
 
 
-def _merge_weighted(p: _Problem, parts, k: int):
+def _merge_weighted(p: _Problem, parts):
     """Global ``log sum`` (backend array [K]) of per-block column sums kept relative to a ``top``."""
     M = max([t for _, t, *_ in parts], default=-math.inf)
     if p.world:
         M = float(_all_reduce(torch.tensor([M], dtype=torch.float64, device=p.device), p.world, "max"))
-    total_t = _zeros64(k, p.device)
+    total_t = _zeros64(p.k, p.device)
     total = _backend(total_t)
     for acc, t, *_ in parts:
         if t > -math.inf:
@@ -605,7 +606,7 @@ def _log_pass(p: _Problem, g, f: Tensor, loga, fi1: float = 1.0, ra=None,
             return acc, top, change
 
         parts = rb.map(block)
-    lcol = _merge_weighted(p, parts, p.k)
+    lcol = _merge_weighted(p, parts)
     if not bool(_xp(p.device).isfinite(lcol).all()):  # a column's mass underflowed: exact LSE
         lcol = _col_logsumexp(p, f) + g
     change = max([c for *_, c in parts], default=0.0)
@@ -640,7 +641,7 @@ def _solve(p: _Problem, n_iters: int | None, tol: float, max_iters: int, log_dom
     # kernel form with the plan: build the kernel in the output buffer during the scan
     build = return_plan and log_domain is not True
     plan = _empty_plan(p.n, p.k, p.dt, p.device) if return_plan else None
-    m, m_min, log_top, log_ktu = _scan(p, plan if build else None)
+    m, m_min, log_top, log_ktu, M = _scan(p, plan if build else None)
     T = _log_threshold(p.dt)
     kernel_ok = bool(log_top.min() >= -T)
     use_log = (not kernel_ok) if log_domain is None else bool(log_domain)
@@ -654,7 +655,7 @@ def _solve(p: _Problem, n_iters: int | None, tol: float, max_iters: int, log_dom
     # g = log v after POT's first column normalisation from a uniform u (float64)
     g = None  # float64 backend array (numpy on CPU)
     logb = _xp(p.device).log(_backend(p.b))
-    if log_ktu is not None and (float(_backend(m).max()) if p.n else m_min) - m_min <= T * p.eps:
+    if log_ktu is not None and M - m_min <= T * p.eps:  # global numbers: every rank decides alike
         g = logb - log_ktu  # row weights were all representable
         if not _v_range_ok(g, p.dt):
             g = None  # some column sum underflowed: redo it exactly
@@ -664,8 +665,6 @@ def _solve(p: _Problem, n_iters: int | None, tol: float, max_iters: int, log_dom
         note("Sinkhorn: the first column scaling spans more than the %s range; using the log domain",
              p.dt)
         use_log = True
-    if not use_log and not build:
-        plan = None  # streamed kernel: recomputed per row chunk, no N x K buffer
 
     f = torch.empty(p.n, dtype=torch.float64, device=p.device)
     it, err, done = 0, math.inf, False
@@ -680,8 +679,6 @@ def _solve(p: _Problem, n_iters: int | None, tol: float, max_iters: int, log_dom
     if use_log:
         it, err, done, g = _log_iterations(p, g, f, it, budget, n_iters is None, tol, check)
     if use_log and return_plan:
-        if plan is None:
-            plan = _empty_plan(p.n, p.k, p.dt, p.device)
         _assemble_log_plan(p, f, g, plan)
     converged = err <= tol
     if n_iters is None and not converged:
