@@ -4,16 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError
-from ..runfiles import EXPORTS, read_manifest
+from ..runfiles import DENSE, EXPORTS, read_manifest
 
 FORMATS = ("csv", "imagefolder", "coco")
-
-
-def load_reviewed(run_dir: str | Path):
-    """(rows, names, rejected, unsure) with the review app's edits applied (labels.csv alone if none)."""
-    from ..review.store import effective_labels
-
-    return effective_labels(run_dir)
 
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, include_rejected: bool = False,
@@ -23,7 +16,9 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, 
         raise InputError(f"unknown export format '{fmt}' (choose {', '.join(FORMATS)})")
     run = Path(run_dir)
     manifest = read_manifest(run)
-    rows, names, rejected, unsure = load_reviewed(run)
+    from ..review.store import effective_review
+
+    rows, names, rejected, unsure, concepts = effective_review(run)  # the review's edits (labels.csv alone if none)
     default = {"csv": "labels.csv", "imagefolder": "imagefolder", "coco": "coco.json"}[fmt]
     target = Path(out) if out else run / EXPORTS / default
     if fmt == "csv":
@@ -35,16 +30,15 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, 
 
         n = export_imagefolder(rows, names, manifest["data_root"], target, rejected, mode=mode)
     else:
-        n = _export_coco(run, manifest, rows, names, rejected, target)
+        n = _export_coco(run, manifest, rows, names, rejected, concepts, target)
     return target, n
 
 
-def _export_coco(run: Path, manifest: dict, rows, names, rejected, target: Path) -> int:
+def _export_coco(run: Path, manifest: dict, rows, names, rejected, concepts: dict[int, str], target: Path) -> int:
     """Dense runs: instance masks with the user's concept names, rejected images left out; otherwise one
     whole-image box per image."""
-    from ..review.store import effective_concept_names
     from . import coco
 
-    if (run / "dense" / "dense.json").is_file():
-        return coco.export_coco_dense(run, target, names=effective_concept_names(run), rejected=rejected)
+    if (run / DENSE / "dense.json").is_file():
+        return coco.export_coco_dense(run, target, names=concepts, rejected=rejected)
     return coco.export_coco_image_level(rows, names, manifest["data_root"], target, rejected)

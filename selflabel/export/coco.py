@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from ..atomic import atomic_write_json
 from ..errors import InputError
+from .names import default_name
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def export_coco_image_level(rows: Iterable[Any], names: Mapping[int, str], data_
     root = Path(data_root)
     rejected = rejected or set()
     kept = [r for r in rows if r.path not in rejected and int(r.cluster) >= 0]
-    categories, cat_of = categories_from_names((r.cluster for r in kept), names, lambda c: f"cluster_{c}")
+    categories, cat_of = categories_from_names((r.cluster for r in kept), names, default_name)
     images, anns, missing = [], [], []
     for r in kept:
         try:

@@ -8,6 +8,7 @@ from typing import Iterable
 
 from ..atomic import atomic_write_text
 from ..runfiles import LabelRow
+from .names import default_name
 
 
 def export_csv(rows: Iterable[LabelRow], names: dict[int, str], out_path: str | Path,
@@ -23,7 +24,7 @@ def export_csv(rows: Iterable[LabelRow], names: dict[int, str], out_path: str | 
         status = "rejected" if r.path in rejected else "unsure" if r.path in unsure else "ok"
         if status == "rejected" and not include_rejected:
             continue
-        w.writerow([r.path, r.cluster, names.get(r.cluster, f"cluster_{r.cluster:02d}"), f"{r.confidence:.6f}", status]
+        w.writerow([r.path, r.cluster, names.get(r.cluster, default_name(r.cluster)), f"{r.confidence:.6f}", status]
                    + ([r.gt or ""] if has_gt else []))
         n += 1
     atomic_write_text(out_path, buf.getvalue())

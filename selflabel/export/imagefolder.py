@@ -9,7 +9,7 @@ from typing import Iterable
 from ..data import resolve_id
 from ..errors import InputError
 from ..runfiles import LabelRow
-from .names import flatten_path, sanitize_name
+from .names import default_name, flatten_path, sanitize_name
 
 
 def export_imagefolder(rows: Iterable[LabelRow], names: dict[int, str], data_root: str | Path, out_dir: str | Path,
@@ -37,7 +37,7 @@ def export_imagefolder(rows: Iterable[LabelRow], names: dict[int, str], data_roo
             if not src.is_relative_to(root):
                 raise InputError(f"{r.path}: path escapes the data root {root}")
             if r.cluster not in folder_of:
-                base = sanitize_name(names.get(r.cluster, f"cluster_{r.cluster:02d}"), f"cluster_{r.cluster:02d}")
+                base = sanitize_name(names.get(r.cluster, default_name(r.cluster)), default_name(r.cluster))
                 name, i = base, 1
                 while name.lower() in used:  # two clusters given the same name stay apart
                     i += 1

@@ -7,6 +7,11 @@ import unicodedata
 _BAD = re.compile(r"[^\w\-. ]+", flags=re.UNICODE)
 
 
+def default_name(cluster: int) -> str:
+    """A cluster's name until a user gives it one (review app, CSV, ImageFolder and COCO alike)."""
+    return f"cluster_{int(cluster):02d}"
+
+
 def sanitize_name(name: str, fallback: str) -> str:
     """A single safe path component: no separators, no '..', no control chars, <= 80 chars."""
     s = unicodedata.normalize("NFC", str(name)).strip()

@@ -87,7 +87,8 @@ def clear_selection() -> None:
 
 
 # ------------------------------------------------------------------------- views
-def sidebar(store: ReviewStore, run: Path, manifest: dict) -> str:
+def sidebar(store: ReviewStore, run: Path, manifest: dict) -> tuple[str, list]:
+    """The sidebar; returns the chosen view and the clusters (read once per script run, shared by the views)."""
     st.sidebar.title("selflabel review")
     st.sidebar.caption(f"run `{run}`  \nimages `{manifest.get('data_root')}`")
     views = [v for v in VIEWS if v != "Dense" or (run / DENSE).is_dir()]
@@ -109,11 +110,10 @@ def sidebar(store: ReviewStore, run: Path, manifest: dict) -> str:
     with st.sidebar.expander(f"Edit history ({sum(e.kind != 'undo' for e in history)} shown)"):
         for e in history:
             st.markdown(f"{'~~' if not e.active else ''}#{e.id} {e.summary}{'~~' if not e.active else ''}")
-    return view
+    return view, clusters
 
 
-def overview(store: ReviewStore, thumbs: ThumbCache) -> None:
-    clusters = store.clusters()
+def overview(store: ReviewStore, thumbs: ThumbCache, clusters: list) -> None:
     n_img = sum(c.size for c in clusters)
     st.header(f"{len(clusters)} clusters · {n_img} images")
     pages = max(1, -(-len(clusters) // CARDS_PER_PAGE))
@@ -139,8 +139,7 @@ def open_cluster(cid: int) -> None:
     clear_selection()
 
 
-def cluster_view(store: ReviewStore, thumbs: ThumbCache, run: Path, data_root: Path) -> None:
-    clusters = store.clusters()
+def cluster_view(store: ReviewStore, thumbs: ThumbCache, run: Path, data_root: Path, clusters: list) -> None:
     if not clusters:
         st.info("No images in this run.")
         return
@@ -198,7 +197,7 @@ def cluster_view(store: ReviewStore, thumbs: ThumbCache, run: Path, data_root: P
                 mark = {"rejected": " ✗", "unsure": " ?"}.get(m.status, "")
                 st.checkbox(f"{m.confidence:.2f}{mark}", key=f"sel|{m.path}")
 
-    inspect_image(store, members, run, data_root)
+    inspect_image(members, run, data_root)
 
 
 def selection_bar(store: ReviewStore, clusters: list, cid: int, page_paths: list[str]) -> None:
@@ -223,28 +222,48 @@ def selection_bar(store: ReviewStore, clusters: list, cid: int, page_paths: list
             name=st.session_state.get("move_name") or None, done="Moved.", clear=True))
 
 
-def dense_meta(run: Path) -> dict:
-    """dense/dense.json, or {} when the run has none (or it is unreadable)."""
-    meta = run / DENSE / "dense.json"
+def _mtime_ns(path: Path) -> int | None:
     try:
-        data = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _read_dense_meta(path: str, mtime_ns: int | None) -> dict:
+    """Parsed once per version of the file (the key has its mtime), not on every rerun; never mutated."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8")) if mtime_ns is not None else {}
     except (OSError, json.JSONDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
-def dense_index(run: Path) -> dict[str, dict[str, str]]:
-    """image path -> its dense.json entry ({"map": ..., "overlay": ...}), where the run has dense outputs."""
-    images = dense_meta(run).get("images", [])
+def dense_meta(run: Path) -> dict:
+    """dense/dense.json, or {} when the run has none (or it is unreadable)."""
+    meta = run / DENSE / "dense.json"
+    return _read_dense_meta(str(meta), _mtime_ns(meta))
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _read_graph(path: str, mtime_ns: int | None):
+    from ..dense.graph import load_graph
+
+    return load_graph(path)
+
+
+def dense_index(meta: dict) -> dict[str, dict[str, str]]:
+    """image path -> its dense.json entry ({"map": ..., "overlay": ...}), from `dense_meta`."""
+    images = meta.get("images", [])
     return {d.get("id", d.get("path")): d for d in images if isinstance(d, dict) and (d.get("id") or d.get("path"))}
 
 
-def inspect_image(store: ReviewStore, members: list, run: Path, data_root: Path) -> None:
+def inspect_image(members: list, run: Path, data_root: Path) -> None:
     if not members:
         return
     with st.expander("Inspect one image"):
         rel = st.selectbox("Image", [m.path for m in members], key="inspect")
-        m = store.member(rel)
+        m = next(x for x in members if x.path == rel)
         try:
             full = safe_path(data_root, rel)
         except SelflabelError as exc:
@@ -252,7 +271,7 @@ def inspect_image(store: ReviewStore, members: list, run: Path, data_root: Path)
             return
         cols = st.columns(2)
         cols[0].image(str(full), caption=f"{rel} · confidence {m.confidence:.2f} · {m.status}")
-        d = dense_index(run).get(rel)
+        d = dense_index(dense_meta(run)).get(rel)
         if d and d.get("overlay"):
             try:
                 cols[1].image(str(safe_path(run / DENSE, d["overlay"])), caption="concept mask overlay")
@@ -260,11 +279,10 @@ def inspect_image(store: ReviewStore, members: list, run: Path, data_root: Path)
                 cols[1].error(str(exc))
 
 
-def map_view(store: ReviewStore, run: Path) -> None:
+def map_view(store: ReviewStore, run: Path, clusters: list) -> None:
     import altair as alt
     import pandas as pd
 
-    clusters = store.clusters()
     names = {c.id: c.name for c in clusters}
     st.header("Cluster sizes")
     sizes = pd.DataFrame({"cluster": [c.name for c in clusters], "images": [c.size for c in clusters]})
@@ -305,7 +323,7 @@ def dense_view(store: ReviewStore, run: Path) -> None:
     if graph_file.is_file():
         st.header("Concept graph")
         parts = st.toggle("Show the part graph (nodes = parts, coloured by concept)", key="part_graph")
-        draw_graph(json.loads(graph_file.read_text(encoding="utf-8")), names, parts=parts)
+        draw_graph(_read_graph(str(graph_file), _mtime_ns(graph_file)), names, parts=parts)
     if concepts:
         cols = [k for k in ("id", "name", "kind", "area_fraction", "n_images", "n_annotations") if k in concepts[0]]
         st.dataframe(pd.DataFrame([{k: c.get(k) for k in cols} for c in concepts]), hide_index=True)
@@ -318,7 +336,7 @@ def dense_view(store: ReviewStore, run: Path) -> None:
             known=list(names), done="Concept renamed."))
     overlays = sorted((dense / "overlays").glob("*.png"))
     st.header(f"Mask overlays ({len(overlays)})")
-    by_file = {v.get("overlay"): k for k, v in dense_index(run).items()}
+    by_file = {v.get("overlay"): k for k, v in dense_index(meta).items()}
     for row in range(0, min(len(overlays), 48), 4):
         cols = st.columns(4)
         for col, p in zip(cols, overlays[row : row + 4]):
@@ -326,8 +344,8 @@ def dense_view(store: ReviewStore, run: Path) -> None:
             col.image(str(safe_path(dense, rel)), caption=by_file.get(rel, p.name))
 
 
-def draw_graph(data: dict, names: dict[int, str], parts: bool = False) -> None:
-    """The concept graph from graph.json (networkx node-link; nodes are parts with a `concept` attribute).
+def draw_graph(g, names: dict[int, str], parts: bool = False) -> None:
+    """The concept graph `g` from graph.json (nodes are parts with a `concept` attribute).
 
     By default the parts are merged into one node per concept (area summed, edge weights summed);
     `parts=True` draws every part, coloured by its concept.
@@ -335,7 +353,8 @@ def draw_graph(data: dict, names: dict[int, str], parts: bool = False) -> None:
     import matplotlib.pyplot as plt
     import networkx as nx
 
-    g = nx.node_link_graph(data, edges="links" if "links" in data else "edges")
+    from ..export.coco import concept_name
+
     if g.number_of_nodes() == 0:
         st.caption("The graph is empty.")
         return
@@ -344,7 +363,7 @@ def draw_graph(data: dict, names: dict[int, str], parts: bool = False) -> None:
         for _, d in g.nodes(data=True):
             c = int(d["concept"])
             if c not in q:
-                q.add_node(c, size=0.0, color=d.get("color", "#8fb3de"), name=names.get(c, f"concept_{c:02d}"))
+                q.add_node(c, size=0.0, color=d.get("color", "#8fb3de"), name=names.get(c, concept_name(c)))
             q.nodes[c]["size"] += float(d.get("area_fraction", 1.0))
         for u, v, d in g.edges(data=True):
             cu, cv = int(g.nodes[u]["concept"]), int(g.nodes[v]["concept"])
@@ -410,16 +429,16 @@ def main() -> None:
         return
     data_root = Path(manifest.get("data_root", "")).resolve()
     thumbs = ThumbCache(run, data_root)
-    view = sidebar(store, run, manifest)
+    view, clusters = sidebar(store, run, manifest)
     flash = st.session_state.pop("flash", None)
     if flash:
         getattr(st, flash[0])(flash[1])
     if view == "Overview":
-        overview(store, thumbs)
+        overview(store, thumbs, clusters)
     elif view == "Cluster":
-        cluster_view(store, thumbs, run, data_root)
+        cluster_view(store, thumbs, run, data_root, clusters)
     elif view == "Map":
-        map_view(store, run)
+        map_view(store, run, clusters)
     elif view == "Dense":
         dense_view(store, run)
     else:

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..errors import InputError, SelflabelError
+from ..export.names import default_name
 from ..runfiles import FEATURES, LABELS, REVIEW_DB, LabelRow, read_labels
 
 log = logging.getLogger(__name__)
@@ -70,10 +71,6 @@ _ACTIVE = "kind != 'undo' AND id NOT IN (SELECT undoes FROM edits WHERE undoes I
 
 class ConflictError(SelflabelError):
     """The data changed under an edit (another tab edited the same cluster); retry it."""
-
-
-def default_name(cluster: int) -> str:
-    return f"cluster_{int(cluster):02d}"  # as the exporters' fallback
 
 
 @dataclass(frozen=True)
@@ -279,14 +276,15 @@ class ReviewStore:
 
     def effective(self) -> tuple[list[LabelRow], dict[int, str], set[str], set[str]]:
         """labels.csv with every edit applied, the cluster names, the rejected and the unsure paths."""
-        imgs, _ = self.state()
+        imgs, named = self.state()
         rows = []
         for r in self.base_rows:
             c, f, _s = imgs[r.path]
             rows.append(replace(r, cluster=int(c), confidence=float(f), extra=dict(r.extra)))
         rejected = {p for p, (_, _, s) in imgs.items() if s == "rejected"}
         unsure = {p for p, (_, _, s) in imgs.items() if s == "unsure"}
-        return rows, self.names(), rejected, unsure
+        names = {c: named.get(c, default_name(c)) for c in sorted({c for c, _, _ in imgs.values()})}
+        return rows, names, rejected, unsure
 
     def history(self, limit: int = 50) -> list[Edit]:
         """The newest log rows first, each marked active or not."""
@@ -540,12 +538,17 @@ def effective_labels(run_dir: str | Path) -> tuple[list[LabelRow], dict[int, str
 
     Without a review database this is labels.csv as written, default names and no rejections.
     """
+    return effective_review(run_dir)[:4]
+
+
+def effective_review(run_dir: str | Path) -> tuple[list[LabelRow], dict[int, str], set[str], set[str], dict[int, str]]:
+    """`effective_labels` plus the dense concept names, from one opening of the review database."""
     run_dir = Path(run_dir)
     if not (run_dir / REVIEW_DB).exists():
         rows = read_labels(run_dir / LABELS)
-        return rows, {c: default_name(c) for c in sorted({r.cluster for r in rows})}, set(), set()
+        return rows, {c: default_name(c) for c in sorted({r.cluster for r in rows})}, set(), set(), {}
     with ReviewStore(run_dir, create=False) as store:
-        return store.effective()
+        return (*store.effective(), store.concept_names())
 
 
 def effective_concept_names(run_dir: str | Path) -> dict[int, str]:
