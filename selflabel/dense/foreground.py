@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from .masks import EIGHT_CONNECTED
+
 
 def noisy_foreground(saliency: np.ndarray, mass: float = 0.65, blur_sigma: float = 0.6, min_patches: int = 3) -> np.ndarray:
     """Binary foreground [h, w] keeping the most salient patches that hold `mass` of the saliency.
@@ -40,7 +42,7 @@ def noisy_foreground(saliency: np.ndarray, mass: float = 0.65, blur_sigma: float
     fg[order[:n_keep]] = True
     fg = fg.reshape(s.shape)
     if min_patches > 1:
-        comps, n = ndimage.label(fg, structure=np.ones((3, 3), dtype=bool))
+        comps, n = ndimage.label(fg, structure=EIGHT_CONNECTED)
         sizes = np.bincount(comps.ravel(), minlength=n + 1)
         keep = sizes >= min_patches
         keep[0] = False

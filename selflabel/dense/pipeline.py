@@ -77,8 +77,7 @@ def _png_name(image_id: str, used: set[str]) -> str:
 def _save_png(path: Path, array: np.ndarray) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:  # (creates the folder)
         Image.fromarray(array).save(tmp, format="PNG")
 
 

@@ -17,12 +17,11 @@ from pycocotools import mask as mask_utils
 from scipy import ndimage
 
 from ..atomic import atomic_write_json
+from ..dense.masks import EIGHT_CONNECTED
 from ..errors import InputError
 from .names import default_name
 
 log = logging.getLogger(__name__)
-
-EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 # ----------------------------------------------------------------------------- pure helpers

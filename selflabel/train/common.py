@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -78,10 +77,6 @@ def data_digest(features: np.ndarray) -> str:
     return f"{n}x{features.shape[1]}:{float(rows.sum()):.6e}:{float(np.abs(rows).sum()):.6e}"
 
 
-def is_distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def check_distributed(ctx, batch_size: int) -> None:
     """DDP keeps single-process semantics only when every rank gets an equal slice of each global batch."""
     if not ctx.enabled:
@@ -115,16 +110,17 @@ def rank_order(perm: Tensor, steps: int, batch_size: int, lo: int, hi: int) -> l
 
 
 def epoch_batches(n: int, seed: int, epoch: int, steps: int, batch_size: int, lo: int, hi: int,
-                  images: tuple | None = None) -> tuple[Tensor, Any]:
-    """The epoch's permutation (drawn from (seed, epoch)) and its batches: global index batches over
-    cached features, or with `images` = (records, views, workers) a DataLoader of this rank's slice
-    [lo, hi) of every global batch (see `rank_order`)."""
+                  images: tuple | None = None):
+    """The epoch's batches in the order of a permutation drawn from (seed, epoch), as (indices, images):
+    over cached features the global batch's indices and None; with `images` = (records, views, workers)
+    this rank's slice [lo, hi) of every global batch (see `rank_order`) and its loaded views."""
     perm = torch.randperm(n, generator=make_generator(seed, epoch, 1))
     if images is None:
-        return perm, (perm[s * batch_size:(s + 1) * batch_size] for s in range(steps))
+        return ((perm[s * batch_size:(s + 1) * batch_size], None) for s in range(steps))
     records, views, workers = images
     order = rank_order(perm, steps, batch_size, lo, hi)
-    return perm, image_loader(records, views, seed, epoch, order, hi - lo, workers, drop_last=True)
+    loader = image_loader(records, views, seed, epoch, order, hi - lo, workers, drop_last=True)
+    return ((torch.as_tensor(order[s * (hi - lo):(s + 1) * (hi - lo)]), x) for s, x in enumerate(loader))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int) -> None:
@@ -184,10 +180,11 @@ class FeatureSource:
             total += x.double().sum(0).cpu()
         return (total / max(1, self.n)).float()
 
-    def batches(self, batch_size: int):
-        """Sequential batches of all rows (for evaluation passes)."""
-        for s in range(0, self.n, batch_size):
-            yield self.rows(torch.arange(s, min(s + batch_size, self.n)))
+    def batches(self, batch_size: int, lo: int = 0, hi: int | None = None):
+        """Sequential batches of rows [lo, hi) (default all; for evaluation passes)."""
+        hi = self.n if hi is None else hi
+        for s in range(lo, hi, batch_size):
+            yield self.rows(torch.arange(s, min(s + batch_size, hi)))
 
 
 def load_image(record: Any) -> Image.Image:
@@ -217,7 +214,10 @@ class ImageViewsDataset(Dataset):
 
 
 def num_workers(requested: int) -> int:
-    return min(4, os.cpu_count() or 1) if requested < 0 else requested
+    """`backbone.num_workers` for the trainers' image loaders (-1: the CPU rule of feature extraction)."""
+    from ..features import default_num_workers
+
+    return default_num_workers(torch.device("cpu")) if requested < 0 else requested
 
 
 def image_loader(records, views: ImageViews, seed: int, epoch: int, order: Sequence[int], batch_size: int,
@@ -293,6 +293,3 @@ def label_result(final: dict[int, np.ndarray], k: int, probs: np.ndarray, src: F
                        prototypes=cluster_prototypes(src, chosen, k),
                        head_labels={kk: v for kk, v in final.items() if kk != k}, probs=probs, info=info)
 
-
-def fmt_path(p: Path | None) -> str | None:
-    return None if p is None else str(p)

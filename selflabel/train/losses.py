@@ -19,11 +19,12 @@ def swav_loss(scores: Sequence[Tensor], codes: Mapping[int, Tensor], temperature
     from view i. Each code is predicted from every *other* view: -sum_k q_ik log softmax(z_v . c_k / T),
     averaged over the other views, then over the views that give codes.
     """
+    log_p = [F.log_softmax(s / temperature, dim=1) for s in scores]  # once per view, not once per code
     total = 0.0
     for i, q in codes.items():
         sub = 0.0
-        for v, s in enumerate(scores):
+        for v, lp in enumerate(log_p):
             if v != i:
-                sub = sub - (q * F.log_softmax(s / temperature, dim=1)).sum(1).mean()
+                sub = sub - (q * lp).sum(1).mean()
         total = total + sub / (len(scores) - 1)
     return total / len(codes)

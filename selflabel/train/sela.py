@@ -111,8 +111,7 @@ def predict_log_probs(model: SelaNet, src: FeatureSource, batch_size: int, *, re
     model.eval()
     outs: list[list[Tensor]] = [[] for _ in model.heads.ks]
     if records is None:
-        lo, hi = rows if rows is not None else (0, src.n)
-        batches = ((src.rows(torch.arange(s, min(s + batch_size, hi))), False) for s in range(lo, hi, batch_size))
+        batches = ((x, False) for x in src.batches(batch_size, *(rows or (0, None))))
     else:
         lo, hi = rows if rows is not None else (0, len(records))
         loader = image_loader(records, views, 0, 0, range(lo, hi), batch_size, workers, plain=True)
@@ -220,16 +219,14 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
         ddp.train()
         stage_start = scfg.epochs if in_finetune else 0
         stage_epochs = (scfg.finetune_epochs if in_finetune else scfg.epochs)
-        perm, batches = epoch_batches(n, seed, epoch, steps_per_epoch, batch_size, lo, hi,
-                                      (records, image_views, workers) if in_finetune else None)
+        batches = epoch_batches(n, seed, epoch, steps_per_epoch, batch_size, lo, hi,
+                                (records, image_views, workers) if in_finetune else None)
         losses = []
-        for step, batch in enumerate(batches):
+        for step, (idx, images) in enumerate(batches):
             set_lr(optimizer, (epoch - stage_start) * steps_per_epoch + step, stage_epochs * steps_per_epoch)
             if in_finetune:
-                idx = perm[step * batch_size + lo:step * batch_size + hi]  # this rank's slice, as rank_order
-                logits = ddp(batch[0].to(device), from_images=True)
+                logits = ddp(images[0].to(device), from_images=True)  # idx: this rank's slice
             else:
-                idx = batch
                 gen = make_generator(seed, epoch, step, 2)
                 raw = src.rows(idx) if cached_views is None else pick_cached_views(cached_views, idx, gen).to(device)
                 # noise drawn for the whole global batch, then this rank's slice: sample i sees what it sees in one process

@@ -218,18 +218,18 @@ def _train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
 
         ddp.train()
         stage_start, stage_epochs = (sw.epochs, sw.finetune_epochs) if in_finetune else (0, sw.epochs)
-        _, batches = epoch_batches(n, seed, epoch, steps_per_epoch, batch_size, lo, hi,
-                                   (records, image_views, workers) if in_finetune else None)
+        batches = epoch_batches(n, seed, epoch, steps_per_epoch, batch_size, lo, hi,
+                                (records, image_views, workers) if in_finetune else None)
         losses = []
-        for step, batch in enumerate(batches):
+        for step, (idx, images) in enumerate(batches):
             it = epoch * steps_per_epoch + step  # global iteration, for the prototype freeze
             set_lr(optimizer, (epoch - stage_start) * steps_per_epoch + step, stage_epochs * steps_per_epoch)
             model.prototypes.normalize_()  # prototypes on the unit sphere before every step
             if in_finetune:  # real multi-crop: one backbone pass per resolution (as main_swav.py), inside the DDP forward
-                crops = [torch.cat(batch[:n_large]).to(device)] + ([torch.cat(batch[n_large:]).to(device)] if n_small else [])
+                crops = [torch.cat(images[:n_large]).to(device)] + ([torch.cat(images[n_large:]).to(device)] if n_small else [])
                 loss = swav_step(ddp, crops, queue, sw, n_large, distributed, from_images=True)
             else:
-                x = model.prep(src.rows(batch))
+                x = model.prep(src.rows(idx))
                 gen = make_generator(seed, epoch, step, 2)
                 views = [feature_view(x, gen, sw.feature_noise, sw.feature_dropout) for _ in range(n_large)]
                 views += [feature_view(x, gen, sw.small_noise, sw.small_dropout) for _ in range(n_small)]
