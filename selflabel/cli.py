@@ -51,38 +51,37 @@ def label(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or table.")] = False,
 ) -> None:
     """Label every image under DATA and write labels.csv, manifest.json and features to --out."""
-    from .config import load_config
+    from .config import apply_overrides, load_config
     from .pipeline import label_folder
 
     _setup_logging(verbose)
     try:
         cfg = load_config(config, set_ or [])
-        cfg.data, cfg.out = str(data), str(out)
-        flags = {"seed": seed}
-        for key, val in flags.items():
-            if val is not None:
-                setattr(cfg, key, val)
-        for section, key, val in [("cluster", "k", k), ("cluster", "method", method), ("backbone", "name", backbone),
-                                  ("backbone", "weights", str(weights) if weights else None),
-                                  ("backbone", "batch_size", batch_size), ("backbone", "device", device),
-                                  ("backbone", "amp", amp), ("backbone", "cache_dir", str(cache_dir) if cache_dir else None),
-                                  ("ingest", "gt_csv", str(gt_csv) if gt_csv else None)]:
-            if val is not None:
-                setattr(getattr(cfg, section), key, val)
-        if heads:
-            from .config import apply_overrides
-
-            apply_overrides(cfg, [f"cluster.heads={heads}"])
-        if finetune:
-            cfg.cluster.finetune = True
-        if dense:
-            cfg.dense.enabled = True
+        # the flags given on the command line, over the config; the config's own parsing checks them
+        flags = {"data": data, "out": out, "seed": seed,
+                 "cluster": {"k": k, "method": method, "heads": heads, "finetune": finetune or None},
+                 "dense": {"enabled": dense or None},
+                 "backbone": {"name": backbone, "weights": weights, "batch_size": batch_size, "device": device,
+                              "amp": amp, "cache_dir": cache_dir},
+                 "ingest": {"gt_csv": gt_csv}}
+        apply_overrides(cfg, _given(flags))
         summary = label_folder(cfg, show_progress=not quiet)
     except SelflabelError as exc:
         _fail(exc)
         return
     if not quiet:
         _print_summary(summary)
+
+
+def _given(flags: dict) -> dict:
+    """`flags` without the options left unset (None), sections that end up empty dropped."""
+    out = {}
+    for key, val in flags.items():
+        if isinstance(val, dict):
+            val = _given(val)
+        if val is not None and val != {}:
+            out[key] = val
+    return out
 
 
 def _print_summary(s) -> None:
@@ -166,9 +165,7 @@ def demo(
     """Label the small sample of real photos shipped in the package, then evaluate (offline)."""
     from .sample import sample_dir
 
-    label(sample_dir(), out=out, k=None, method=method, heads=None, finetune=False, dense=False, backbone=None,
-          weights=None, config=None, set_=None, seed=None, batch_size=None, device=None, amp=None, cache_dir=None,
-          gt_csv=None, verbose=False, quiet=False)
+    label(sample_dir(), out=out, method=method)
     eval_(out, gt_csv=None, reviewed=False, as_json=False)
 
 
@@ -181,9 +178,7 @@ def segment(
     set_: Annotated[Optional[list[str]], typer.Option("--set")] = None,
 ) -> None:
     """Same as `label --dense`: image labels plus dense object concepts, masks and COCO."""
-    label(data, out=out, k=None, method=None, heads=None, finetune=False, dense=True, backbone=backbone, weights=None,
-          config=config, set_=set_, seed=None, batch_size=None, device=None, amp=None, cache_dir=None, gt_csv=None,
-          verbose=False, quiet=False)
+    label(data, out=out, dense=True, backbone=backbone, config=config, set_=set_)
 
 
 @app.command("app")

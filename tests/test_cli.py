@@ -37,6 +37,14 @@ def test_label_writes_run_and_eval_scores(color_folder, cache_dir, tmp_path):
     assert metrics["accuracy"] == pytest.approx(1.0) and metrics["nmi"] == pytest.approx(1.0)
 
 
+def test_heads_option_takes_one_or_several_k(color_folder, cache_dir, tmp_path):
+    for heads, want in (("2", [2]), ("2,4", [2, 4])):  # a single K once failed as "expected a list"
+        out = tmp_path / heads
+        res = _label([str(color_folder), "--out", str(out), "--k", "3", "--heads", heads], cache_dir)
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "manifest.json").read_text())["config"]["cluster"]["heads"] == want
+
+
 def test_label_missing_and_empty_folder_exit_2(tmp_path, cache_dir):
     res = _label([str(tmp_path / "nope"), "--out", str(tmp_path / "o")], cache_dir)
     assert res.exit_code == 2 and "no such file" in res.output and "Traceback" not in res.output
