@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from torchvision import transforms as T
 
+from .atomic import atomic_path
 from .errors import BackboneUnavailable, InputError
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class Backbone(nn.Module):
         size = size or self.image_size
         norm = [T.ToTensor(), T.Normalize(self.mean, self.std)]
         if crop:
-            return T.Compose([T.Resize(int(round(size / 0.875)), antialias=True), T.CenterCrop(size), *norm])
+            return T.Compose([T.Resize(self.decode_size(size), antialias=True), T.CenterCrop(size), *norm])
         return T.Compose([T.Resize((size, size), antialias=True), *norm])
 
     @property
@@ -226,16 +227,13 @@ def _dino_weights(weights: str | None) -> Path:
     hub = Path(torch.hub.get_dir()) / "checkpoints" / Path(DINO_URL).name
     if hub.is_file():
         return hub
-    hub.parent.mkdir(parents=True, exist_ok=True)
-    tmp = hub.with_suffix(".part")
-    try:
-        with urllib.request.urlopen(DINO_URL, timeout=DOWNLOAD_TIMEOUT_S) as resp, open(tmp, "wb") as fh:
+    try:  # a unique temporary file beside the target, renamed when complete (two ranks may download at once)
+        with atomic_path(hub) as tmp, urllib.request.urlopen(DINO_URL, timeout=DOWNLOAD_TIMEOUT_S) as resp, \
+                open(tmp, "wb") as fh:
             while block := resp.read(1 << 20):
                 fh.write(block)
-        os.replace(tmp, hub)
         return hub
     except (urllib.error.URLError, socket.timeout, TimeoutError, OSError) as exc:
-        tmp.unlink(missing_ok=True)
         raise BackboneUnavailable(
             f"dino_vits16: weights not cached at {hub} and the download failed ({getattr(exc, 'reason', exc)}). "
             f"Offline? Copy {Path(DINO_URL).name} there, pass --weights PATH, or use the offline default '{DEFAULT_BACKBONE}'."

@@ -67,10 +67,10 @@ class DigestMemo:
             self.conn.execute("PRAGMA journal_mode = WAL")
             self.conn.execute(_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
-            self._disable(db_path, exc)
+            self._disable(exc)
 
-    def _disable(self, where, exc: Exception) -> None:
-        log.warning("digest memo %s unusable (%s): hashing every file", where, exc)
+    def _disable(self, exc: Exception) -> None:
+        log.warning("digest memo %s unusable (%s): hashing every file", self.db_path, exc)
         if self.conn is not None:
             try:
                 self.conn.close()
@@ -89,7 +89,7 @@ class DigestMemo:
             row = self.conn.execute("SELECT size, mtime_ns, ctime_ns, ino, dev, digest FROM digests WHERE path = ?",
                                     (key_path,)).fetchone()
         except sqlite3.Error as exc:
-            self._disable(self.db_path, exc)
+            self._disable(exc)
             return self.compute(path)
         if row is not None and tuple(row[:5]) == key:
             self.hits += 1
@@ -118,7 +118,7 @@ class DigestMemo:
                 self.conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            self._disable(self.db_path, exc)
+            self._disable(exc)
 
     def close(self) -> None:
         self.flush()

@@ -40,6 +40,11 @@ class DistContext:
         return self.backend is not None and "nccl" in str(self.backend)
 
     @property
+    def comm_device(self) -> torch.device:
+        """Where collectives' own tensors live: this rank's GPU under nccl, else the CPU."""
+        return torch.device("cuda", self.local_rank) if self.uses_nccl else torch.device("cpu")
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
@@ -94,7 +99,7 @@ def init_from_env(device: str = "auto", timeout_s: float | None = None) -> DistC
 def device_for(ctx: DistContext, requested: str = "auto") -> torch.device:
     """cuda:LOCAL_RANK under nccl, else what was asked for."""
     if ctx.uses_nccl:
-        return torch.device("cuda", ctx.local_rank)
+        return ctx.comm_device
     from .features import resolve_device
 
     return resolve_device(requested)
@@ -114,14 +119,6 @@ def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
-    if not ctx.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def all_gather_blocks(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """Concatenate every rank's block (rank order) along dim 0: the inverse of `ctx.block` row splits.
 
@@ -130,7 +127,7 @@ def all_gather_blocks(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """
     if not ctx.enabled:
         return t
-    comm = torch.device("cuda", ctx.local_rank) if ctx.uses_nccl else torch.device("cpu")
+    comm = ctx.comm_device
     sizes = [torch.zeros(1, dtype=torch.long, device=comm) for _ in range(ctx.world_size)]
     dist.all_gather(sizes, torch.tensor([t.shape[0]], device=comm))
     sizes_i = [int(x.item()) for x in sizes]
@@ -146,7 +143,7 @@ def mean_over_ranks(value: float, ctx: DistContext) -> float:
     """The mean of a per-rank number (e.g. an epoch's loss) over ranks."""
     if not ctx.enabled:
         return value
-    comm = torch.device("cuda", ctx.local_rank) if ctx.uses_nccl else torch.device("cpu")
+    comm = ctx.comm_device
     t = torch.tensor([value], dtype=torch.float64, device=comm)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item()) / ctx.world_size

@@ -129,14 +129,13 @@ class FeatureResult:
 DIGEST_MEMO = "digests.sqlite"  # beside the per-backbone cache folders (see selflabel/digests.py)
 
 
-def digest_records(records: Iterable[ImageRecord], skipped: list[Skipped],
-                   memo: DigestMemo | None = None) -> list[tuple[ImageRecord, str]]:
-    """Content digest per readable record (through `memo` when given); unreadable files go to `skipped`."""
-    digest = memo.digest if memo is not None else file_digest
+def digest_records(records: Iterable[ImageRecord], skipped: list[Skipped], memo: DigestMemo) -> list[tuple[ImageRecord, str]]:
+    """Content digest per readable record, through `memo` (`DigestMemo(None, ...)` hashes every file);
+    unreadable files go to `skipped`."""
     out = []
     for r in records:
         try:
-            out.append((r, digest(r.path)))
+            out.append((r, memo.digest(r.path)))
         except OSError as exc:
             skipped.append(Skipped(r.id, f"cannot read: {exc.strerror or exc}"))
     return out

@@ -18,7 +18,7 @@ from .cluster import LabelResult, cluster_features, default_k
 from .config import RunConfig, to_dict
 from .data import scan_folder
 from .errors import InputError
-from .distributed import all_gather_objects, barrier, device_for, init_from_env, shard, shutdown
+from .distributed import all_gather_objects, device_for, init_from_env, shard, shutdown
 from .features import extract_features
 from .runfiles import FEATURES, LABELS, PROTOTYPES, SKIPPED, LabelRow, write_labels, write_manifest, write_skipped
 
@@ -88,8 +88,7 @@ def label_folder(cfg: RunConfig, show_progress: bool = True) -> RunSummary:
         # each rank computes a disjoint block into the (shared) cache, then all read the whole store
         n_sharded = extract_features(shard(scan.records, ctx), backbone, show_progress=show_progress and ctx.is_main,
                                      **extract).n_computed
-        n_sharded = int(sum(all_gather_objects(n_sharded, ctx)))
-        barrier(ctx)
+        n_sharded = int(sum(all_gather_objects(n_sharded, ctx)))  # (a collective: every rank is done)
     feats = extract_features(scan.records, backbone, out_path=out / FEATURES if ctx.is_main else None,
                              show_progress=show_progress and not ctx.enabled, **extract)
     if ctx.enabled:
@@ -134,39 +133,35 @@ def label_folder(cfg: RunConfig, show_progress: bool = True) -> RunSummary:
     summary = RunSummary(out=out, n_images=n, n_skipped=len(skipped), k=k,
                          cluster_sizes={i: int(s) for i, s in enumerate(sizes)}, timings=timings,
                          n_computed=feats.n_computed, n_cached=feats.n_cached, dense=dense_summary)
-    if not ctx.is_main:
-        barrier(ctx)
-        shutdown(ctx)
-        return summary
-    write_manifest(out, {
-        "selflabel_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "data_root": str(scan.root),
-        "config": to_dict(cfg),
-        "backbone": {"name": backbone.name, "cache_key": backbone.cache_key(), "dim": backbone.dim},
-        "device": str(device),
-        "seed": cfg.seed,
-        "k": k,
-        "n_images": n,
-        "n_skipped": len(skipped),
-        "has_gt": any(r.gt is not None for r in feats.records),
-        "features": {"computed": feats.n_computed, "cached": feats.n_cached, "seconds": feats.seconds},
-        "timings": timings,
-        "method_info": _jsonable(result.info),
-        "heads": sorted(result.head_labels),
-        "dense": dense_summary,
-        "versions": versions(),
-        "world_size": ctx.world_size,
-    })
-    barrier(ctx)
-    shutdown(ctx)
+    if ctx.is_main:
+        write_manifest(out, {
+            "selflabel_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "data_root": str(scan.root),
+            "config": to_dict(cfg),
+            "backbone": {"name": backbone.name, "cache_key": backbone.cache_key(), "dim": backbone.dim},
+            "device": str(device),
+            "seed": cfg.seed,
+            "k": k,
+            "n_images": n,
+            "n_skipped": len(skipped),
+            "has_gt": any(r.gt is not None for r in feats.records),
+            "features": {"computed": feats.n_computed, "cached": feats.n_cached, "seconds": feats.seconds},
+            "timings": timings,
+            "method_info": _jsonable(result.info),
+            "heads": sorted(result.head_labels),
+            "dense": dense_summary,
+            "versions": versions(),
+            "world_size": ctx.world_size,
+        })
+    shutdown(ctx)  # (its barrier: no rank exits before rank 0 has written)
     return summary
 
 
 def _rows(records, result: LabelResult) -> list[LabelRow]:
-    rows = []
+    rows, heads = [], sorted(result.head_labels.items())
     for i, r in enumerate(records):
-        extra = {f"head_{h}": str(int(lab[i])) for h, lab in sorted(result.head_labels.items())}
+        extra = {f"head_{h}": str(int(lab[i])) for h, lab in heads}
         rows.append(LabelRow(r.id, int(result.labels[i]), float(result.confidence[i]), r.gt, extra))
     return rows
 

@@ -83,11 +83,18 @@ def serve_in_background(run_dir: str | Path, log_file: Path | None = None,
                     time.sleep(0.2)
             yield url, proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Terminate a server still running; kill it if it has not exited after 10 s."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def check_run_dir(run_dir: str | Path) -> Path:
@@ -114,13 +121,9 @@ def launch(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8501, headl
         return proc.wait()
     except KeyboardInterrupt:  # Ctrl-C: Streamlit got it too; give it time to close
         try:
-            return proc.wait(10) and 0
+            proc.wait(10)
         except subprocess.TimeoutExpired:
-            return 0
+            pass
+        return 0
     finally:
-        if proc.poll() is None:  # never leave a server behind
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop(proc)  # never leave a server behind
