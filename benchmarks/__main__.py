@@ -21,8 +21,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `benchmarks` and `selflabel` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import RESULTS_DIR  # noqa: E402
+
 BENCHMARKS = ("features", "sinkhorn", "end_to_end", "distributed", "quality", "dense", "community", "memory", "plots")
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def parse_only(values: list[str] | None) -> list[str]:

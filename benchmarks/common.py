@@ -114,6 +114,18 @@ def peak_rss_mb() -> float:
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def make_scores(n: int, k: int, dim: int = 64, seed: int = 0, noise: float = 0.1) -> np.ndarray:
+    """Cosine similarities of n clustered unit features to k unit prototypes (float32 [n, k]):
+    features are noisy copies of random prototypes, as after a few epochs of self-labelling."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.nn.functional.normalize(torch.randn(k, dim, generator=g), dim=1)
+    z = torch.randint(0, k, (n,), generator=g)
+    x = torch.nn.functional.normalize(protos[z] + noise * torch.randn(n, dim, generator=g), dim=1)
+    return (x @ protos.T).numpy()
+
+
 def read_bandwidth_gbs(nbytes: int = 256 * 2**20, repeat: int = 5) -> float:
     """Main-memory READ bandwidth in GB/s with every core: ``torch.sum`` over a large float32 array
     (torch's intra-op threads split it), best of ``repeat``. The floor of any pass that must read it."""

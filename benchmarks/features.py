@@ -32,7 +32,6 @@ from PIL import Image
 from benchmarks.common import markdown_table, shared_data, write_result
 from selflabel.backbones import Backbone, create_backbone
 from selflabel.data import ImageRecord, load_rgb, scan_folder
-from selflabel.data import load_rgb as _library_load_rgb
 from selflabel.features import autocast_dtype, extract_features, resolve_device
 
 BACKBONES = ("mobilenet_v2", "efficientnet_lite0")
@@ -137,11 +136,11 @@ def rounds(n_rounds: int, records, backbone, **kw) -> dict[str, float]:
     return out
 
 
-def default_workers(device: torch.device | None = None) -> int:
+def default_workers(device: torch.device) -> int:
     """What extract_features uses for num_workers=-1 on `device` (the library's own function)."""
     from selflabel.features import default_num_workers
 
-    return default_num_workers(device or torch.device("cpu"))
+    return default_num_workers(device)
 
 
 def library_amp(device: torch.device) -> str:
@@ -158,7 +157,7 @@ def _log(msg: str) -> None:
 def load_rgb_full(path, **kw):
     """`selflabel.data.load_rgb` with draft decoding turned off: full-size decode, then resize."""
     kw["draft_size"] = None
-    return _library_load_rgb(path, **kw)
+    return load_rgb(path, **kw)
 
 
 def make_photos(records: Sequence[ImageRecord], size: tuple[int, int], dst: Path) -> list[ImageRecord]:
@@ -201,7 +200,7 @@ def full_decoding():
     try:
         yield
     finally:
-        data.load_rgb = _library_load_rgb
+        data.load_rgb = load_rgb
 
 
 def photos_section(records, backbone_name: str, bs: int, device: torch.device, bare_batches: int, n_photos: int,

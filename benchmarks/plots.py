@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import RESULTS_DIR, markdown_table, timeit, write_result  # noqa: E402
+from benchmarks.common import make_scores as common_make_scores  # noqa: E402
 from benchmarks.features import shared_data, stratified  # noqa: E402
 from selflabel.cluster import kmeans_cluster, sinkhorn_cluster  # noqa: E402
 from selflabel.metrics import cluster_metrics  # noqa: E402
@@ -91,12 +92,8 @@ def plot_quality(q: dict, n: int, path: Path) -> None:
 
 
 def make_scores(n: int, k: int, dim: int = 64, seed: int = 0) -> torch.Tensor:
-    """Cosine similarities [n, k] of clustered unit features to k unit prototypes (float32)."""
-    g = torch.Generator().manual_seed(seed)
-    protos = torch.nn.functional.normalize(torch.randn(k, dim, generator=g), dim=1)
-    z = torch.randint(0, k, (n,), generator=g)
-    x = torch.nn.functional.normalize(protos[z] + 0.3 * torch.randn(n, dim, generator=g), dim=1)
-    return x @ protos.T
+    """The sinkhorn benchmark's scores (`benchmarks.common.make_scores`) with more spread (noise 0.3)."""
+    return torch.from_numpy(common_make_scores(n, k, dim, seed, noise=0.3))
 
 
 def sinkhorn_timings(ns=NS, k: int = SINKHORN_K) -> list[dict]:

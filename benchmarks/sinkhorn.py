@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `selflabel
 import numpy as np
 import torch
 
-from benchmarks.common import machine_info, markdown_table, memory_bandwidth_gbs, peak_rss_mb, read_bandwidth_gbs, timeit, write_result
+from benchmarks.common import machine_info, make_scores, markdown_table, memory_bandwidth_gbs, peak_rss_mb, read_bandwidth_gbs, timeit, write_result
 from selflabel.ot import _cpu_workers, sinkhorn
 
 SIZES = ((10_000, 100), (10_000, 1_000), (50_000, 1_000), (100_000, 1_000))
@@ -37,16 +37,6 @@ QUICK_SIZES = ((10_000, 100), (10_000, 1_000))
 ITERS = (10, 100)
 EPS = 0.05
 POT_LOG_MAX_WORK = 5 * 10**8  # N K iters: POT's sinkhorn_log takes ~1 s per iteration at 50k x 1,000
-
-
-def make_scores(n: int, k: int, dim: int = 64, seed: int = 0) -> np.ndarray:
-    """Cosine similarities of n clustered unit features to k unit prototypes (float32 [n, k]):
-    features are noisy copies of random prototypes, as after a few epochs of self-labelling."""
-    g = torch.Generator().manual_seed(seed)
-    protos = torch.nn.functional.normalize(torch.randn(k, dim, generator=g), dim=1)
-    z = torch.randint(0, k, (n,), generator=g)
-    x = torch.nn.functional.normalize(protos[z] + 0.1 * torch.randn(n, dim, generator=g), dim=1)
-    return (x @ protos.T).numpy()
 
 
 def marginal_error(plan, a: np.ndarray, b: np.ndarray) -> float:
