@@ -201,7 +201,7 @@ def assign(
     run: Annotated[Path, typer.Argument(help="Reviewed run folder (its clusters, names and rejections are used).")],
     data: Annotated[Path, typer.Argument(help="Folder of new images (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="New run folder to write (the review app opens it).")],
-    unsure_quantile: Annotated[float, typer.Option(help="Unsure below this quantile of a cluster's own members' similarity.")] = 0.02,
+    unsure_quantile: Annotated[float, typer.Option(help="Unsure below this quantile of a cluster's own members (cosine or margin).")] = 0.05,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder (default: the run's).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (default: the run's)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
