@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 
 from .atomic import atomic_path, atomic_save_npy, atomic_write_text
 from .backbones import Backbone
-from .data import ImageDataset, ImageRecord, Skipped, collate_skip, file_digest
+from .data import (EncodedImages, ImageDataset, ImageRecord, Skipped, collate_encoded, collate_skip, decode_encoded_batch,
+                   file_digest)
 from .devices import autocast_dtype, default_cache_root, default_num_workers, precision_name, resolve_device
 from .digests import DigestMemo
 from .engine import EngineSpec, make_runner, plan_engine
@@ -34,12 +35,11 @@ from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
+GPU_DECODE_ENV = "SELFLABEL_GPU_DECODE"
+
 # re-exported for callers that still import them from here (they live in selflabel/devices.py)
 __all__ = ["CacheWriteError", "FeatureCache", "FeatureResult", "autocast_dtype", "default_cache_root",
            "default_num_workers", "extract_features", "feature_cache_key", "resolve_device"]
-
-
-ENGINE_ENV = "SELFLABEL_ENGINE"  # auto | openvino | onnxruntime | torch (until the config has backbone.engine)
 
 
 class CacheWriteError(SelflabelError):
@@ -190,7 +190,7 @@ def extract_features(
     """
     t0 = time.perf_counter()
     dev = resolve_device(str(device))
-    spec = plan_engine(engine or os.environ.get(ENGINE_ENV, "auto"), dev, precision_name(amp, dev))
+    spec = plan_engine(engine, dev, precision_name(amp, dev))
     root = Path(cache_dir or default_cache_root())
     cache = FeatureCache(root, feature_cache_key(backbone, spec))
     skipped: list[Skipped] = []
@@ -275,20 +275,33 @@ def _warm_up(runner, todo: dict[str, ImageRecord], backbone: Backbone, max_pixel
     return runner.active == runner.spec
 
 
+def gpu_decode_enabled() -> bool:
+    """GPU JPEG decoding on CUDA devices unless SELFLABEL_GPU_DECODE=0 (then workers decode on the CPU)."""
+    return os.environ.get(GPU_DECODE_ENV, "1") != "0"
+
+
 def _compute_missing(todo, runner, backbone, cache, dev, batch_size, num_workers, max_pixels, flush_every,
                      show_progress) -> dict[str, str]:
     """Forward passes for cache misses, flushing shards as they fill. Returns {digest: reason} of failures."""
     digests = list(todo)
-    ds = ImageDataset([todo[d] for d in digests], backbone.transform, max_pixels=max_pixels,
-                      draft_size=backbone.decode_size())
+    records = [todo[d] for d in digests]
+    gpu_decode = dev.type == "cuda" and gpu_decode_enabled()
+    kind = EncodedImages if gpu_decode else ImageDataset
+    ds = kind(records, backbone.transform, max_pixels=max_pixels, draft_size=backbone.decode_size())
     workers = default_num_workers(dev) if num_workers < 0 else num_workers
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip,
-                        pin_memory=dev.type == "cuda", persistent_workers=False)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate_encoded if gpu_decode else collate_skip,
+                        pin_memory=dev.type == "cuda" and not gpu_decode, persistent_workers=False)
+    batches = iter(loader)
+    if gpu_decode:  # JPEG bytes from the workers, decoded on the GPU in the main process
+        size = backbone.image_size
+        batches = (decode_encoded_batch(b, dev, ds.cpu.__getitem__, size, backbone.decode_size(size), backbone.mean,
+                                        backbone.std) for b in batches)
     failed: dict[str, str] = {}
     buf_keys: list[str] = []
     buf_feats: list[np.ndarray] = []
     with progress_bar("features", total=len(ds), enabled=show_progress) as advance:
-        for x, idx, bad in loader:
+        for x, idx, bad in batches:
             for i, reason in bad:
                 failed[digests[i]] = reason
                 log.warning("skipped %s: %s", ds.records[i].id, reason)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from .export import OUTPUTS, export_onnx
 log = logging.getLogger(__name__)
 
 ENGINE_CHOICES = ("auto", "openvino", "onnxruntime", "torch")
+ENGINE_ENV = "SELFLABEL_ENGINE"  # the engine when the caller passes None (until the config has backbone.engine)
 PARITY_FP32 = 0.999
 PARITY_BF16 = 0.99
 PARITY_IMAGES = 4  # images of the first batch per input size compared against torch
@@ -46,10 +48,11 @@ def engine_installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def plan_engine(requested: str, device: torch.device, precision: str) -> EngineSpec:
-    """The engine and precision a run will use. 'auto': OpenVINO on a CPU when installed (measured
+def plan_engine(requested: str | None, device: torch.device, precision: str) -> EngineSpec:
+    """The engine and precision a run will use (`requested` None: $SELFLABEL_ENGINE, else 'auto'). 'auto': OpenVINO on a CPU when installed (measured
     fastest, README 'Speed'), else ONNX Runtime, else torch; torch on a GPU. ONNX Runtime's CPU
     provider has no bf16 kernels, so it always runs fp32."""
+    requested = requested or os.environ.get(ENGINE_ENV) or "auto"
     if requested not in ENGINE_CHOICES:
         raise ValueError(f"engine '{requested}' is not one of {', '.join(ENGINE_CHOICES)}")
     if device.type != "cpu" or requested == "torch":
