@@ -76,7 +76,7 @@ def test_export_is_cached_and_atomic(tmp_path):
 
 def test_plan_engine_rules(monkeypatch):
     monkeypatch.delenv(runners.ENGINE_ENV, raising=False)
-    monkeypatch.setattr(runners, "engine_installed", lambda name: name in {"openvino", "onnxruntime"})
+    monkeypatch.setattr(runners, "engine_installed", lambda name: name in {"openvino", "onnxruntime", "onnx"})
     assert plan_engine("auto", CPU, "bf16") == EngineSpec("openvino", "bf16")
     assert plan_engine("onnxruntime", CPU, "bf16") == EngineSpec("onnxruntime", "fp32")  # no bf16 kernels in ORT CPU
     assert plan_engine("auto", torch.device("cuda"), "bf16") == EngineSpec("torch", "bf16")
@@ -84,6 +84,8 @@ def test_plan_engine_rules(monkeypatch):
     assert plan_engine(None, CPU, "fp32") == EngineSpec("torch", "fp32")
     monkeypatch.setattr(runners, "engine_installed", lambda name: False)
     assert plan_engine("auto", CPU, "fp32") == EngineSpec("torch", "fp32")
+    monkeypatch.setattr(runners, "engine_installed", lambda name: name == "openvino")  # no onnx: cannot export
+    assert plan_engine("openvino", CPU, "fp32") == EngineSpec("torch", "fp32")
     with pytest.raises(ValueError, match="not one of"):
         plan_engine("tensorrt", CPU, "fp32")
 

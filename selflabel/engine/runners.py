@@ -9,6 +9,7 @@ continues with torch, so an engine can make a run faster, never break it.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -58,12 +59,17 @@ def plan_engine(requested: str | None, device: torch.device, precision: str) -> 
     if device.type != "cpu" or requested == "torch":
         return EngineSpec("torch", precision)
     order = ("openvino", "onnxruntime") if requested == "auto" else (requested,)
-    for name in order:
-        if engine_installed(name):
-            return EngineSpec(name, "fp32" if name == "onnxruntime" else precision)
-    if requested != "auto":
-        log.warning("engine %s is not installed (pip install %s): running the backbone in torch", requested, requested)
+    found = [name for name in order if engine_installed(name)]
+    if found and engine_installed("onnx"):  # torch.onnx.export needs the onnx package
+        return EngineSpec(found[0], "fp32" if found[0] == "onnxruntime" else precision)
+    missing = " ".join(([] if found else [order[0]]) + ([] if engine_installed("onnx") else ["onnx"]))
+    _log_once(f"inference engine not installed (pip install {missing}): running the backbone in torch")
     return EngineSpec("torch", precision)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    log.warning(message)
 
 
 def cosine_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
