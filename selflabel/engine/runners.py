@@ -3,13 +3,16 @@
 A runner maps a normalised batch [B, 3, H, W] to a `BackboneOutput`. Engine runners export the
 backbone once per input size (selflabel/engine/export.py), compile it, and check each new input size
 against torch on the first real images they see: per-image cosine similarity of all three outputs
->= 0.999 in fp32 (>= 0.99 in bf16, whose rounding alone costs ~0.998 on dense maps). Anything that
+>= 0.999 in fp32 (>= 0.99 in bf16, whose rounding alone costs ~0.998 on dense maps); a passed check
+is recorded beside the export (per engine version and precision), so it runs once per machine. Anything that
 goes wrong (engine not installed, export, compilation, the check) logs one line and the runner
 continues with torch, so an engine can make a run faster, never break it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import atomic_write_json
 from ..backbones import Backbone, BackboneOutput
 from ..devices import engine_threads
 from .export import OUTPUTS, export_onnx
@@ -124,6 +128,7 @@ class EngineRunner:
             import openvino as ov
 
             core = ov.Core()
+            core.set_property({"CACHE_DIR": str(path.parent / "openvino-cache")})  # compiled blobs: faster next time
             hint = {"bf16": "bf16", "fp16": "f16"}.get(self.spec.precision, "f32")
             compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint,
                                                              "INFERENCE_NUM_THREADS": self.threads,
@@ -144,25 +149,37 @@ class EngineRunner:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         return lambda x: session.run(list(OUTPUTS), {"x": x})
 
+    def _check_file(self, path: Path) -> Path:
+        """Where a passed parity check of this export, engine version and precision is recorded."""
+        version = importlib.metadata.version(self.spec.engine)
+        return path.with_name(f"{path.stem}.{self.spec.engine}-{version}-{self.spec.precision}.checked.json")
+
     def _prepare(self, hw: tuple[int, int], x: torch.Tensor) -> bool:
-        """Export, compile and check the engine for inputs of size `hw` on the real batch `x`."""
+        """Export, compile and check the engine for inputs of size `hw` on the real batch `x`. A passed
+        check is recorded beside the export, so later runs on this machine skip the torch reference."""
         try:
-            run = self._compile(export_onnx(self.backbone, hw[0], hw[1], self.cache_root))
+            path = export_onnx(self.backbone, hw[0], hw[1], self.cache_root)
+            run = self._compile(path)
+            checked = self._check_file(path)
             sample = x[:PARITY_IMAGES].contiguous()
-            got = run(sample.numpy())
+            got = None if checked.is_file() else run(sample.numpy())
         except Exception as exc:  # engine-specific errors of every kind: the fallback is the point
             self.fall_back(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip())
             return False
-        ref = self._torch_fp32(sample)
-        need = PARITY_FP32 if self.spec.precision == "fp32" else PARITY_BF16
-        for name, g, r in zip(OUTPUTS, got, (ref.global_feat, ref.dense, ref.saliency)):
-            if g.shape != tuple(r.shape):
-                self.fall_back(f"{name} shape {g.shape} differs from torch's {tuple(r.shape)}")
-                return False
-            cos = float(cosine_per_image(g, r.numpy()).min())
-            if not cos >= need:
-                self.fall_back(f"{name} differs from torch at {hw[0]}x{hw[1]}: cosine {cos:.4f} < {need}")
-                return False
+        if got is not None:
+            ref = self._torch_fp32(sample)
+            need = PARITY_FP32 if self.spec.precision == "fp32" else PARITY_BF16
+            cosines = {}
+            for name, g, r in zip(OUTPUTS, got, (ref.global_feat, ref.dense, ref.saliency)):
+                if g.shape != tuple(r.shape):
+                    self.fall_back(f"{name} shape {g.shape} differs from torch's {tuple(r.shape)}")
+                    return False
+                cosines[name] = cos = float(cosine_per_image(g, r.numpy()).min())
+                if not cos >= need:
+                    self.fall_back(f"{name} differs from torch at {hw[0]}x{hw[1]}: cosine {cos:.4f} < {need}")
+                    return False
+            with contextlib.suppress(OSError):  # unrecorded only means checking again next time
+                atomic_write_json(checked, {"min_cosine": cosines, "images": len(sample), "threshold": need})
         self._compiled[hw] = run
         return True
 
