@@ -20,6 +20,7 @@ from typing import Any, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from .devices import resolve_device
 from .errors import SelflabelError
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,6 @@ def device_for(ctx: DistContext, requested: str = "auto") -> torch.device:
     """cuda:LOCAL_RANK under nccl, else what was asked for."""
     if ctx.uses_nccl:
         return ctx.comm_device
-    from .features import resolve_device
-
     return resolve_device(requested)
 
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..cluster import LabelResult
+from ..devices import default_num_workers
 from ..distributed import barrier, mean_over_ranks
 from ..errors import InputError, SelflabelError
 from ..progress import progress_bar
@@ -217,8 +218,6 @@ class ImageViewsDataset(Dataset):
 
 def num_workers(requested: int) -> int:
     """`backbone.num_workers` for the trainers' image loaders (-1: the CPU rule of feature extraction)."""
-    from ..features import default_num_workers
-
     return default_num_workers(torch.device("cpu")) if requested < 0 else requested
 
 
