@@ -207,4 +207,8 @@ def cluster_features(features: np.ndarray, k: int, cfg: "RunConfig", *, out_dir=
         from .train.swav import train_swav
 
         return train_swav(features, k, cfg, heads=heads, out_dir=out_dir, device=device, records=records, backbone=backbone)
-    raise InputError(f"unknown method '{method}' (choose sinkhorn, sela, swav or kmeans)")
+    if method == "neighbors":
+        from .train.neighbors import train_neighbors
+
+        return train_neighbors(features, k, cfg, heads=heads, out_dir=out_dir, device=device, records=records)
+    raise InputError(f"unknown method '{method}' (choose sinkhorn, sela, swav, kmeans or neighbors)")
