@@ -21,12 +21,14 @@ from .errors import InputError
 # Closed sets of values: each enumerated setting is one of these, checked when the config is loaded.
 # `Method` is the one list of clustering methods (CLI help, config checks); `cluster.cluster_features`
 # dispatches on it, so a new method is added here and there.
-Method = Literal["sinkhorn", "sela", "swav", "kmeans"]
+Method = Literal["sinkhorn", "sela", "swav", "kmeans", "neighbors"]
 Amp = Literal["auto", "bf16", "fp32"]
 HeadKind = Literal["cosine", "linear", "mlp"]
 HeadInit = Literal["sinkhorn", "kmeans++", "random"]
 FinalAssign = Literal["argmax", "sinkhorn"]
 Louvain = Literal["networkx", "python-louvain"]
+NeighborObjective = Literal["scan", "temi"]
+Marginal = Literal["uniform", "estimated"]
 METHODS: tuple[str, ...] = get_args(Method)
 AMPS: tuple[str, ...] = get_args(Amp)
 DEVICES = "auto | cpu | cuda | cuda:N"
@@ -123,6 +125,31 @@ class SwavConfig:
 
 
 @dataclass
+class NeighborsConfig:
+    """Cluster heads trained on mined nearest neighbours of the cached features (SCAN / TEMI)."""
+
+    objective: NeighborObjective = "scan"  # scan (Van Gansbeke et al. 2020) | temi (Adaloglou et al. 2023)
+    neighbors: int = 20  # mined neighbours per image (cosine, exact)
+    n_heads: int = 10  # heads trained together; the lowest-loss one is kept
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-3  # Adam
+    weight_decay: float = 1e-4
+    entropy_weight: float = 5.0  # scan: weight of the entropy of the mean prediction
+    beta: float = 0.6  # temi: PMI exponent
+    temperature: float = 0.1  # temi: student softmax temperature
+    teacher_temperature: float = 0.1  # temi
+    teacher_momentum: float = 0.99  # temi: EMA of the student, per step
+    feature_noise: float = 0.0  # augmentation: noise norm vs unit-norm features
+    self_label_epochs: int = 0  # SCAN's self-labelling on confident samples after the neighbour epochs
+    confidence: float = 0.99  # self-labelling: minimum head probability of a sample to train on
+    marginal: Marginal = "uniform"  # label step's cluster sizes: uniform (balanced) | estimated (the head's own)
+    lamb: float = 25.0  # label step: Sinkhorn on P ** lamb
+    final_assign: FinalAssign = "argmax"  # argmax: the chosen head | sinkhorn: a balanced (or estimated-marginal) label step
+    cpu_threads: int = 1  # torch threads on CPU (0: torch's default)
+
+
+@dataclass
 class DenseConfig:
     """Leopart-style dense concepts (Ziegler & Asano, CVPR 2022)."""
 
@@ -159,6 +186,7 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sela: SelaConfig = field(default_factory=SelaConfig)
     swav: SwavConfig = field(default_factory=SwavConfig)
+    neighbors: NeighborsConfig = field(default_factory=NeighborsConfig)
     dense: DenseConfig = field(default_factory=DenseConfig)
 
 

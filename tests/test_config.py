@@ -92,7 +92,9 @@ def test_closed_sets_come_from_the_config_types():
 
     from selflabel import config
 
-    assert config.METHODS == get_args(config.Method) == ("sinkhorn", "sela", "swav", "kmeans")
+    assert config.METHODS == get_args(config.Method) == ("sinkhorn", "sela", "swav", "kmeans", "neighbors")
+    from selflabel.methods import list_methods
+    assert set(list_methods()) == set(config.METHODS)  # the registry and the closed set agree
     assert config.AMPS == ("auto", "bf16", "fp32")
     for ok in ("cuda", "cuda:1", "cpu", "auto"):
         assert load_config(None, [f"backbone.device={ok}"]).backbone.device == ok

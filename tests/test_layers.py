@@ -30,12 +30,14 @@ LAYERS = {
     "selflabel.ot": 2, "selflabel.ot_triton": 2, "selflabel.kmeans": 2, "selflabel.cluster": 2,
     "selflabel.estimators": 2, "selflabel.geometry": 2, "selflabel.metrics": 2,
     "selflabel.errors": 1, "selflabel.atomic": 1, "selflabel.result": 1, "selflabel.config": 1,
-    "selflabel.runfiles": 1, "selflabel.distributed": 1, "selflabel.progress": 1,
+    "selflabel.runfiles": 1, "selflabel.rundir": 1, "selflabel.devices": 1, "selflabel.precision": 1,
+    "selflabel.naming": 1, "selflabel.neighbors": 2, "selflabel.engine": 3, "selflabel.distributed": 1, "selflabel.progress": 1,
 }
 
 
 def layer(mod: str) -> int | None:
-    best = max((p for p in LAYERS if mod == p or mod.startswith(p + ".")), key=len, default=None)
+    # the package itself ("selflabel") is a layer of its own, not a prefix for every module
+    best = max((p for p in LAYERS if mod == p or (p != "selflabel" and mod.startswith(p + "."))), key=len, default=None)
     return LAYERS.get(best) if best is not None else None
 
 
