@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from selflabel.review.sample import make_sample_run
+from benchmarks.sample_run import make_sample_run
 from selflabel.review.store import ReviewStore
 from selflabel.runfiles import LabelRow, read_labels, write_labels
 

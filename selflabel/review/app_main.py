@@ -6,7 +6,7 @@ Images are read only through `thumbs.safe_path`, inside the run's image root.
 """
 from __future__ import annotations
 
-import importlib.util
+import hmac
 import json
 import os
 import sqlite3
@@ -14,14 +14,30 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import streamlit as st
+import altair as alt
+import matplotlib
 
-from selflabel.errors import SelflabelError
-from selflabel.export import FORMATS, export_run
-from selflabel.review.store import SPLIT_METHODS, ReviewStore
-from selflabel.review.thumbs import ThumbCache, safe_path
-from selflabel.runfiles import DENSE, EXPORTS, FEATURES, read_manifest
+matplotlib.use("Agg")  # the server draws figures off-screen
+import matplotlib.pyplot as plt  # noqa: E402
+import networkx as nx  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import streamlit as st  # noqa: E402
+from sklearn.decomposition import PCA  # noqa: E402
+
+from selflabel.dense.graph import load_graph  # noqa: E402
+from selflabel.errors import SelflabelError  # noqa: E402
+from selflabel.export.coco import concept_name  # noqa: E402
+from selflabel.export import FORMATS, export_run  # noqa: E402
+from selflabel.review.launch import TOKEN_ENV, TOKEN_PARAM  # noqa: E402
+from selflabel.review.store import SPLIT_METHODS, ReviewStore  # noqa: E402
+from selflabel.review.thumbs import ThumbCache, safe_path  # noqa: E402
+from selflabel.runfiles import DENSE, EXPORTS, FEATURES, read_manifest  # noqa: E402
+
+try:  # optional: UMAP projections in the Map view
+    import umap  # noqa: E402
+except ImportError:
+    umap = None
 
 VIEWS = ("Overview", "Cluster", "Map", "Dense", "Export")
 CARDS_PER_PAGE = 12
@@ -51,12 +67,21 @@ def embedding_2d(features_path: str, mtime_ns: int, method: str) -> np.ndarray:
     x = np.load(features_path, mmap_mode="r", allow_pickle=False).astype(np.float32)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     if method == "UMAP":
-        import umap  # optional dependency
-
         return umap.UMAP(n_components=2, random_state=0).fit_transform(x).astype(np.float32)
-    from sklearn.decomposition import PCA
-
     return PCA(n_components=2, random_state=0).fit_transform(x).astype(np.float32)
+
+
+def authorised() -> bool:
+    """True when the server asks for no token ($SELFLABEL_TOKEN unset), or this session showed it
+    (`?token=` in the address, once per session)."""
+    want = os.environ.get(TOKEN_ENV)
+    if not want or st.session_state.get("_authorised"):
+        return True
+    given = st.query_params.get(TOKEN_PARAM, "")
+    if hmac.compare_digest(given.encode("utf-8", "replace"), want.encode("utf-8")):
+        st.session_state["_authorised"] = True
+        return True
+    return False
 
 
 def act(fn: Callable[..., Any], *args: Any, done: str = "", clear: bool = False, **kwargs: Any) -> None:
@@ -246,9 +271,7 @@ def dense_meta(run: Path) -> dict:
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _read_graph(path: str, mtime_ns: int | None):
-    from ..dense.graph import load_graph
-
+def _read_graph(path: str, mtime_ns: int | None) -> nx.Graph:
     return load_graph(path)
 
 
@@ -280,9 +303,6 @@ def inspect_image(members: list, run: Path, data_root: Path) -> None:
 
 
 def map_view(store: ReviewStore, run: Path, clusters: list) -> None:
-    import altair as alt
-    import pandas as pd
-
     names = {c.id: c.name for c in clusters}
     st.header("Cluster sizes")
     sizes = pd.DataFrame({"cluster": [c.name for c in clusters], "images": [c.size for c in clusters]})
@@ -294,7 +314,7 @@ def map_view(store: ReviewStore, run: Path, clusters: list) -> None:
     if not feats.is_file():
         st.info("This run has no features.npy.")
         return
-    methods = ["PCA"] + (["UMAP"] if importlib.util.find_spec("umap") else [])
+    methods = ["PCA"] + (["UMAP"] if umap is not None else [])
     method = st.radio("Projection", methods, horizontal=True, key="projection",
                       help="UMAP appears when the umap-learn package is installed.")
     xy = embedding_2d(str(feats), feats.stat().st_mtime_ns, method)
@@ -311,8 +331,6 @@ def map_view(store: ReviewStore, run: Path, clusters: list) -> None:
 
 
 def dense_view(store: ReviewStore, run: Path) -> None:
-    import pandas as pd
-
     dense = run / DENSE
     meta = dense_meta(run)
     renamed = store.concept_names()
@@ -350,11 +368,6 @@ def draw_graph(g, names: dict[int, str], parts: bool = False) -> None:
     By default the parts are merged into one node per concept (area summed, edge weights summed);
     `parts=True` draws every part, coloured by its concept.
     """
-    import matplotlib.pyplot as plt
-    import networkx as nx
-
-    from ..export.coco import concept_name
-
     if g.number_of_nodes() == 0:
         st.caption("The graph is empty.")
         return
@@ -414,6 +427,11 @@ def do_export(run: Path, fmt: str) -> None:
 # ------------------------------------------------------------------------- page
 def main() -> None:
     st.set_page_config(page_title="selflabel review", layout="wide")
+    if not authorised():  # before anything is read, drawn or registered as a callback
+        st.error("This review app needs its access token: open the address `selflabel app` printed "
+                 f"(it ends in `?{TOKEN_PARAM}=...`).")
+        st.stop()
+        return
     run = run_dir_from_env()
     if run is None:
         st.error("No run folder given. Start the app with `selflabel app RUN` "

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from selflabel.review.launch import CHROMIUM_ARGS, chromium_path, serve_in_background
-from selflabel.review.sample import make_sample_run
+from benchmarks.browser import CHROMIUM_ARGS, chromium_path
+from selflabel.review.launch import serve_in_background
+from benchmarks.sample_run import make_sample_run
 from selflabel.review.store import ReviewStore
 
 CHROMIUM = chromium_path()

@@ -1,6 +1,7 @@
 """A small synthetic run folder (coloured PNGs, labels, features), for tests and for trying the app.
 
-`python -m selflabel.review.sample OUT` writes OUT/images/<class>/*.png and the run files in OUT/run,
+A fixture for tests, benchmarks and trying the app; not part of the package.
+`python -m benchmarks.sample_run OUT` writes OUT/images/<class>/*.png and the run files in OUT/run,
 then prints the run folder. The labels are the true classes with a few deliberate mistakes, so a
 reviewer has something to fix.
 """
@@ -13,8 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..atomic import atomic_save_npy, atomic_write_bytes, atomic_write_json
-from ..runfiles import FEATURES, LabelRow, write_labels, write_manifest
+import networkx as nx
+
+from selflabel.atomic import atomic_save_npy, atomic_write_bytes, atomic_write_json
+from selflabel.runfiles import FEATURES, LabelRow, write_labels, write_manifest
 
 CLASSES = ("red", "green", "blue", "yellow")
 _RGB = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
@@ -53,8 +56,6 @@ def make_sample_run(out: str | Path, *, per_class: int = 10, dim: int = 16, mist
 def _write_dense(run: Path, rows: list[LabelRow], rng: np.random.Generator) -> None:
     """A tiny dense/ folder in the layout of `dense.pipeline`: a part graph (networkx node-link) whose
     nodes carry their concept, concept label maps, and overlays for 4 images."""
-    import networkx as nx
-
     colors = ["#dc2828", "#28b43c", "#2846dc", "#e6d228"]
     g = nx.Graph()
     for part in range(8):  # two parts per concept
