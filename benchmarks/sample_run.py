@@ -79,3 +79,30 @@ def _write_dense(run: Path, rows: list[LabelRow], rng: np.random.Generator) -> N
 
 if __name__ == "__main__":  # pragma: no cover - convenience entry
     print(make_sample_run(sys.argv[1] if len(sys.argv) > 1 else "sample_run", dense="--dense" in sys.argv))
+
+
+def make_scene_folder(out: str | Path, n: int = 8, seed: int = 0) -> Path:
+    """`n` street-like 64x48 scenes (sky over road, one or two red cars) in `out`, for a real `--dense` run."""
+    rng = np.random.default_rng(seed)
+    out = Path(out)
+    colours = np.array([(70, 130, 220), (110, 110, 110), (200, 30, 30)], np.float32)
+    for i in range(n):
+        lab = np.ones((48, 64), np.uint8)
+        horizon = int(rng.integers(18, 26))
+        lab[:horizon] = 0
+        for _ in range(int(rng.integers(1, 3))):
+            y, x = int(rng.integers(horizon - 6, 34)), int(rng.integers(0, 44))
+            lab[y : y + 12, x : x + 20] = 2
+        img = (colours[lab] + rng.normal(0, 12, (48, 64, 3))).clip(0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=95)
+        atomic_write_bytes(out / f"scene_{i:02d}.jpg", buf.getvalue())
+    return out
+
+
+def dense_label_command(images: str | Path, run: str | Path) -> list[str]:
+    """`selflabel label --dense` with the tiny backbone and small settings: a real dense run in seconds."""
+    return [sys.executable, "-m", "selflabel", "label", str(images), "--out", str(run), "--dense", "--backbone", "tiny",
+            "--k", "3", "--device", "cpu", "-q", "--set", "dense.image_size=48", "--set", "dense.k_parts=12",
+            "--set", "dense.pca_dim=16", "--set", "dense.min_area=16", "--set", "dense.n_overlays=4",
+            "--set", "backbone.num_workers=0"]
