@@ -20,6 +20,7 @@ from .data import scan_folder
 from .errors import InputError
 from .distributed import all_gather_objects, device_for, init_from_env, shard, shutdown
 from .features import extract_features
+from .curate.run import curate_run
 from .runfiles import FEATURES, LABELS, PROTOTYPES, SKIPPED, LabelRow, write_labels, write_manifest, write_skipped
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ def label_folder(cfg: RunConfig, show_progress: bool = True) -> RunSummary:
     if ctx.is_main:  # only rank 0 writes outputs
         write_labels(out / LABELS, _rows(feats.records, result))
         atomic_save_npy(out / PROTOTYPES, result.prototypes)
+        curate_run(out, device=str(device))  # near-duplicates, outlier scores, neighbours (selflabel.curate)
     timings["write"] = time.perf_counter() - t
 
     dense_summary = None

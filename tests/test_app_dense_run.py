@@ -37,7 +37,7 @@ def open_as_selflabel_app(run: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest
 def test_every_view_of_a_dense_run_as_selflabel_app_runs_it(dense_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     at = open_as_selflabel_app(dense_run, monkeypatch)
     views = at.radio(key="view").options
-    assert views == ["Overview", "Cluster", "Map", "Dense", "Export"]
+    assert views == ["Overview", "Suggestions", "Cluster", "Duplicates", "Map", "Dense", "Export"]
     for view in views:
         at.radio(key="view").set_value(view).run()
         assert not at.exception, (view, at.exception)

@@ -25,6 +25,10 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 
+from selflabel.curate.duplicates import DUPLICATE_COLUMN  # noqa: E402
+from selflabel.curate.prepare import centred_unit  # noqa: E402
+from selflabel.curate.run import NEIGHBOURS, load_neighbours, neighbours_of  # noqa: E402
+from selflabel.curate.suggestions import Suggestion, suggest  # noqa: E402
 from selflabel.dense.graph import load_graph  # noqa: E402
 from selflabel.errors import SelflabelError  # noqa: E402
 from selflabel.export.coco import concept_name  # noqa: E402
@@ -39,7 +43,9 @@ try:  # optional: UMAP projections in the Map view
 except ImportError:
     umap = None
 
-VIEWS = ("Overview", "Cluster", "Map", "Dense", "Export")
+VIEWS = ("Overview", "Suggestions", "Cluster", "Duplicates", "Map", "Dense", "Export")
+SUGGESTIONS_SHOWN = 10
+GROUPS_PER_PAGE = 10
 CARDS_PER_PAGE = 12
 GRID_COLS = 8
 NEW_CLUSTER = -1  # move target meaning "a fresh cluster"
@@ -117,6 +123,8 @@ def sidebar(store: ReviewStore, run: Path, manifest: dict) -> tuple[str, list]:
     st.sidebar.title("selflabel review")
     st.sidebar.caption(f"run `{run}`  \nimages `{manifest.get('data_root')}`")
     views = [v for v in VIEWS if v != "Dense" or (run / DENSE).is_dir()]
+    if not (run / FEATURES).is_file():
+        views = [v for v in views if v != "Suggestions"]
     if st.session_state.get("view") not in views:
         st.session_state["view"] = views[0]
     view = st.sidebar.radio("View", views, key="view")
@@ -198,14 +206,15 @@ def cluster_view(store: ReviewStore, thumbs: ThumbCache, run: Path, data_root: P
             st.caption("A single image cannot be split.")
 
     o1, o2, o3 = st.columns([2, 1, 1])
-    least = o1.radio("Order", ["Most confident first", "Least confident first"], key="order",
-                     horizontal=True) == "Least confident first"
+    order = o1.radio("Order", ["Most confident first", "Least confident first", "Least typical first"], key="order",
+                     horizontal=True, help="Least typical: the highest outlier score first (junk, out-of-domain images).")
     per_page = o2.selectbox("Per page", [24, 48, 96], index=1, key="per_page")
     pages = max(1, -(-c.size // per_page))
     if st.session_state.get("page", 1) > pages:
         st.session_state["page"] = pages
     page = o3.number_input(f"Page (of {pages})", 1, pages, key="page") - 1
-    members = store.members(c.id, least_confident=least, offset=page * per_page, limit=per_page)
+    members = store.members(c.id, least_confident=order == "Least confident first",
+                            least_typical=order == "Least typical first", offset=page * per_page, limit=per_page)
     if st.session_state.get("_sel_cluster") != c.id:  # a selection belongs to one cluster
         clear_selection()
         st.session_state["_sel_cluster"] = c.id
@@ -300,6 +309,99 @@ def inspect_image(members: list, run: Path, data_root: Path) -> None:
                 cols[1].image(str(safe_path(run / DENSE, d["overlay"])), caption="concept mask overlay")
             except SelflabelError as exc:
                 cols[1].error(str(exc))
+
+
+@st.cache_resource(show_spinner="Finding neighbours ...", max_entries=2)
+def curation_inputs(run: str, mtime_ns: int) -> tuple[np.ndarray, np.ndarray]:
+    """(centred unit features, neighbour indices) of a run: neighbors.npz when the run has it, else computed."""
+    x = centred_unit(np.load(Path(run) / FEATURES, mmap_mode="r", allow_pickle=False))
+    nb_file = Path(run) / NEIGHBOURS
+    nb = load_neighbours(nb_file) if nb_file.is_file() else neighbours_of(x)
+    return x, nb.indices
+
+
+@st.cache_data(show_spinner="Looking for suggestions ...", max_entries=4)
+def open_suggestions(run: str, mtime_ns: int, version: int, _store: ReviewStore) -> list[Suggestion]:
+    """Suggestions for the state at edit `version`, less those already accepted or dismissed."""
+    x, idx = curation_inputs(run, mtime_ns)
+    done = _store.suggestion_states()
+    return [s for s in suggest(x, _store.assignments(), idx) if s.key not in done]
+
+
+def accept_suggestion(store: ReviewStore, s: Suggestion) -> int | None:
+    """The edit a suggestion proposes, recorded with its key (undo reopens it)."""
+    if s.kind == "merge":
+        return store.merge([s.clusters[0]], s.clusters[1], suggestion=s.key)
+    if s.kind == "move":
+        return store.move([store.base_rows[i].path for i in s.rows], s.clusters[1], suggestion=s.key)
+    return store.split(s.clusters[0], 2, suggestion=s.key)
+
+
+def suggestions_view(store: ReviewStore, thumbs: ThumbCache, run: Path, clusters: list) -> None:
+    feats = run / FEATURES
+    found = open_suggestions(str(run), feats.stat().st_mtime_ns, store.version(), store)
+    names = {c.id: c.name for c in clusters}
+    st.header(f"Suggestions ({len(found)})")
+    st.caption("Edits the neighbours of the images point to: clusters to merge, images in the wrong cluster, "
+               "clusters with two kinds of thing inside. Accepting is one edit (undo reverts it); a dismissed "
+               "suggestion is not offered again.")
+    for s in found[:SUGGESTIONS_SHOWN]:
+        with st.container(border=True):
+            left, right = st.columns([5, 1])
+            left.markdown(s.describe(names))
+            if s.kind == "merge":
+                preview = [m.path for c in s.clusters for m in store.members(c, limit=4)]
+            else:
+                rows = s.rows if s.kind == "move" else s.rows + tuple(m.idx for m in store.members(s.clusters[0], limit=4))
+                preview = [store.base_rows[i].path for i in rows[:8]]
+            imgs = [str(p) for p in thumbs.get_many(preview) if p is not None]
+            if imgs:
+                left.image(imgs, width=64)
+            right.button("Accept", key=f"accept|{s.key}", on_click=act, args=(accept_suggestion, store, s),
+                         kwargs={"done": f"Accepted: {s.describe(names)}"})
+            right.button("Dismiss", key=f"dismiss|{s.key}", on_click=act, args=(store.dismiss, s.key),
+                         kwargs={"summary": s.describe(names), "done": "Dismissed."})
+
+
+def duplicate_groups(store: ReviewStore) -> dict[str, list[str]]:
+    """Kept image -> its near-duplicate copies, from labels.csv's duplicate_of column."""
+    groups: dict[str, list[str]] = {}
+    for r in store.base_rows:
+        if r.extra.get(DUPLICATE_COLUMN):
+            groups.setdefault(r.extra[DUPLICATE_COLUMN], []).append(r.path)
+    return groups
+
+
+def keep_one(store: ReviewStore, group: list[str], keep: str) -> int | None:
+    """Reject every image of a near-duplicate group but `keep`: one edit."""
+    return store.set_status([p for p in group if p != keep], "rejected")
+
+
+def duplicates_view(store: ReviewStore, thumbs: ThumbCache) -> None:
+    groups = duplicate_groups(store)
+    st.header(f"Near-duplicates ({len(groups)} groups, {sum(map(len, groups.values()))} copies)")
+    if not groups:
+        st.info("No near-duplicates in this run (or it was labelled before they were looked for).")
+        return
+    all_copies = [p for copies in groups.values() for p in copies]
+    st.button("Reject every copy (keep the first of each group)", key="dedup_all", on_click=act,
+              args=(store.set_status, all_copies, "rejected"), kwargs={"done": f"Rejected {len(all_copies)} copies."})
+    pages = max(1, -(-len(groups) // GROUPS_PER_PAGE))
+    page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="dup_page") - 1
+    for gi, (kept, copies) in enumerate(list(groups.items())[page * GROUPS_PER_PAGE:(page + 1) * GROUPS_PER_PAGE]):
+        group = [kept, *copies]
+        status = {p: (store.member(p).status if store.member(p) else "?") for p in group}
+        with st.container(border=True):
+            cols = st.columns(min(len(group), 6) + 1)
+            for col, path, thumb in zip(cols, group, thumbs.get_many(group[:6])):
+                if thumb is not None:
+                    col.image(str(thumb), width=96)
+                col.caption(f"{path} · {status[path]}")
+            with cols[-1]:
+                key = f"{page}.{gi}"
+                st.selectbox("Keep", group, key=f"keep|{key}", label_visibility="collapsed")
+                st.button("Keep one, reject the rest", key=f"dedup|{key}", on_click=lambda g=group, k=key: act(
+                    keep_one, store, g, st.session_state[f"keep|{k}"], done="Kept one, rejected the rest."))
 
 
 def map_view(store: ReviewStore, run: Path, clusters: list) -> None:
@@ -453,6 +555,10 @@ def main() -> None:
         getattr(st, flash[0])(flash[1])
     if view == "Overview":
         overview(store, thumbs, clusters)
+    elif view == "Suggestions":
+        suggestions_view(store, thumbs, run, clusters)
+    elif view == "Duplicates":
+        duplicates_view(store, thumbs)
     elif view == "Cluster":
         cluster_view(store, thumbs, run, data_root, clusters)
     elif view == "Map":
