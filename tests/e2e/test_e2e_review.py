@@ -108,3 +108,43 @@ def test_every_view_in_a_real_browser(server, page, tmp_path: Path) -> None:
         rows = list(csv.DictReader(fh))
     assert {r["path"] for r in rows if r["name"] == "street scenes"} == {m.path for m in store.members(clusters[0].id)}
     assert (tmp_path / "review_app.png").stat().st_size > 10_000
+
+
+@pytest.fixture()
+def curated_server(tmp_path: Path):
+    """A synthetic run with two near-duplicate copies and three misplaced images, curated, served."""
+    import numpy as np
+
+    from benchmarks.sample_run import make_sample_run
+    from selflabel.atomic import atomic_save_npy
+    from selflabel.curate.run import curate_run
+    from selflabel.review.launch import serve_in_background
+
+    run = make_sample_run(tmp_path, per_class=10, mistakes=3, dim=64)
+    x = np.load(run / "features.npy") + np.random.default_rng(2).normal(0, 4.0, (40, 64))
+    x[[1, 2]] = x[0] + 0.01
+    atomic_save_npy(run / "features.npy", x.astype(np.float32))
+    curate_run(run)
+    with serve_in_background(run, tmp_path / "server.log") as (url, proc):
+        yield url, run
+
+
+def test_duplicates_and_a_suggestion_in_a_real_browser(curated_server, page) -> None:
+    url, run = curated_server
+    page.goto(url)
+    sidebar = page.get_by_test_id("stSidebar")
+    main = page.get_by_test_id("stMain")
+    sidebar.get_by_text("Duplicates", exact=True).click()
+    page.get_by_role("heading", name="Near-duplicates (1 groups, 2 copies)").wait_for()
+    main.get_by_role("button", name="Keep one, reject the rest").click()
+    page.get_by_text("Kept one, rejected the rest.").wait_for()
+    store = ReviewStore(run)
+    paths = [r.path for r in store.base_rows[:3]]
+    assert [store.member(p).status for p in paths] == ["ok", "rejected", "rejected"]
+
+    sidebar.get_by_text("Suggestions", exact=True).click()
+    page.get_by_role("heading", name="Suggestions (").wait_for()
+    main.get_by_role("button", name="Accept").first.click()
+    page.get_by_text("Accepted: ").wait_for()
+    assert list(ReviewStore(run).suggestion_states().values()) == ["accepted"]
+    assert ReviewStore(run).history(1)[0].kind in {"move", "merge", "split"}
