@@ -198,14 +198,18 @@ def segment(
 @app.command("app")
 def app_(
     run: Annotated[Path, typer.Argument(help="Run folder to review.")],
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to listen on. Beyond loopback the app asks for an access token.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8501,
+    token: Annotated[Optional[str], typer.Option(envvar="SELFLABEL_TOKEN", help=(
+        "Access token the app asks for (at least 16 characters). Default: none on loopback, "
+        "a fresh random one printed at start on any other address."))] = None,
 ) -> None:
-    """Open the review app (Streamlit) on a run."""
-    from .review.launch import launch
+    """Open the review app (Streamlit) on a run. The process becomes the server: Ctrl-C or SIGTERM stops it."""
+    from .review.launch import access_token, launch
 
     try:
-        raise typer.Exit(launch(run, host=host, port=port))
+        raise typer.Exit(launch(run, host=host, port=port, token=access_token(host, token),
+                                announce=lambda url: console.print(f"review app: {url}", highlight=False, soft_wrap=True)))
     except SelflabelError as exc:
         _fail(exc)
 

@@ -21,6 +21,7 @@ from .dense.pipeline import segment
 from .errors import InputError
 from .distributed import all_gather_objects, device_for, init_from_env, shard, shutdown, wait_for_main
 from .features import extract_features
+from .curate.run import curate_run
 from .geometry_io import save_geometry
 from .methods import cluster_features
 from .progress import progress_enabled, progress_shown
@@ -152,6 +153,7 @@ def _label_folder(cfg: RunConfig, ctx) -> RunSummary:
     if ctx.is_main:  # only rank 0 writes outputs
         write_labels(out / LABELS, _rows(feats.records, result))
         save_geometry(out, result.geometry)  # prototypes.npy, feature_mean.npy, geometry.json
+        curate_run(out, device=str(device))  # near-duplicates, outlier scores, neighbours (selflabel.curate)
     timings["write"] = time.perf_counter() - t
 
     dense_summary = None

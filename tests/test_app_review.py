@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from selflabel.review.sample import make_sample_run
+from benchmarks.sample_run import make_sample_run
 from selflabel.review.store import ReviewStore
 from selflabel.runfiles import LabelRow, read_labels, write_labels
 
@@ -54,7 +54,7 @@ def exported_csv(run: Path) -> dict[str, dict[str, str]]:
 
 def test_every_view_renders(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     at = open_app(run, monkeypatch)
-    assert at.radio(key="view").options == ["Overview", "Cluster", "Map", "Export"]  # no dense outputs here
+    assert at.radio(key="view").options == ["Overview", "Suggestions", "Cluster", "Duplicates", "Map", "Export"]  # no dense outputs here
     assert "4 clusters · 40 images" in at.header[0].value
     assert sorted(b.key for b in at.button if b.key.startswith("open|")) == [f"open|{i}" for i in range(4)]
     show(at, "Cluster", 0)
