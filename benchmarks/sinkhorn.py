@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine_info, make_scores, markdown_table, memory_bandwidth_gbs, peak_rss_mb, read_bandwidth_gbs, timeit, write_result
-from selflabel.ot import _cpu_workers, sinkhorn
+from selflabel.ot import sinkhorn
+from selflabel.ot.rows import cpu_workers as _cpu_workers
 
 SIZES = ((10_000, 100), (10_000, 1_000), (50_000, 1_000), (100_000, 1_000))
 QUICK_SIZES = ((10_000, 100), (10_000, 1_000))
