@@ -34,7 +34,7 @@ def sinkhorn(
     distributed: bool = False,
     return_plan: bool = True,
     relax: float | str = "auto",
-    init: Tensor | None = None,
+    init: SinkhornResult | Tensor | None = None,
 ) -> SinkhornResult:
     """Balanced entropic OT plan between the rows and columns of ``scores`` (Cuturi 2013).
 
@@ -63,8 +63,9 @@ def sinkhorn(
             adaptive when iterating to ``tol``, plain (POT's and SwAV's iterates) with ``n_iters``;
             ``'adaptive'``; or a fixed step in (0, 2), ``1.0`` = plain Sinkhorn. Any relaxed schedule
             falls back to plain steps if the error grows.
-        init: [K] ``log_v`` of an earlier result (``SinkhornResult.log_v``) on similar scores, e.g.
-            SeLa's previous label step: the iterations start from it instead of from a uniform ``u``.
+        init: an earlier result on similar scores (e.g. SeLa's previous label step), or its [K]
+            ``log_v``: the iterations start from that ``v`` instead of from a uniform ``u``, and an
+            adaptive schedule from that result's estimated rate instead of from plain steps.
 
     Returns:
         :class:`SinkhornResult`; a warning is logged when ``n_iters is None`` and it did not converge.
@@ -77,9 +78,11 @@ def sinkhorn(
         raise ValueError("n_iters must be >= 1")
     if max_iters < 1:
         raise ValueError("max_iters must be >= 1")
-    sched = schedule(relax, fixed_iterations=n_iters is not None)
+    warm = init if isinstance(init, SinkhornResult) else None
+    sched = schedule(relax, fixed_iterations=n_iters is not None, lam=warm.rate if warm is not None else 0.0)
     p = prepare(scores, a, b, eps, distributed)
-    g0 = None if init is None else B.backend(as_vector(init, p.k, "init (log_v)", p.device, positive=False))
+    log_v = warm.log_v if warm is not None else init
+    g0 = None if log_v is None else B.backend(as_vector(log_v, p.k, "init (log_v)", p.device, positive=False))
     return quiet(solve, p, n_iters, tol, max_iters, log_domain, return_plan, sched, g0)
 
 
@@ -154,4 +157,4 @@ def solve(p: Problem, n_iters: int | None, tol: float, max_iters: int, log_domai
     if sched.fell_back:
         log.info("Sinkhorn: over-relaxation fell back to plain steps at iteration %d (the error grew)",
                  sched.history[-1][0])
-    return SinkhornResult(plan, it, err, converged, f, B.as_tensor(g), use_log)
+    return SinkhornResult(plan, it, err, converged, f, B.as_tensor(g), use_log, getattr(sched, "lam", 0.0))

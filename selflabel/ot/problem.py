@@ -24,8 +24,9 @@ class SinkhornResult:
     ``plan[i, j] = exp(scores[i, j] / eps + log_u[i] + log_v[j])``; rows sum to ``a`` exactly
     (balanced case) and ``marginal_err`` is the L2 norm of ``plan.sum(0) - b`` (POT's ``stopThr``
     measure). ``log_u``/``log_v`` are float64 and let callers rebuild any rows of the plan without
-    holding it (see :func:`assign_from_potentials`); ``log_v`` is also a warm start (``init=``) for
-    the next solve on similar scores.
+    holding it (see :func:`assign_from_potentials`). ``rate`` is the plain Sinkhorn contraction rate
+    per iteration that the over-relaxation estimated (0 if none). The result is a warm start
+    (``init=``) for the next solve on similar scores: its ``log_v`` and its ``rate``.
     """
 
     plan: Tensor | None
@@ -35,6 +36,7 @@ class SinkhornResult:
     log_u: Tensor
     log_v: Tensor
     log_domain: bool
+    rate: float = 0.0
 
 
 @dataclass

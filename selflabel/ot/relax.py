@@ -12,9 +12,10 @@ ott-jax's ``Momentum`` with ``start > 0``, which estimates ``lam`` once from two
 
 :class:`AdaptiveRelaxation` starts plain (far from the fixed point over-relaxation need not converge),
 estimates ``lam`` from the error's decay over a window, and keeps re-estimating it through Young's
-relation while relaxed: Sinkhorn's local rate worsens as it nears the fixed point, and one early
-estimate (ott's) under-relaxes. If the error grows the schedule falls back to plain steps for good
-(plain Sinkhorn converges from anywhere).
+relation while relaxed (only where the observed rate lies on the relation's branch, ``omega - 1 < rho
+< 1``, and at most halving ``1 - lam`` at a time): Sinkhorn's local rate worsens as it nears the fixed
+point, and one early estimate (ott's) under-relaxes. If the error grows the schedule falls back to
+plain steps for good (plain Sinkhorn converges from anywhere).
 """
 from __future__ import annotations
 
@@ -43,12 +44,13 @@ class AdaptiveRelaxation:
     """The relaxation schedule: ``omega = schedule.update(iteration, error)`` after each error check.
 
     ``start``: plain iterations before the first estimate; ``window``: iterations between estimates;
-    ``growth``: fall back to plain steps when the error exceeds ``growth`` x the best seen while relaxed.
+    ``growth``: fall back to plain steps when the error exceeds ``growth`` x the best seen while relaxed
+    (relaxed errors oscillate by a few times near the optimal step; a divergence grows geometrically).
     """
 
     start: int = 10
     window: int = 5
-    growth: float = 2.0
+    growth: float = 10.0
     omega: float = 1.0
     fell_back: bool = False
     lam: float = 0.0
@@ -56,6 +58,10 @@ class AdaptiveRelaxation:
     _best: float = math.inf
     history: list[tuple[int, float]] = field(default_factory=list)  # (iteration, omega) changes
     needs_errors = True  # (class attribute) the solver must measure the error at every check
+
+    def __post_init__(self):
+        if self.lam > 0.0:  # a warm start's rate: relaxed from the second iteration on
+            self.omega, self.start = omega_from_rate(self.lam), 0
 
     def update(self, it: int, err: float) -> float:
         if self.fell_back or not math.isfinite(err) or err <= 0.0:
@@ -68,18 +74,20 @@ class AdaptiveRelaxation:
             self._ref = (it, err)
             return self.omega
         it0, err0 = self._ref
-        if it - it0 < self.window or it < self.start:
+        span = self.window if self.omega == 1.0 else 2 * self.window  # relaxed errors oscillate
+        if it - it0 < span or it < self.start:
             return self.omega
         rho = (err / err0) ** (1.0 / (it - it0))
         self._ref = (it, err)
-        if rho >= 1.0:  # no progress over a whole window
-            return self._fall_back(it) if self.omega > 1.0 else self.omega
-        self.lam = max(self.lam, plain_rate(rho, self.omega))
-        omega = omega_from_rate(self.lam)
-        if omega != self.omega:
-            self.omega = omega
+        if not self.omega - 1.0 < rho < 1.0:  # outside the linear theory (an oscillation, a transient)
+            return self.omega
+        # at most halve 1 - lam per estimate: a bump of the error must not throw omega to its cap
+        lam = min(plain_rate(rho, self.omega), 1.0 - (1.0 - self.lam) / 2.0) if self.lam else plain_rate(rho, 1.0)
+        if lam > self.lam:
+            self.lam = lam
+            self.omega = omega_from_rate(lam)
             self._best = min(self._best, err)
-            self.history.append((it, omega))
+            self.history.append((it, self.omega))
         return self.omega
 
     def _fall_back(self, it: int) -> float:
@@ -93,7 +101,7 @@ class FixedRelaxation:
     """A constant ``omega`` (ott's ``Momentum(value=omega)``), with the same fall-back on growth."""
 
     omega: float
-    growth: float = 2.0
+    growth: float = 10.0
     fell_back: bool = False
     _best: float = math.inf
     history: list[tuple[int, float]] = field(default_factory=list)
@@ -111,14 +119,15 @@ class FixedRelaxation:
         return self.omega
 
 
-def schedule(relax: float | str, fixed_iterations: bool):
+def schedule(relax: float | str, fixed_iterations: bool, lam: float = 0.0):
     """The schedule for ``sinkhorn(relax=...)``: 'auto' is adaptive when iterating to a tolerance
-    and plain for a fixed iteration count (POT's and SwAV's iterates); 'adaptive'; or a number in (0, 2)."""
+    and plain for a fixed iteration count (POT's and SwAV's iterates); 'adaptive'; or a number in (0, 2).
+    ``lam``: a rate known from an earlier solve (adaptive schedules start from it)."""
     if isinstance(relax, str):
         if relax == "auto":
-            return FixedRelaxation(1.0) if fixed_iterations else AdaptiveRelaxation()
+            return FixedRelaxation(1.0) if fixed_iterations else AdaptiveRelaxation(lam=lam)
         if relax == "adaptive":
-            return AdaptiveRelaxation()
+            return AdaptiveRelaxation(lam=lam)
         raise ValueError(f"relax must be 'auto', 'adaptive' or a number in (0, 2), not {relax!r}")
     omega = float(relax)
     if not 0.0 < omega < 2.0:
