@@ -119,7 +119,7 @@ def test_fallback_when_error_grows(monkeypatch, caplog):
 
 
 def test_schedule_estimates_the_rate_and_falls_back():
-    sched = AdaptiveRelaxation(start=10, window=5)
+    sched = AdaptiveRelaxation(start=10, window=5)  # (explicit: the defaults may change)
     for it in range(1, 11):  # plain Sinkhorn contracting at 0.96 per iteration
         omega = sched.update(it, 0.96 ** it)
     assert omega == pytest.approx(omega_from_rate(0.96)) and omega == pytest.approx(2 / (1 + 0.2))
