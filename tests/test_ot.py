@@ -12,7 +12,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import selflabel.ot as sot
 from selflabel.ot import backend as ot_backend
 from selflabel.ot import problem as ot_problem
 from selflabel.ot import rows as ot_rows
