@@ -180,3 +180,31 @@ def test_init_is_validated():
         sinkhorn(s, init=torch.zeros(3))
     with pytest.raises(ValueError, match="init.*finite"):
         sinkhorn(s, init=torch.tensor([0.0, float("nan"), 0.0, 0.0]))
+
+
+# ------------------------------------------------------------------------------------------
+# the sparse copy of a mostly-zero kernel
+
+
+@pytest.mark.parametrize("relax", ["auto", 1.0])
+def test_sparse_kernel_equals_the_dense_one(monkeypatch, relax):
+    """SeLa-like float32 scores: most kernel entries underflow to exact zeros after the row shift;
+    iterating on their CSR copy is the same matrix, so the same iterates up to float32 summation order."""
+    from selflabel.ot import kernel, rows
+
+    s = _sela_like(3000, 300, seed=9).float()
+    calls = []
+    real = kernel.sparse_groups
+    monkeypatch.setattr(kernel, "sparse_groups", lambda K, rb: calls.append(real(K, rb)) or calls[-1])
+    sparse = sinkhorn(s, eps=1 / 25, tol=1e-6, relax=relax, max_iters=5000)
+    fixed = sinkhorn(s, eps=1 / 25, n_iters=30, relax=relax if relax != "auto" else 1.3)
+    assert all(c is not None for c in calls) and len(calls) == 2  # both runs went sparse
+    monkeypatch.setattr(kernel, "SPARSE_DENSITY", 0.0)  # force the dense passes
+    monkeypatch.setattr(rows, "cpu_workers", lambda: 1)
+    dense = sinkhorn(s, eps=1 / 25, tol=1e-6, relax=relax, max_iters=5000)
+    dense_fixed = sinkhorn(s, eps=1 / 25, n_iters=30, relax=relax if relax != "auto" else 1.3)
+    assert calls[-1] is None
+    assert abs(sparse.n_iters - dense.n_iters) <= 1 and sparse.converged
+    np.testing.assert_allclose(sparse.plan.numpy(), dense.plan.numpy(), rtol=1e-4, atol=1e-10)
+    np.testing.assert_allclose(fixed.plan.numpy(), dense_fixed.plan.numpy(), rtol=1e-4, atol=1e-10)
+    np.testing.assert_allclose(sparse.plan.double().numpy().sum(1), 1 / 3000, rtol=1e-5)
