@@ -8,7 +8,7 @@ from typing import Iterable
 
 from ..atomic import atomic_write_text
 from ..runfiles import LabelRow
-from .names import default_name
+from ..naming import default_name
 
 
 def export_csv(rows: Iterable[LabelRow], names: dict[int, str], out_path: str | Path,

@@ -9,7 +9,7 @@ from typing import Iterable
 from ..data import resolve_id
 from ..errors import InputError
 from ..runfiles import LabelRow
-from .names import default_name, flatten_path, sanitize_name
+from ..naming import default_name, flatten_path, sanitize_name
 
 
 def export_imagefolder(rows: Iterable[LabelRow], names: dict[int, str], data_root: str | Path, out_dir: str | Path,

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..errors import InputError, SelflabelError
-from ..export.names import default_name
+from ..naming import default_name
 from ..runfiles import FEATURES, LABELS, REVIEW_DB, LabelRow, read_labels
 
 log = logging.getLogger(__name__)
