@@ -20,6 +20,7 @@ from .data import scan_folder
 from .errors import InputError
 from .distributed import all_gather_objects, device_for, init_from_env, shard, shutdown
 from .features import extract_features
+from .suggest import manifest_entry, suggest_for_run
 from .runfiles import FEATURES, LABELS, PROTOTYPES, SKIPPED, LabelRow, write_labels, write_manifest, write_skipped
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,10 @@ def label_folder(cfg: RunConfig, show_progress: bool = True) -> RunSummary:
     timings["cluster"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    suggested = {}
     if ctx.is_main:  # only rank 0 writes outputs
-        write_labels(out / LABELS, _rows(feats.records, result))
+        suggested = suggest_for_run(out, feats.features, result.labels, backbone.name, cfg.backbone.weights)
+        write_labels(out / LABELS, _rows(feats.records, result, {c: s.label for c, s in suggested.items()}))
         atomic_save_npy(out / PROTOTYPES, result.prototypes)
     timings["write"] = time.perf_counter() - t
 
@@ -150,6 +153,7 @@ def label_folder(cfg: RunConfig, show_progress: bool = True) -> RunSummary:
             "timings": timings,
             "method_info": _jsonable(result.info),
             "heads": sorted(result.head_labels),
+            "suggested_names": manifest_entry(suggested),
             "dense": dense_summary,
             "versions": versions(),
             "world_size": ctx.world_size,
@@ -158,10 +162,12 @@ def label_folder(cfg: RunConfig, show_progress: bool = True) -> RunSummary:
     return summary
 
 
-def _rows(records, result: LabelResult) -> list[LabelRow]:
+def _rows(records, result: LabelResult, suggested: dict[int, str]) -> list[LabelRow]:
     rows, heads = [], sorted(result.head_labels.items())
     for i, r in enumerate(records):
         extra = {f"head_{h}": str(int(lab[i])) for h, lab in heads}
+        if suggested:
+            extra["suggested_name"] = suggested.get(int(result.labels[i]), "")
         rows.append(LabelRow(r.id, int(result.labels[i]), float(result.confidence[i]), r.gt, extra))
     return rows
 

@@ -14,6 +14,7 @@ from ..annotations import categories_from_names, coco_document, label_map_annota
 from ..atomic import atomic_write_json
 from ..errors import InputError
 from ..naming import concept_name, default_name
+from .view import ExportView
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +95,13 @@ def export_coco_dense(run_dir: str | Path, out_path: str | Path | None = None,
     atomic_write_json(out, coco_document(images, anns, categories, "selflabel dense object concepts (unsupervised)"))
     log.info("coco: %d images, %d instance/stuff annotations, %d categories -> %s", len(images), len(anns), len(categories), out)
     return len(images)
+
+
+def export_coco(view: ExportView, out_path: str | Path) -> int:
+    """Dense runs: concept instances with the review's concept names; otherwise one whole-image box per
+    image. Images the view leaves out (rejected, duplicates) are left out here too."""
+    kept = {i.path for i in view.items}
+    if view.is_dense:
+        dropped = {e["id"] for e in view.dense_meta()["images"]} - kept
+        return export_coco_dense(view.run, out_path, names=view.concepts, rejected=dropped)
+    return export_coco_image_level(view.rows(), view.names, view.data_root, out_path)
