@@ -82,7 +82,7 @@ def imagenet_votes(features: np.ndarray, backbone: str, weights: str | None = No
     w, b = imagenet_head(backbone, weights)
     if features.shape[1] != w.shape[1]:
         raise InputError(f"features have {features.shape[1]} dims but the {backbone} head takes {w.shape[1]}")
-    votes = [top_classes(torch.as_tensor(np.asarray(features[i:i + batch], dtype=np.float32)) @ w.T + b)
+    votes = [top_classes(torch.from_numpy(np.array(features[i:i + batch], dtype=np.float32)) @ w.T + b)
              for i in range(0, len(features), batch)]
     return np.concatenate(votes) if votes else np.zeros(0, dtype=np.int64)
 

@@ -190,7 +190,7 @@ def test_hf_imagefolder_loads_with_datasets(run: Path, tmp_path: Path):
     datasets = pytest.importorskip("datasets", reason="datasets not installed")
     ds = datasets.load_dataset("imagefolder", data_dir=str(out), split="train", cache_dir=str(tmp_path / "hfcache"))
     assert len(ds) == 39 and {"image", "label", "confidence", "suggested_name"} <= set(ds.column_names)
-    assert sorted(set(ds["label"])) == sorted([CLASSES[0], "meadow", CLASSES[2], CLASSES[3]])
+    assert sorted(set(ds["label"])) == ["cluster_00", "cluster_02", "cluster_03", "meadow"]
     assert ds[0]["image"].size == (24, 24)
 
 
@@ -198,6 +198,10 @@ def test_fiftyone_loads_coco_and_imagefolder(run: Path, tmp_path: Path):
     fo = pytest.importorskip("fiftyone", reason="fiftyone not installed")
     reviewed(run)
     tree, n = export_run(run, "imagefolder", tmp_path / "tree")
+    try:
+        fo.list_datasets()  # FiftyOne keeps its datasets in MongoDB: its own mongod, or config.database_uri
+    except Exception as exc:  # ServiceExecutableNotFound, FiftyOneConfigError, ConnectionError
+        pytest.skip(f"fiftyone is installed but its database does not start: {type(exc).__name__}")
     ds = fo.Dataset.from_dir(dataset_dir=str(tree), dataset_type=fo.types.ImageClassificationDirectoryTree)
     assert len(ds) == n == 39 and "meadow" in ds.distinct("ground_truth.label")
     coco, _ = export_run(run, "coco", tmp_path / "coco.json")
