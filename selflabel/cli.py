@@ -155,16 +155,21 @@ def eval_(
 @app.command()
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
-    format: Annotated[str, typer.Option("--format", "-f", help="csv | imagefolder | coco")] = "csv",
+    format: Annotated[str, typer.Option("--format", "-f", help="csv | imagefolder | coco | labelstudio | yolo-cls | yolo-seg | hf")] = "csv",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Target file/folder (default: RUN/exports/...).")] = None,
     include_rejected: Annotated[bool, typer.Option(help="CSV: keep images rejected in review.")] = False,
-    mode: Annotated[str, typer.Option(help="imagefolder: copy | hardlink | symlink")] = "copy",
+    mode: Annotated[str, typer.Option(help="Folder formats: copy | hardlink | symlink")] = "copy",
+    names: Annotated[str, typer.Option(help="reviewed | suggested (clusters not renamed take their suggested name)")] = "reviewed",
+    url_prefix: Annotated[Optional[str], typer.Option(help="labelstudio: URL the images are served under (default: Label Studio's local files).")] = None,
+    val_fraction: Annotated[float, typer.Option(help="yolo: share of each class put in val/.")] = 0.2,
+    vocab: Annotated[Optional[Path], typer.Option(help="Words file (one per line): zero-shot suggested names with open_clip.")] = None,
 ) -> None:
-    """Export labels (with review edits) as CSV, an ImageFolder tree or COCO JSON."""
+    """Export labels (with review edits) as CSV, ImageFolder, COCO, Label Studio, YOLO or Hugging Face imagefolder."""
     from .export import export_run
 
     with _errors_as_lines():
-        target, n = export_run(run, format, out, include_rejected=include_rejected, mode=mode)
+        target, n = export_run(run, format, out, include_rejected=include_rejected, mode=mode, names=names,
+                               url_prefix=url_prefix, val_fraction=val_fraction, vocab=vocab)
     console.print(f"exported {n} images as {format} to {target}")
 
 

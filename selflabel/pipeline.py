@@ -27,6 +27,7 @@ from .methods import cluster_features
 from .progress import progress_enabled, progress_shown
 from .rundir import open_run
 from .runfiles import FEATURES, LABELS, SKIPPED, LabelRow, write_labels, write_manifest, write_skipped
+from .suggest import manifest_entry, suggest_for_run
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,10 @@ def _label_folder(cfg: RunConfig, ctx) -> RunSummary:
     timings["cluster"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    suggested = {}
     if ctx.is_main:  # only rank 0 writes outputs
-        write_labels(out / LABELS, _rows(feats.records, result))
+        suggested = suggest_for_run(out, feats.features, result.labels, backbone.name, cfg.backbone.weights)
+        write_labels(out / LABELS, _rows(feats.records, result, {c: s.label for c, s in suggested.items()}))
         save_geometry(out, result.geometry)  # prototypes.npy, feature_mean.npy, geometry.json
         curate_run(out, device=str(device))  # near-duplicates, outlier scores, neighbours (selflabel.curate)
     timings["write"] = time.perf_counter() - t
@@ -185,6 +188,7 @@ def _label_folder(cfg: RunConfig, ctx) -> RunSummary:
             "timings": timings,
             "method_info": _jsonable(result.info),
             "heads": sorted(result.head_labels),
+            "suggested_names": manifest_entry(suggested),
             "dense": dense_summary,
             "versions": versions(),
             "world_size": ctx.world_size,
@@ -193,10 +197,12 @@ def _label_folder(cfg: RunConfig, ctx) -> RunSummary:
     return summary
 
 
-def _rows(records, result: LabelResult) -> list[LabelRow]:
+def _rows(records, result: LabelResult, suggested: dict[int, str]) -> list[LabelRow]:
     rows, heads = [], sorted(result.head_labels.items())
     for i, r in enumerate(records):
         extra = {f"head_{h}": str(int(lab[i])) for h, lab in heads}
+        if suggested:
+            extra["suggested_name"] = suggested.get(int(result.labels[i]), "")
         rows.append(LabelRow(r.id, int(result.labels[i]), float(result.confidence[i]), r.gt, extra))
     return rows
 

@@ -226,7 +226,7 @@ def test_dense_view(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_rename_concept_and_reject_then_export_dense_coco(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pycocotools.coco import COCO
 
-    from selflabel.export.coco import rle_to_mask
+    from selflabel.annotations import rle_to_mask
 
     run = make_sample_run(tmp_path, dense=True)
     entries = json.loads((run / "dense" / "dense.json").read_text())["images"]

@@ -20,7 +20,7 @@ from selflabel.backbones import create_backbone
 from selflabel.config import RunConfig
 from selflabel.data import load_rgb, scan_folder
 from selflabel.errors import BackboneUnavailable, ImageLoadError, InputError
-from selflabel.export.names import flatten_path, sanitize_name
+from selflabel.naming import flatten_path, sanitize_name
 from selflabel.features import FeatureCache, extract_features
 from selflabel.pipeline import label_folder
 from selflabel.runfiles import read_labels

@@ -28,7 +28,7 @@ from ..atomic import atomic_path, atomic_save_npy, atomic_write_json
 from ..data import ImageRecord, load_rgb
 from ..devices import autocast_dtype, resolve_device
 from ..errors import ImageLoadError, InputError
-from ..export.coco import coco_document, concept_name, label_map_annotations
+from ..annotations import coco_document, concept_name, label_map_annotations
 from ..progress import progress_bar
 from .extract import DenseFeatures, extract_dense
 from .foreground import cluster_fg_precision, noisy_foreground, select_foreground

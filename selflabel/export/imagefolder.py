@@ -11,7 +11,7 @@ from ..atomic import remove_stale_temps, temp_tree
 from ..data import resolve_id
 from ..errors import STORAGE_ERRNOS, InputError, storage_error
 from ..runfiles import LabelRow
-from .names import default_name, flatten_path, sanitize_name
+from ..naming import default_name, flatten_path, sanitize_name
 
 log = logging.getLogger(__name__)
 

@@ -32,10 +32,10 @@ from sklearn.cluster import KMeans
 
 from ..errors import InputError, SelflabelError
 from ..curate.outliers import OUTLIER_COLUMN
-from ..export.names import default_name
 from ..geometry import feature_mean, mean_prototypes, prepare
 from ..geometry_io import GEOMETRY, load_geometry
 from ..kmeans import balanced_kmeans
+from ..naming import default_name
 from ..runfiles import FEATURES, LABELS, REVIEW_DB, LabelRow, read_labels
 
 log = logging.getLogger(__name__)
