@@ -54,7 +54,7 @@ def page(server):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(30_000)
+            page.set_default_timeout(90_000)  # a loaded 2-core machine
             yield page
         finally:
             browser.close()
@@ -132,6 +132,7 @@ def curated_server(tmp_path: Path):
 def test_duplicates_and_a_suggestion_in_a_real_browser(curated_server, page) -> None:
     url, run = curated_server
     page.goto(url)
+    page.get_by_text("4 clusters · 40 images").wait_for()
     sidebar = page.get_by_test_id("stSidebar")
     main = page.get_by_test_id("stMain")
     sidebar.get_by_text("Duplicates", exact=True).click()
