@@ -32,6 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from sklearn.cluster import KMeans
 
 from benchmarks.common import machine_info, markdown_table, shared_data, write_result
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2,000 images per data set")
     args = ap.parse_args(argv)
-    print(machine_info(), file=sys.stderr)
+    info = f"{machine_info()}; CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    print(info, file=sys.stderr)
     rows = []
     for name in ("imagenette-val", "cifar10-test", "cifar10-test-lt"):
         x, y = load(name, args.quick)
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             print(rows[-1], file=sys.stderr)
     table = markdown_table(["data", "images", "clusters, review", "accuracy after naming",
                             "actions to 90 %", "actions to 95 %", "actions to 99 %"], rows)
-    text = "\n".join(["# Review effort" + (" (quick)" if args.quick else ""), "", machine_info(), "",
+    text = "\n".join(["# Review effort" + (" (quick)" if args.quick else ""), "", info, "",
                       "Cost = operations + images ticked + images looked at; policy in benchmarks/review_effort.py.", "",
                       table, ""])
     print(text)

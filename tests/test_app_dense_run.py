@@ -6,12 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from benchmarks.sample_run import dense_label_command, make_scene_folder
+from selflabel.curate.run import NEIGHBOURS
 from selflabel.review.launch import APP_SCRIPT, streamlit_command
 from selflabel.review.store import ReviewStore
+from selflabel.runfiles import read_labels
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +35,12 @@ def open_as_selflabel_app(run: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest
     at = AppTest.from_file(str(APP_SCRIPT), default_timeout=120).run()
     assert not at.exception, at.exception
     return at
+
+
+def test_label_writes_the_curation_columns(dense_run: Path) -> None:
+    rows = read_labels(dense_run)
+    assert all("duplicate_of" in r.extra and np.isfinite(float(r.extra["outlier"])) for r in rows)
+    assert (dense_run / NEIGHBOURS).is_file()
 
 
 def test_every_view_of_a_dense_run_as_selflabel_app_runs_it(dense_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:

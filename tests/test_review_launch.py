@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -41,7 +42,7 @@ def test_launch_becomes_streamlit_with_the_given_address(tmp_path: Path, monkeyp
     ((cmd, env),) = calls
     assert cmd == launch_mod.streamlit_command(run, "0.0.0.0", 9000, False)
     assert env[launch_mod.TOKEN_ENV] == token and "SELFLABEL_RUN" not in env
-    assert shown == [f"http://127.0.0.1:9000/?token={token}"]
+    assert shown == [f"http://{socket.gethostname()}:9000/?token={token}"]
     calls.clear()
     launch_mod.launch(run, port=9001)  # loopback: no token asked for, none inherited
     assert launch_mod.TOKEN_ENV not in calls[0][1]

@@ -133,8 +133,9 @@ def access_token(host: str, token: str | None = None) -> str | None:
 
 
 def app_url(host: str, port: int, token: str | None = None) -> str:
-    """The address to open: with `?token=` when the app asks for one."""
-    shown = "127.0.0.1" if host in {"0.0.0.0", "::", ""} else host
+    """The address to open: with `?token=` when the app asks for one (this machine's name for a
+    wildcard address, which others cannot open as such)."""
+    shown = socket.gethostname() if host in {"0.0.0.0", "::", ""} else host
     shown = f"[{shown}]" if ":" in shown else shown
     return f"http://{shown}:{int(port)}/" + (f"?{TOKEN_PARAM}={token}" if token else "")
 

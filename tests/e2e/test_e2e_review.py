@@ -13,11 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks.browser import CHROMIUM_ARGS, chromium_path
-from benchmarks.sample_run import dense_label_command, make_scene_folder
-from selflabel.review.launch import TOKEN_ENV, free_port, wait_healthy
+from benchmarks.sample_run import dense_label_command, make_sample_run, make_scene_folder
+from selflabel.atomic import atomic_save_npy
+from selflabel.curate.run import curate_run
+from selflabel.review.launch import TOKEN_ENV, free_port, serve_in_background, wait_healthy
 from selflabel.review.store import ReviewStore
 
 CHROMIUM = chromium_path()
@@ -54,7 +57,7 @@ def page(server):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(30_000)
+            page.set_default_timeout(90_000)  # a loaded 2-core machine
             yield page
         finally:
             browser.close()
@@ -113,13 +116,6 @@ def test_every_view_in_a_real_browser(server, page, tmp_path: Path) -> None:
 @pytest.fixture()
 def curated_server(tmp_path: Path):
     """A synthetic run with two near-duplicate copies and three misplaced images, curated, served."""
-    import numpy as np
-
-    from benchmarks.sample_run import make_sample_run
-    from selflabel.atomic import atomic_save_npy
-    from selflabel.curate.run import curate_run
-    from selflabel.review.launch import serve_in_background
-
     run = make_sample_run(tmp_path, per_class=10, mistakes=3, dim=64)
     x = np.load(run / "features.npy") + np.random.default_rng(2).normal(0, 4.0, (40, 64))
     x[[1, 2]] = x[0] + 0.01
@@ -132,6 +128,7 @@ def curated_server(tmp_path: Path):
 def test_duplicates_and_a_suggestion_in_a_real_browser(curated_server, page) -> None:
     url, run = curated_server
     page.goto(url)
+    page.get_by_text("4 clusters · 40 images").wait_for()
     sidebar = page.get_by_test_id("stSidebar")
     main = page.get_by_test_id("stMain")
     sidebar.get_by_text("Duplicates", exact=True).click()
