@@ -13,11 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from selflabel.atomic import atomic_write_text, remove_stale_temps
+from selflabel.atomic import remove_stale_temps
 from selflabel.cli import app
 from selflabel.review.store import ReviewStore
 from selflabel.runfiles import read_labels
