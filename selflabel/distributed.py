@@ -99,8 +99,6 @@ def init_from_env(device: str = "auto", timeout_s: float | None = None) -> DistC
     _wait_group = dist.new_group(backend="gloo", timeout=NO_DEADLINE)
     ctx = context()
     log.info("distributed: rank %d/%d backend %s", ctx.rank, ctx.world_size, backend)
-    if os.environ.get("SELFLABEL_TEST_FAIL_RANK") == str(ctx.rank):  # testing hook: one rank dies after set-up
-        raise SelflabelError(f"rank {ctx.rank} failed on purpose (SELFLABEL_TEST_FAIL_RANK)")
     return ctx
 
 

@@ -98,3 +98,33 @@ def test_export_csv_and_imagefolder(color_folder, cache_dir, tmp_path):
 def test_module_entry_point_help():
     proc = subprocess.run([sys.executable, "-m", "selflabel", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "label" in proc.stdout and "export" in proc.stdout
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--k", "0"], "config cluster.k: 0 is not allowed (at least 2; leave it unset to choose K from the data)"),
+    (["--method", "kmeansx"], "config cluster.method: 'kmeansx' is not allowed (choose sinkhorn, sela, swav, kmeans)"),
+    (["--amp", "fp16"], "config backbone.amp: 'fp16' is not allowed (choose auto, bf16, fp32)"),
+    (["--device", "gpu"], "config backbone.device: 'gpu' is not allowed (auto | cpu | cuda | cuda:N)"),
+    (["--set", "swav.final_assign=nearest"], "config swav.final_assign: 'nearest' is not allowed (choose argmax, sinkhorn)"),
+    (["--set", "swav.nmb_crops=[1]"], "config swav.nmb_crops: [1] is not allowed"),
+    (["--backbone", "resnet9000"], "config backbone.name: 'resnet9000' is not allowed (choose "),
+])
+def test_bad_option_exits_2_before_any_work(color_folder, tmp_path, cache_dir, flags, message):
+    res = runner.invoke(app, ["label", str(color_folder), "--out", str(tmp_path / "o"), "--cache-dir", str(cache_dir),
+                              "-q", *flags])
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
+    assert not cache_dir.exists() and not (tmp_path / "o").exists()  # nothing read, nothing written
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(color_folder, tmp_path, cache_dir, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = _label([str(color_folder), "--out", str(tmp_path / "o"), "--device", "cuda:1"], cache_dir)
+    assert res.exit_code == 2 and "config backbone.device: 'cuda:1' is not available (0 CUDA device(s) visible)" in res.output
+
+
+def test_help_lists_the_choices():
+    res = runner.invoke(app, ["label", "--help"], terminal_width=200)
+    for choices in ("sinkhorn | sela | swav | kmeans", "auto | bf16 | fp32", "auto | cpu | cuda | cuda:N"):
+        assert choices in res.output

@@ -123,8 +123,6 @@ def test_invalid_edits_raise_and_change_nothing(run: Path) -> None:
 
 @pytest.mark.parametrize("method", ["kmeans", "sinkhorn"])
 def test_split_recovers_merged_classes_with_fresh_ids(run: Path, method: str) -> None:
-    if method == "sinkhorn":
-        pytest.importorskip("selflabel.ot", reason="the Sinkhorn module is not in this checkout yet")
     truth = {r.path: r.gt for r in read_labels(run)}
     with ReviewStore(run) as s:
         s.rename(0, "warm")

@@ -13,11 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from selflabel.atomic import atomic_write_text, remove_stale_temps
+from selflabel.atomic import remove_stale_temps
 from selflabel.cli import app
 from selflabel.review.store import ReviewStore
 from selflabel.runfiles import read_labels
@@ -108,7 +107,8 @@ def test_second_label_process_on_one_folder_is_refused(tmp_path):
     first = subprocess.Popen([*cmd, "--method", "sela", "--set", "sela.epochs=100000"])  # never ends by itself
     try:
         lock = out / ".lock"
-        holds = lambda: lock.is_file() and lock.read_text().strip() == str(first.pid)  # written once the lock is held
+        # the lock file names its holder once the lock is held; run.json follows once the folder is taken
+        holds = lambda: lock.is_file() and lock.read_text().strip() == str(first.pid) and (out / "run.json").is_file()
         assert _wait_for(holds, first), "the first run never took the lock"
         run_json = (out / "run.json").read_text()
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # any configuration

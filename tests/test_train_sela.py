@@ -148,18 +148,23 @@ def test_finetune_mode_trains_the_backbone_on_cpu(tmp_path):
 
 
 KILL_SCRIPT = """
-import logging, sys, time
+import os, signal, sys
 import numpy as np
 from selflabel.config import RunConfig
-from selflabel.errors import InputError
+from selflabel.train import common
 from selflabel.train.sela import train_sela
 
-class Slow(logging.Handler):  # a slower run, so the kill lands mid-training
-    def emit(self, record):
-        time.sleep(0.05)
+saves = 0
+_save = common.save_checkpoint
 
-logging.getLogger("selflabel.train.sela").addHandler(Slow())
-logging.getLogger("selflabel.train.sela").setLevel(logging.INFO)
+def save_then_die(path, state):  # kill -9 inside the 6th checkpoint write, before it is saved
+    global saves
+    saves += 1
+    if saves == 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+    _save(path, state)
+
+common.save_checkpoint = save_then_die
 cfg = RunConfig()
 cfg.sela.epochs, cfg.sela.label_updates, cfg.sela.batch_size = 40, 10, 50
 train_sela(np.load(sys.argv[1]), 4, cfg, out_dir=sys.argv[2])
@@ -170,23 +175,18 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     x, _ = blobs([50] * 4, d=8, seed=4)
     np.save(tmp_path / "x.npy", x)
     (tmp_path / "run.py").write_text(KILL_SCRIPT)
     ckpt = tmp_path / "run" / "checkpoints" / "sela.pt"
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "x.npy"), str(tmp_path / "run")])
-    deadline = time.time() + 60
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.2)  # a few more epochs, then kill wherever it is (maybe mid-save)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "x.npy"), str(tmp_path / "run")],
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL and ckpt.is_file()
     cfg = RunConfig()
     cfg.sela.epochs, cfg.sela.label_updates, cfg.sela.batch_size = 40, 10, 50
     resumed = train_sela(x, 4, cfg, out_dir=tmp_path / "run")
-    assert 0 < resumed.info["resumed_from_epoch"] < 40
+    assert resumed.info["resumed_from_epoch"] == 5
     full = train_sela(x, 4, cfg)
     assert np.array_equal(full.labels, resumed.labels)
     np.testing.assert_array_equal(full.probs, resumed.probs)

@@ -40,8 +40,7 @@ def test_accuracy_and_nmi_floor(imagenette_runs):
 
 def test_second_run_does_no_forward_passes(imagenette_runs):
     (_, first), (cfg2, second) = imagenette_runs
-    assert second.n_computed == 0 and second.n_cached == 3925
-    assert second.timings["features"] < first.timings["features"]
+    assert second.n_computed == 0 and second.n_cached == 3925  # (its speed-up: benchmarks/end_to_end.py)
     # same seed, same data: the same labels
     a = (first.out / "labels.csv").read_text()
     b = (second.out / "labels.csv").read_text()

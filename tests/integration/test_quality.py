@@ -28,13 +28,10 @@ def load_subset():
     root = DATA / "imagenette-val"
     if not root.is_dir():
         pytest.skip(f"{root} not found")
-    features = pytest.importorskip("selflabel.features")
-    backbones = pytest.importorskip("selflabel.backbones")
+    from selflabel import backbones, features
     from selflabel.data import scan_folder
     from selflabel.errors import BackboneUnavailable
 
-    if not hasattr(features, "extract_features"):
-        pytest.skip("selflabel.features.extract_features not available")
     try:
         backbone = backbones.create_backbone("mobilenet_v2")
     except BackboneUnavailable as exc:
