@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import networkx as nx
+import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "selflabel"
 SCRIPTS = {"selflabel.__main__", "selflabel.review.app_main"}  # entry points: importing them runs the CLI or the app
@@ -136,3 +137,9 @@ def test_every_module_imports_in_dependency_order_in_a_fresh_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert order.index("selflabel.result") < order.index("selflabel.cluster") < order.index("selflabel.methods")
     assert order.index("selflabel.methods") < order.index("selflabel.pipeline") < order.index("selflabel.api")
+
+
+def test_pyflakes_is_clean():
+    pytest.importorskip("pyflakes")
+    proc = subprocess.run([sys.executable, "-m", "pyflakes", str(PKG)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
