@@ -155,3 +155,14 @@ def test_review_app_opens_an_assigned_run(run, cache_dir, tmp_path, monkeypatch)
     shown = " ".join(str(e.value) for e in [*at.markdown, *at.caption, *at.selectbox] if getattr(e, "value", None))
     shown += " ".join(str(o) for sb in at.selectbox for o in sb.options)
     assert "tomato" in shown
+
+
+def test_assign_places_old_images_where_the_clustering_placed_them(run, color_folder, cache_dir, tmp_path):
+    again = run.assign(color_folder, tmp_path / "again", cache_dir=cache_dir)
+    old, new = run.labels, again.labels
+    assert list(old.path) == list(new.path)
+    same = (old.cluster == new.cluster).to_numpy()
+    assert same.mean() == 1.0  # separable colours: the nearest prototype is the balanced label
+    # the confidence the clustering gave (cluster.py's own preparation) is the one the stored geometry gives
+    np.testing.assert_allclose(new.confidence[same], old.confidence[same], atol=1e-5)
+    assert json.loads((again.path / "manifest.json").read_text())["features"]["computed"] == 0
