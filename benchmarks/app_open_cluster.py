@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from selflabel.review.launch import CHROMIUM_ARGS, chromium_path, serve_in_background
+from benchmarks.browser import CHROMIUM_ARGS, chromium_path
+from selflabel.review.launch import serve_in_background
 from selflabel.atomic import atomic_save_npy
 from selflabel.review.store import ReviewStore
 from selflabel.review.thumbs import ThumbCache

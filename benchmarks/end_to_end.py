@@ -22,7 +22,9 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `selflabel
 import numpy as np
 
 from benchmarks.common import markdown_table, write_result
-from benchmarks.features import shared_data, stratified
+from benchmarks.features import library_spec, shared_data, stratified
+from selflabel.devices import resolve_device
+from selflabel.precision import cpu_summary
 from selflabel.config import RunConfig
 from selflabel.data import ImageRecord, scan_folder
 from selflabel.evaluate import evaluate_run
@@ -118,7 +120,9 @@ def main(argv: list[str] | None = None) -> str:
         "## End to end: `selflabel label` first run vs cached run" + (" (quick)" if args.quick else ""),
         "",
         f"`label_folder` as `selflabel label DIR --out RUN --k {args.k}` runs it: backbone {args.backbone}, "
-        f"device {args.device}, amp auto, clustering sinkhorn, seed 0; a fresh temporary feature cache for the "
+        f"device {args.device}, amp auto, engine {library_spec(resolve_device(args.device)).tag} (the defaults on "
+        f"this machine; CPU: {cpu_summary()}), clustering sinkhorn, seed 0; a fresh temporary feature cache "
+        "(and exported engine models) for the "
         "first run, the same cache for the second. Metrics against the class folders (Hungarian accuracy). "
         "Labels of the two runs: " + "; ".join(same) + ".",
         "",

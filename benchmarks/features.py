@@ -1,8 +1,10 @@
-"""Feature extraction: the whole pipeline vs the bare model forward.
+"""Feature extraction: torch fp32, torch bf16 and the inference engine, and the whole pipeline.
 
-Question: how close does `selflabel.features.extract_features` (hash, decode, resize, batch,
-forward, cache write; fresh cache) get to the model alone running on random tensors of the same
-shape? Goal: at least 0.8x. Each pipeline run is bracketed by a bare-forward run before and after
+Question: on this CPU (its capability is printed first), what does each way of running the backbone
+give (bare forward on random tensors: torch fp32, torch bf16 autocast, the engine as `--amp auto`
+chooses), and how close does the default pipeline, `selflabel.features.extract_features` (hash,
+decode, resize, batch, forward, cache write; fresh cache) and the dense path's `extract_dense`, get
+to the engine's bare forward? Goal: at least 0.8x. Each pipeline run is bracketed by a bare-forward run before and after
 it, and the ratio is taken against their mean, so the slow drift of a shared machine cancels.
 Then: what decoding costs for real photo sizes (imagenette ships 224 px JPEGs), with and without
 JPEG draft decoding (which the library uses), and (when a ratio misses the goal) DataLoader workers vs torch threads.
@@ -26,18 +28,24 @@ from typing import Sequence
 if __package__ in (None, ""):  # run as a file: make `benchmarks` and `selflabel` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
 import torch
 from PIL import Image
 
 from benchmarks.common import markdown_table, shared_data, write_result
 from selflabel.backbones import Backbone, create_backbone
 from selflabel.data import ImageRecord, load_rgb, scan_folder
-from selflabel.features import autocast_dtype, extract_features, resolve_device
+from selflabel.dense.extract import dense_input_size, extract_dense
+from selflabel.devices import default_cache_root, default_num_workers, precision_name, resolve_device
+from selflabel.engine import EngineSpec, cosine_per_image, make_runner, plan_engine
+from selflabel.engine.export import ENGINES_DIR
+from selflabel.features import extract_features
+from selflabel.precision import cpu_summary
 
 BACKBONES = ("mobilenet_v2", "efficientnet_lite0")
 QUICK_BACKBONES = ("tiny_vit",)
-AMPS = ("fp32", "bf16")
 GOAL = 0.8
+AGREE_IMAGES = 160  # engine-vs-torch label agreement (torch fp32 eager is the slow side)
 
 
 def stratified(records: Sequence[ImageRecord], n: int | None) -> list[ImageRecord]:
@@ -77,22 +85,39 @@ def torch_threads(n: int | None):
         torch.set_num_threads(old)
 
 
+_RUNNERS: dict = {}
+
+
+def runner_for(backbone: Backbone, spec: EngineSpec, device: torch.device):
+    """One runner per (backbone, spec), so the engine is exported and compiled once per benchmark."""
+    key = (id(backbone), spec)
+    if key not in _RUNNERS:
+        _RUNNERS[key] = make_runner(backbone, device, spec, default_cache_root())
+    return _RUNNERS[key]
+
+
+def library_spec(device: torch.device, amp: str = "auto", engine: str | None = None) -> EngineSpec:
+    """What the library's defaults run on `device` (engine and precision)."""
+    return plan_engine(engine, device, precision_name(amp, device))
+
+
 @torch.inference_mode()
-def bare_forward_rate(backbone: Backbone, *, batch_size: int, n_batches: int, amp: str, device: torch.device,
-                      with_cpu: bool = False):
-    """Images/s of the model alone on a random batch already on the device (one warm-up batch);
-    with `with_cpu`, (images per wall second, images per CPU second)."""
-    dtype = autocast_dtype(amp, device)
-    model = backbone.to(device).eval()
-    x = torch.randn(batch_size, 3, backbone.image_size, backbone.image_size, device=device)
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        model(x)
-        _sync(device)
-        t, c = time.perf_counter(), cpu_seconds()
-        for _ in range(n_batches):
-            model(x)
-        _sync(device)
-        wall, cpu = time.perf_counter() - t, cpu_seconds() - c
+def bare_forward_rate(backbone: Backbone, *, batch_size: int, n_batches: int, amp: str | None = None,
+                      device: torch.device, with_cpu: bool = False, spec: EngineSpec | None = None,
+                      hw: tuple[int, int] | None = None):
+    """Images/s of the model alone on a random batch (one warm-up batch) through the runner of `spec`
+    (default: the library's engine at `amp`); with `with_cpu`, (images per wall second, images per CPU second)."""
+    spec = spec or library_spec(device, amp or "auto")
+    run = runner_for(backbone, spec, device)
+    h, w = hw or (backbone.image_size, backbone.image_size)
+    x = torch.randn(batch_size, 3, h, w, device=device if spec.engine == "torch" else "cpu")
+    run(x)
+    _sync(device)
+    t, c = time.perf_counter(), cpu_seconds()
+    for _ in range(n_batches):
+        run(x)
+    _sync(device)
+    wall, cpu = time.perf_counter() - t, cpu_seconds() - c
     n = batch_size * n_batches
     return (n / wall, n / cpu) if with_cpu else n / wall
 
@@ -102,6 +127,7 @@ def pipeline_rate(records: Sequence[ImageRecord], backbone: Backbone, *, batch_s
     """Images/s of extract_features on `records` with a fresh (empty) cache, and its own split plus
     'cpu_rate' (images per CPU second of this process and its DataLoader workers)."""
     with tempfile.TemporaryDirectory(prefix="selflabel-bench-cache-") as cache:
+        share_exports(Path(cache))
         t, c = time.perf_counter(), cpu_seconds()
         res = extract_features(records, backbone, batch_size=batch_size, num_workers=num_workers, device=device,
                                amp=amp, cache_dir=cache, show_progress=False)
@@ -110,6 +136,24 @@ def pipeline_rate(records: Sequence[ImageRecord], backbone: Backbone, *, batch_s
     if res.n_computed != len(records):
         raise RuntimeError(f"expected {len(records)} computed features, got {res.n_computed} ({len(res.skipped)} skipped)")
     return len(records) / wall, {**res.seconds, "cpu_rate": len(records) / cpu}
+
+
+def share_exports(cache: Path) -> None:
+    """Let a fresh feature cache see the exported engine models of the default cache (the export is a
+    one-off per machine, backbone and input size, measured on its own by `first_use_seconds`)."""
+    shared = default_cache_root() / ENGINES_DIR
+    shared.mkdir(parents=True, exist_ok=True)
+    (cache / ENGINES_DIR).symlink_to(shared, target_is_directory=True)
+
+
+def first_use_seconds(backbone: Backbone, spec: EngineSpec, device: torch.device) -> float:
+    """Seconds of the one-off engine set-up on a machine that never ran it: export, compile, parity check."""
+    if spec.engine == "torch":
+        return 0.0
+    with tempfile.TemporaryDirectory(prefix="selflabel-bench-export-") as tmp:
+        t = time.perf_counter()
+        make_runner(backbone, device, spec, tmp)(torch.randn(4, 3, backbone.image_size, backbone.image_size))
+        return time.perf_counter() - t
 
 
 def bracketed(records, backbone, *, batch_size: int, amp: str, device: torch.device, bare_batches: int,
@@ -138,14 +182,12 @@ def rounds(n_rounds: int, records, backbone, **kw) -> dict[str, float]:
 
 def default_workers(device: torch.device) -> int:
     """What extract_features uses for num_workers=-1 on `device` (the library's own function)."""
-    from selflabel.features import default_num_workers
-
     return default_num_workers(device)
 
 
 def library_amp(device: torch.device) -> str:
     """The precision the library's amp='auto' picks on `device`."""
-    return "bf16" if autocast_dtype("auto", device) is not None else "fp32"
+    return precision_name("auto", device)
 
 
 def _log(msg: str) -> None:
@@ -290,6 +332,68 @@ def workers_section(records, backbone_name: str, bs: int, device: torch.device, 
     ])
 
 
+def label_agreement(records, bb: Backbone, spec: EngineSpec, device: torch.device, bs: int) -> list:
+    """Features from the default engine and from torch fp32 on `records`: per-image cosine and k-means labels."""
+    from sklearn.cluster import KMeans
+
+    from selflabel.metrics import cluster_metrics
+
+    feats = {}
+    for s in (spec, EngineSpec("torch", "fp32")):
+        with tempfile.TemporaryDirectory(prefix="selflabel-bench-agree-") as cache:
+            res = extract_features(records, bb, batch_size=bs, device=device, amp=s.precision, engine=s.engine,
+                                   cache_dir=cache, show_progress=False)
+        feats[s] = res.features
+    a, b = feats[spec], feats[EngineSpec("torch", "fp32")]
+    cos = cosine_per_image(a, b)
+    labels = [KMeans(n_clusters=10, n_init=10, random_state=0).fit_predict(f / np.linalg.norm(f, axis=1, keepdims=True))
+              for f in (a, b)]
+    same = int((labels[0] == labels[1]).sum())
+    acc = cluster_metrics(labels[1], labels[0])["accuracy"]
+    _log(f"{bb.name} agreement: cosine min {cos.min():.5f}, {same}/{len(a)} labels equal, Hungarian {acc:.3f}")
+    return [bb.name, spec.tag, f"{cos.min():.5f} / {np.median(cos):.5f}", f"{same}/{len(a)}", f"{acc:.3f}"]
+
+
+def dense_section(device: torch.device, bare_batches: int, n_rounds: int, n_images: int = 48) -> str:
+    """The dense path (`extract_dense` with the dense stage's defaults) against the engine's bare forward."""
+    from selflabel.config import DenseConfig
+    from selflabel.devices import autocast_dtype
+
+    dcfg = DenseConfig()
+    records = scan_folder(shared_data("camvid") / "val" / "images").records[:n_images]
+    bb = create_backbone("mobilenet_v2")
+    with Image.open(records[0].path) as im:
+        hw = dense_input_size(im.width, im.height, dcfg.image_size, bb.stride, dcfg.keep_aspect)
+    bs = 16  # the dense stage's batch (min(backbone.batch_size, 16))
+    dtype = autocast_dtype("auto", device)
+    spec = library_spec(device)
+    rows = []
+    for _ in range(n_rounds):
+        b1 = bare_forward_rate(bb, batch_size=bs, n_batches=max(1, bare_batches), device=device, spec=spec, hw=hw)
+        t = time.perf_counter()
+        feats = extract_dense(records, bb, image_size=dcfg.image_size, device=device, keep_aspect=dcfg.keep_aspect,
+                              pca_dim=dcfg.pca_dim, batch_size=bs, dtype=dtype, seed=0, show_progress=False)
+        p = len(feats.records) / (time.perf_counter() - t)
+        b2 = bare_forward_rate(bb, batch_size=bs, n_batches=max(1, bare_batches), device=device, spec=spec, hw=hw)
+        torch_bare = bare_forward_rate(bb, batch_size=bs, n_batches=1, device=device,
+                                       spec=EngineSpec("torch", spec.precision), hw=hw)
+        rows.append((max(b1, b2), p, torch_bare, feats.info["computed_on"]))
+    bare, pipe = max(r[0] for r in rows), max(r[1] for r in rows)
+    _log(f"dense: bare {bare:.1f}, pipeline {pipe:.1f} img/s ({pipe / bare:.2f}x)")
+    table = markdown_table(["backbone", "input", "bare torch img/s", f"bare {spec.tag} img/s", "extract_dense img/s",
+                            "pipeline / bare", f">= {GOAL}x", "computed on"],
+                           [["mobilenet_v2", f"{hw[0]}x{hw[1]}", f"{max(r[2] for r in rows):.1f}", f"{bare:.1f}",
+                             f"{pipe:.1f}", f"**{pipe / bare:.2f}x**", "yes" if pipe / bare >= GOAL else "no",
+                             rows[-1][3]["engine"] + "-" + rows[-1][3]["precision"]]])
+    return "\n".join([
+        f"### Dense path ({len(records)} CamVid val frames, 960x720 PNGs)", "",
+        f"`extract_dense` with the dense stage's defaults (short side {dcfg.image_size}, aspect kept, PCA to "
+        f"{dcfg.pca_dim}, batch {bs}): decode, resize, forward (dense map + saliency), projection. Bare = the same "
+        "engine on a random batch of the same input size, right before and after.", "",
+        table,
+    ])
+
+
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.features", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny_vit only, 128 images, one round, no photo/worker sections")
@@ -298,7 +402,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda[:N]")
     ap.add_argument("--backbones", nargs="+", default=None, help=f"default {' '.join(BACKBONES)}")
-    ap.add_argument("--photos", type=int, default=128, help="12 MP photos for the decode section (0: skip it)")
+    ap.add_argument("--photos", type=int, default=0, help="12 MP photos for the decode section (default 0: skip it; 128 as before)")
     ap.add_argument("--workers-table", choices=("auto", "always", "never"), default="auto",
                     help="vary DataLoader workers / torch threads (auto: when a median ratio misses the goal)")
     args = ap.parse_args(argv)
@@ -310,37 +414,57 @@ def main(argv: list[str] | None = None) -> str:
     bare_batches = 1 if device.type == "cpu" else 20
 
     records = stratified(scan_folder(shared_data("imagenette-val")).records, n)
-    rows, missed = [], []
+    spec = library_spec(device)
+    _log(f"CPU: {cpu_summary()}; default engine {spec.tag}")
+    rows, missed, agree = [], [], []
     for name in backbones:
         bb = create_backbone(name)
-        for amp in AMPS:
-            r = rounds(n_rounds, records, bb, batch_size=bs, amp=amp, device=device, bare_batches=bare_batches)
-            _log(f"{name} {amp}: bare {r['bare']:.1f} img/s, pipeline {r['pipeline']:.1f} img/s, ratio {r['ratio']:.2f}")
-            if r["ratio"] < GOAL:
-                missed.append(f"{name} {amp}")
-            spread = "" if n_rounds == 1 else f" ({r['ratio_lo']:.2f}-{r['ratio_hi']:.2f})"
-            rows.append([name, amp, f"{r['bare']:.1f}", f"{r['bare_spread']:.0%}", f"{r['pipeline']:.1f}",
-                         f"**{r['ratio']:.2f}x**{spread}", "yes" if r["ratio"] >= GOAL else "no", f"{r['cpu_ratio']:.2f}x",
-                         f"{r['hash']:.2f} / {r['forward']:.2f} / {r['gather']:.2f}"])
-    headers = ["backbone", "amp", "bare forward img/s", "bare drift", "pipeline img/s",
-               "pipeline / bare" + ("" if n_rounds == 1 else " (range)"), f">= {GOAL}x", "same, per CPU second",
-               "pipeline s: hash / decode+forward / gather"]
+        forms = {"torch fp32": EngineSpec("torch", "fp32"), "torch bf16": EngineSpec("torch", "bf16")}
+        if spec.engine != "torch":
+            forms[f"{spec.engine} fp32"] = EngineSpec(spec.engine, "fp32")
+        bare = {label: bare_forward_rate(bb, batch_size=bs, n_batches=bare_batches, device=device, spec=f)
+                for label, f in forms.items()}
+        r = rounds(n_rounds, records, bb, batch_size=bs, amp="auto", device=device, bare_batches=bare_batches)
+        setup = first_use_seconds(bb, spec, device)
+        _log(f"{name}: bare {bare}, default {spec.tag} bare {r['bare']:.1f}, pipeline {r['pipeline']:.1f} img/s, "
+             f"ratio {r['ratio']:.2f}")
+        if r["ratio"] < GOAL:
+            missed.append(name)
+        spread = "" if n_rounds == 1 else f" ({r['ratio_lo']:.2f}-{r['ratio_hi']:.2f})"
+        rows.append([name, *(f"{v:.1f}" for v in bare.values()), f"{r['bare']:.1f}", f"{r['pipeline']:.1f}",
+                     f"**{r['ratio']:.2f}x**{spread}", "yes" if r["ratio"] >= GOAL else "no", f"{r['cpu_ratio']:.2f}x",
+                     f"{r['hash']:.2f} / {r['forward']:.2f} / {r['gather']:.2f}", f"{setup:.1f}"])
+        if spec.engine != "torch" and not args.quick:
+            agree.append(label_agreement(records[:AGREE_IMAGES], bb, spec, device, bs))
+    headers = ["backbone", *(f"bare {label} img/s" for label in forms), f"bare default ({spec.tag}) img/s",
+               "pipeline img/s", "pipeline / default bare" + ("" if n_rounds == 1 else " (range)"), f">= {GOAL}x",
+               "same, per CPU second", "pipeline s: hash / decode+forward / gather", "one-off engine set-up s"]
     parts = [
-        "## Feature extraction: pipeline vs bare model" + (" (quick)" if args.quick else ""),
+        "## Feature extraction: torch, the engine and the pipeline" + (" (quick)" if args.quick else ""),
+        "",
+        f"CPU: {cpu_summary()}. `--amp auto` picks **{library_amp(device)}** here; the default engine is "
+        f"**{spec.tag}**.",
         "",
         f"{len(records)} imagenette-val images (224 px JPEGs) per round, {n_rounds} round(s); "
         f"device {device}, batch {bs}, DataLoader workers {default_workers(device)} (library default), torch threads "
-        f"{torch.get_num_threads()}. Pipeline = `extract_features` with a fresh temporary cache (hash + decode + "
-        "resize + forward + cache write). Bare = the same model on a random tensor already on the device, "
-        f"{bare_batches} batch(es) right before and right after each pipeline run. The ratio is the best pipeline rate "
-        "over the best bare rate (other load only ever slows a run down); '(range)' = the per-round ratios; "
-        "'bare drift' = how much the two bare runs of a round "
-        "differed (the machine's noise: other processes share these cores). 'Per CPU second' compares images per "
-        "CPU second (this process plus its DataLoader workers) instead of per wall second: less sensitive to "
-        "other load, but it also counts the threads' spin-waiting.",
+        f"{torch.get_num_threads()}. 'bare' = the model alone on a random batch (one warm-up batch, then {bare_batches} "
+        "timed) in each form; the engine forms run the exported graph (selflabel/engine). Pipeline = `extract_features` "
+        "with its defaults and a fresh temporary cache (hash + decode + resize + forward + cache write). The ratio is "
+        "the best pipeline rate over the best default bare rate of bare runs right before and after each pipeline run "
+        "(other load only ever slows a run down); '(range)' = the per-round ratios. 'Per CPU second' compares images "
+        "per CPU second (this process plus its DataLoader workers). 'One-off engine set-up' = export to ONNX, "
+        "compile and parity check on a machine that never ran this backbone (then cached in `<cache>/engines/`; "
+        "the pipeline rounds reuse it).",
         "",
         markdown_table(headers, rows),
     ]
+    if agree:
+        parts += ["", f"Engine against torch fp32 on the first {min(len(records), AGREE_IMAGES)} of these images (features of both pipelines; "
+                  "k-means, scikit-learn `KMeans(n_clusters=10, n_init=10, random_state=0)` on L2-normalised features):", "",
+                  markdown_table(["backbone", "engine", "min / median cosine per image", "k-means labels equal",
+                                  "Hungarian agreement"], agree)]
+    if not args.quick:
+        parts += ["", dense_section(device, bare_batches, n_rounds)]
     if "tiny_vit" in backbones:
         parts += ["", "tiny_vit is a random-init test model at 64 px: its forward outruns JPEG decoding and the "
                   "DataLoader start-up, so its row checks the harness, not the goal."]

@@ -19,7 +19,10 @@ from pathlib import Path
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
-from selflabel.review.launch import CHROMIUM_ARGS, chromium_path, serve_in_background
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ beside docs/ in a checkout
+
+from benchmarks.browser import CHROMIUM_ARGS, chromium_path
+from selflabel.review.launch import serve_in_background
 from selflabel.review.store import ReviewStore
 from selflabel.runfiles import read_labels
 

@@ -30,7 +30,7 @@ from .backbones import create_backbone
 from .config import from_dict
 from .data import scan_folder
 from .errors import InputError
-from .export.names import default_name
+from .naming import default_name
 from .features import extract_features
 from .geometry import Geometry
 from .geometry_io import load_geometry, save_geometry

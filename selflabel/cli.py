@@ -1,6 +1,7 @@
 """Command line: thin commands over the library. Errors become one line and an exit code."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -11,7 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import SelflabelError
+from .config import AMPS, DEVICES, METHODS, apply_overrides, load_config, validate
+from .errors import STORAGE_ERRNOS, SelflabelError, storage_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Label an unannotated image folder: features, balanced pseudo-labels, review, export.")
@@ -24,6 +26,22 @@ def _fail(exc: SelflabelError) -> None:
     raise typer.Exit(exc.exit_code)
 
 
+@contextlib.contextmanager
+def _errors_as_lines():
+    """A typed error, or a full disk / unwritable folder met anywhere below, becomes one line and its exit code."""
+    try:
+        yield
+    except SelflabelError as exc:
+        _fail(exc)
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        _fail(storage_error(exc))
+
+
+METHOD_HELP = " | ".join(METHODS)
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -32,8 +50,8 @@ def _setup_logging(verbose: bool) -> None:
 def label(
     data: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path("runs/latest"),
-    k: Annotated[Optional[int], typer.Option(help="Number of clusters (default: class folders if any, else sqrt(N/2)).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="sinkhorn | sela | swav | kmeans")] = None,
+    k: Annotated[Optional[int], typer.Option(help="Number of clusters, at least 2 (default: class folders if any, else sqrt(N/2)).")] = None,
+    method: Annotated[Optional[str], typer.Option(help=f"{METHOD_HELP} (default sinkhorn).")] = None,
     heads: Annotated[Optional[str], typer.Option(help="Extra heads, e.g. 10,50,100 (SeLa hierarchy).")] = None,
     finetune: Annotated[bool, typer.Option("--finetune", help="Train the backbone end to end (SeLa/SwAV).")] = False,
     dense: Annotated[bool, typer.Option("--dense", help="Also find dense object concepts (Leopart) with masks and COCO.")] = False,
@@ -43,19 +61,21 @@ def label(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key: --set sela.epochs=10")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Feature extraction batch size.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
-    amp: Annotated[Optional[str], typer.Option(help="auto | bf16 | fp32")] = None,
+    device: Annotated[Optional[str], typer.Option(help=DEVICES)] = None,
+    amp: Annotated[Optional[str], typer.Option(help=" | ".join(AMPS))] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder (default ~/.cache/selflabel).")] = None,
     gt_csv: Annotated[Optional[Path], typer.Option(help="Ground truth CSV (path,label) for `eval`.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or table.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run --out holds (its review edits are moved "
+                                            "to previous-review-<time>/). Without it, the same command resumes and a "
+                                            "different configuration is refused.")] = False,
 ) -> None:
     """Label every image under DATA and write labels.csv, manifest.json and features to --out."""
-    from .config import apply_overrides, load_config
     from .pipeline import label_folder
 
     _setup_logging(verbose)
-    try:
+    with _errors_as_lines():
         cfg = load_config(config, set_ or [])
         # the flags given on the command line, over the config; the config's own parsing checks them
         flags = {"data": data, "out": out, "seed": seed,
@@ -64,11 +84,8 @@ def label(
                  "backbone": {"name": backbone, "weights": weights, "batch_size": batch_size, "device": device,
                               "amp": amp, "cache_dir": cache_dir},
                  "ingest": {"gt_csv": gt_csv}}
-        apply_overrides(cfg, _given(flags))
-        summary = label_folder(cfg, show_progress=not quiet)
-    except SelflabelError as exc:
-        _fail(exc)
-        return
+        validate(apply_overrides(cfg, _given(flags)))
+        summary = label_folder(cfg, show_progress=not quiet, overwrite=overwrite)
     if not quiet:
         _print_summary(summary)
 
@@ -117,11 +134,8 @@ def eval_(
     """NMI, ARI and Hungarian accuracy (and mIoU for dense runs) against ground truth."""
     from .evaluate import evaluate_run
 
-    try:
+    with _errors_as_lines():
         res = evaluate_run(run, str(gt_csv) if gt_csv else None, reviewed=reviewed)
-    except SelflabelError as exc:
-        _fail(exc)
-        return
     if as_json:
         print(json.dumps(res, indent=2, default=float))
         return
@@ -141,31 +155,34 @@ def eval_(
 @app.command()
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
-    format: Annotated[str, typer.Option("--format", "-f", help="csv | imagefolder | coco")] = "csv",
+    format: Annotated[str, typer.Option("--format", "-f", help="csv | imagefolder | coco | labelstudio | yolo-cls | yolo-seg | hf")] = "csv",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Target file/folder (default: RUN/exports/...).")] = None,
     include_rejected: Annotated[bool, typer.Option(help="CSV: keep images rejected in review.")] = False,
-    mode: Annotated[str, typer.Option(help="imagefolder: copy | hardlink | symlink")] = "copy",
+    mode: Annotated[str, typer.Option(help="Folder formats: copy | hardlink | symlink")] = "copy",
+    names: Annotated[str, typer.Option(help="reviewed | suggested (clusters not renamed take their suggested name)")] = "reviewed",
+    url_prefix: Annotated[Optional[str], typer.Option(help="labelstudio: URL the images are served under (default: Label Studio's local files).")] = None,
+    val_fraction: Annotated[float, typer.Option(help="yolo: share of each class put in val/.")] = 0.2,
+    vocab: Annotated[Optional[Path], typer.Option(help="Words file (one per line): zero-shot suggested names with open_clip.")] = None,
 ) -> None:
-    """Export labels (with review edits) as CSV, an ImageFolder tree or COCO JSON."""
+    """Export labels (with review edits) as CSV, ImageFolder, COCO, Label Studio, YOLO or Hugging Face imagefolder."""
     from .export import export_run
 
-    try:
-        target, n = export_run(run, format, out, include_rejected=include_rejected, mode=mode)
-    except SelflabelError as exc:
-        _fail(exc)
-        return
+    with _errors_as_lines():
+        target, n = export_run(run, format, out, include_rejected=include_rejected, mode=mode, names=names,
+                               url_prefix=url_prefix, val_fraction=val_fraction, vocab=vocab)
     console.print(f"exported {n} images as {format} to {target}")
 
 
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/demo"),
-    method: Annotated[str, typer.Option(help="sinkhorn | sela | swav | kmeans")] = "sinkhorn",
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "sinkhorn",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run --out holds (see `label --help`).")] = False,
 ) -> None:
     """Label the small sample of real photos shipped in the package, then evaluate (offline)."""
     from .sample import sample_dir
 
-    label(sample_dir(), out=out, method=method)
+    label(sample_dir(), out=out, method=method, overwrite=overwrite)
     eval_(out, gt_csv=None, reviewed=False, as_json=False)
 
 
@@ -176,22 +193,28 @@ def segment(
     backbone: Annotated[Optional[str], typer.Option()] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or table.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run --out holds (see `label --help`).")] = False,
 ) -> None:
     """Same as `label --dense`: image labels plus dense object concepts, masks and COCO."""
-    label(data, out=out, dense=True, backbone=backbone, config=config, set_=set_)
+    label(data, out=out, dense=True, backbone=backbone, config=config, set_=set_, quiet=quiet, overwrite=overwrite)
 
 
 @app.command("app")
 def app_(
     run: Annotated[Path, typer.Argument(help="Run folder to review.")],
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to listen on. Beyond loopback the app asks for an access token.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8501,
+    token: Annotated[Optional[str], typer.Option(envvar="SELFLABEL_TOKEN", help=(
+        "Access token the app asks for (at least 16 characters). Default: none on loopback, "
+        "a fresh random one printed at start on any other address."))] = None,
 ) -> None:
-    """Open the review app (Streamlit) on a run."""
-    from .review.launch import launch
+    """Open the review app (Streamlit) on a run. The process becomes the server: Ctrl-C or SIGTERM stops it."""
+    from .review.launch import access_token, launch
 
     try:
-        raise typer.Exit(launch(run, host=host, port=port))
+        raise typer.Exit(launch(run, host=host, port=port, token=access_token(host, token),
+                                announce=lambda url: console.print(f"review app: {url}", highlight=False, soft_wrap=True)))
     except SelflabelError as exc:
         _fail(exc)
 

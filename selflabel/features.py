@@ -8,6 +8,8 @@ folder that grew by 10 % computes only the new 10 %. Shards are flushed every
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import time
@@ -22,34 +24,40 @@ from torch.utils.data import DataLoader
 
 from .atomic import atomic_path, atomic_save_npy, atomic_write_text
 from .backbones import Backbone
-from .data import ImageDataset, ImageRecord, Skipped, collate_skip, file_digest
+from .data import (EncodedImages, ImageDataset, ImageRecord, Skipped, collate_encoded, collate_skip, decode_encoded_batch,
+                   file_digest)
+from .devices import autocast_dtype, default_cache_root, default_num_workers, precision_name, resolve_device
 from .digests import DigestMemo
+from .engine import EngineSpec, make_runner, plan_engine
+from .engine.runners import PARITY_IMAGES
+from .errors import SelflabelError
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
+GPU_DECODE_ENV = "SELFLABEL_GPU_DECODE"
 
-def default_cache_root() -> Path:
-    return Path(os.environ.get("SELFLABEL_CACHE", Path.home() / ".cache" / "selflabel"))
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
-    if name in ("auto", "", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+# re-exported for callers that still import them from here (they live in selflabel/devices.py)
+__all__ = ["CacheWriteError", "FeatureCache", "FeatureResult", "autocast_dtype", "default_cache_root",
+           "default_num_workers", "extract_features", "feature_cache_key", "resolve_device"]
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where it is faster ('auto': CUDA with bf16 support, and CPUs: measured 3.6x for
-    MobileNetV2 on this project's 2-core AVX-512 CPU), None for fp32."""
-    if amp == "fp32":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
+class CacheWriteError(SelflabelError):
+    """The feature cache cannot be written (disk full, no permission): one line naming the path."""
+
+
+def _cache_write_error(exc: OSError, where: Path, n_cached: int) -> CacheWriteError:
+    reason = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+              errno.EACCES: "permission denied", errno.EROFS: "read-only file system"}.get(exc.errno, exc.strerror or str(exc))
+    return CacheWriteError(f"{exc.filename or where}: cannot write the feature cache ({reason}); free space or fix "
+                           f"the permissions (or pass --cache-dir) and rerun: the {n_cached} images cached so far are kept "
+                           "and not computed again")
+
+
+def feature_cache_key(backbone: Backbone, spec: EngineSpec) -> str:
+    """Backbone, weights, preprocessing, engine and precision: features from a bf16 or engine run are
+    never served to an fp32 torch run (their cosine similarity is ~0.999, not 1)."""
+    return f"{backbone.cache_key()}-{spec.tag}"
 
 
 class FeatureCache:
@@ -57,7 +65,10 @@ class FeatureCache:
 
     def __init__(self, root: str | Path, key: str) -> None:
         self.dir = Path(root) / key
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _cache_write_error(exc, self.dir, 0) from None
         self._index: dict[str, tuple[Path, int]] = {}
         self.dim: int | None = None
         for keys_file in sorted(self.dir.glob("shard-*.keys")):
@@ -93,13 +104,20 @@ class FeatureCache:
         return len(self._index)
 
     def add(self, digests: Sequence[str], feats: np.ndarray) -> None:
-        """Write one shard atomically (array first, keys file last as the commit marker)."""
+        """Write one shard atomically (array first, keys file last as the commit marker). A failed write
+        (disk full, no permission) leaves no shard behind (the temporary file is removed, an array without
+        its keys file is ignored when the cache is opened) and raises CacheWriteError."""
         if len(digests) == 0:
             return
         stem = f"shard-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
         npy = self.dir / f"{stem}.npy"
-        atomic_save_npy(npy, feats.astype(np.float32, copy=False))
-        atomic_write_text(self.dir / f"{stem}.keys", "\n".join(digests) + "\n")
+        try:
+            atomic_save_npy(npy, feats.astype(np.float32, copy=False))
+            atomic_write_text(self.dir / f"{stem}.keys", "\n".join(digests) + "\n")
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                npy.unlink(missing_ok=True)
+            raise _cache_write_error(exc, self.dir, len(self._index)) from None
         for row, d in enumerate(digests):
             self._index[d] = (npy, row)
 
@@ -124,6 +142,7 @@ class FeatureResult:
     n_computed: int = 0
     n_cached: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    computed_on: dict[str, str] = field(default_factory=dict)  # device, engine, precision of this run's forward
 
 
 DIGEST_MEMO = "digests.sqlite"  # beside the per-backbone cache folders (see selflabel/digests.py)
@@ -156,6 +175,7 @@ def extract_features(
     out_path: str | Path | None = None,
     show_progress: bool = True,
     rehash: bool = False,
+    engine: str | None = None,
 ) -> FeatureResult:
     """Global features for `records`, computing only what the cache lacks.
 
@@ -163,12 +183,16 @@ def extract_features(
     the row-aligned matrix is written there (atomically, via a memory-mapped .npy) and
     returned memory-mapped, so N x D never has to fit in RAM twice. Files whose stat is unchanged since
     an earlier run are not read again to hash them (`selflabel/digests.py`) unless `rehash`.
+
+    `engine` (None: $SELFLABEL_ENGINE, else 'auto'): on a CPU the forward runs in OpenVINO or ONNX
+    Runtime when installed (selflabel/engine), torch otherwise or when the engine fails; the engine and
+    the precision (`amp`, chosen by the hardware for 'auto') are part of the cache key.
     """
     t0 = time.perf_counter()
     dev = resolve_device(str(device))
-    dtype = autocast_dtype(amp, dev)
+    spec = plan_engine(engine, dev, precision_name(amp, dev))
     root = Path(cache_dir or default_cache_root())
-    cache = FeatureCache(root, backbone.cache_key())
+    cache = FeatureCache(root, feature_cache_key(backbone, spec))
     skipped: list[Skipped] = []
     with DigestMemo(None if rehash else root / DIGEST_MEMO, file_digest) as memo:
         pairs = digest_records(records, skipped, memo)
@@ -176,17 +200,23 @@ def extract_features(
         log.info("digests: %d unchanged files not re-read, %d hashed", memo.hits, memo.misses)
     t_hash = time.perf_counter() - t0
 
-    todo: dict[str, ImageRecord] = {}
-    for r, d in pairs:
-        if d not in cache and d not in todo:
-            todo[d] = r
-    n_cached = len(pairs) - len(todo)
-    log.info("features: %d images, %d cached, %d to compute (%s)", len(pairs), n_cached, len(todo), backbone.cache_key())
-
-    failed: dict[str, str] = {}
+    todo = _missing(pairs, cache)
+    runner = None
     t1 = time.perf_counter()
     if todo:
-        failed = _compute_missing(todo, backbone, cache, dev, dtype, batch_size, num_workers, max_pixels, flush_every, show_progress)
+        runner = make_runner(backbone, dev, spec, root)
+        if spec.engine != "torch" and not _warm_up(runner, todo, backbone, max_pixels):
+            spec = runner.active  # the engine fell back to torch (logged): serve and store torch's features
+            cache = FeatureCache(root, feature_cache_key(backbone, spec))
+            todo = _missing(pairs, cache)
+    n_cached = len(pairs) - len(todo)
+    log.info("features: %d images, %d cached, %d to compute (%s)", len(pairs), n_cached, len(todo),
+             feature_cache_key(backbone, spec))
+
+    failed: dict[str, str] = {}
+    if todo:
+        failed = _compute_missing(todo, runner, backbone, cache, dev, batch_size, num_workers, max_pixels, flush_every,
+                                  show_progress)
     t_forward = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -194,11 +224,15 @@ def extract_features(
     skipped += [Skipped(r.id, failed[d]) for r, d in pairs if d in failed]
     digests = [d for _, d in ok]
     if out_path is not None:
-        with atomic_path(out_path) as tmp:
-            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(ok), backbone.dim))
-            cache.gather(digests, mm)
-            mm.flush()
-            del mm
+        try:
+            with atomic_path(out_path) as tmp:
+                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(ok), backbone.dim))
+                cache.gather(digests, mm)
+                mm.flush()
+                del mm
+        except OSError as exc:
+            raise CacheWriteError(f"{exc.filename or out_path}: cannot write the run's feature matrix "
+                                  f"({exc.strerror or exc}); the feature cache is complete, a rerun only gathers it") from None
         feats = np.load(out_path, mmap_mode="r", allow_pickle=False)
     else:
         feats = np.empty((len(ok), backbone.dim), dtype=np.float32)
@@ -211,41 +245,68 @@ def extract_features(
         n_computed=len(todo) - len(failed),
         n_cached=n_cached,
         seconds={"hash": t_hash, "forward": t_forward, "gather": t_gather},
+        computed_on={"device": str(dev), "engine": spec.engine, "precision": spec.precision},
     )
 
 
-def default_num_workers(device: torch.device) -> int:
-    """DataLoader workers for `num_workers=-1`. On a CPU the forward's torch threads want the cores
-    too, so at most 4; on a GPU decoding is the bottleneck (an H100 runs MobileNetV2 at ~10,000
-    img/s; one core decodes ~400 224-px JPEGs/s), so every core but one, up to 16."""
-    cores = os.cpu_count() or 1
-    if device.type == "cpu":
-        return min(4, cores)
-    return max(1, min(16, cores - 1))
+def _missing(pairs: Sequence[tuple[ImageRecord, str]], cache: FeatureCache) -> dict[str, ImageRecord]:
+    """digest -> one record, for the digests `cache` lacks (each content once)."""
+    todo: dict[str, ImageRecord] = {}
+    for r, d in pairs:
+        if d not in cache and d not in todo:
+            todo[d] = r
+    return todo
 
 
-def _compute_missing(todo, backbone, cache, dev, dtype, batch_size, num_workers, max_pixels, flush_every, show_progress) -> dict[str, str]:
+def _warm_up(runner, todo: dict[str, ImageRecord], backbone: Backbone, max_pixels: int) -> bool:
+    """Export, compile and check the engine on the first few decodable images of `todo` before any
+    shard is written; False when it fell back to torch."""
+    ds = ImageDataset(list(todo.values())[:64], backbone.transform, max_pixels=max_pixels,
+                      draft_size=backbone.decode_size())
+    sample = []
+    for i in range(len(ds)):
+        x, _, err = ds[i]
+        if err is None:
+            sample.append(x)
+        if len(sample) == PARITY_IMAGES:
+            break
+    if sample:
+        runner(torch.stack(sample))
+    return runner.active == runner.spec
+
+
+def gpu_decode_enabled() -> bool:
+    """GPU JPEG decoding on CUDA devices unless SELFLABEL_GPU_DECODE=0 (then workers decode on the CPU)."""
+    return os.environ.get(GPU_DECODE_ENV, "1") != "0"
+
+
+def _compute_missing(todo, runner, backbone, cache, dev, batch_size, num_workers, max_pixels, flush_every,
+                     show_progress) -> dict[str, str]:
     """Forward passes for cache misses, flushing shards as they fill. Returns {digest: reason} of failures."""
     digests = list(todo)
-    ds = ImageDataset([todo[d] for d in digests], backbone.transform, max_pixels=max_pixels,
-                      draft_size=backbone.decode_size())
+    records = [todo[d] for d in digests]
+    gpu_decode = dev.type == "cuda" and gpu_decode_enabled()
+    kind = EncodedImages if gpu_decode else ImageDataset
+    ds = kind(records, backbone.transform, max_pixels=max_pixels, draft_size=backbone.decode_size())
     workers = default_num_workers(dev) if num_workers < 0 else num_workers
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip,
-                        pin_memory=dev.type == "cuda", persistent_workers=False)
-    model = backbone.to(dev).eval()
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate_encoded if gpu_decode else collate_skip,
+                        pin_memory=dev.type == "cuda" and not gpu_decode, persistent_workers=False)
+    batches = iter(loader)
+    if gpu_decode:  # JPEG bytes from the workers, decoded on the GPU in the main process
+        size = backbone.image_size
+        batches = (decode_encoded_batch(b, dev, ds.cpu.__getitem__, size, backbone.decode_size(size), backbone.mean,
+                                        backbone.std) for b in batches)
     failed: dict[str, str] = {}
     buf_keys: list[str] = []
     buf_feats: list[np.ndarray] = []
     with progress_bar("features", total=len(ds), enabled=show_progress) as advance:
-        for x, idx, bad in loader:
+        for x, idx, bad in batches:
             for i, reason in bad:
                 failed[digests[i]] = reason
                 log.warning("skipped %s: %s", ds.records[i].id, reason)
             if x is not None:
-                x = x.to(dev, non_blocking=True)
-                with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    g = model(x).global_feat
-                buf_feats.append(g.float().cpu().numpy())
+                buf_feats.append(runner(x).global_feat.cpu().numpy())
                 buf_keys += [digests[i] for i in idx.tolist()]
             if len(buf_keys) >= flush_every:
                 cache.add(buf_keys, np.concatenate(buf_feats))

@@ -21,6 +21,7 @@ from .distributed import DistContext
 from .errors import InputError
 from .geometry import Geometry, feature_mean, prepare
 from .result import LabelResult
+from .train.neighbors import train_neighbors
 from .train.sela import train_sela
 from .train.swav import train_swav
 
@@ -138,3 +139,10 @@ def cluster_features(features: np.ndarray, k: int, cfg: RunConfig, *, out_dir=No
 
 
 __all__ = ["Method", "MethodInput", "register_method", "list_methods", "get_method", "cluster_features"]
+
+
+@register_method("neighbors", lambda cfg: cfg.neighbors.temperature)
+def _neighbors(inp: MethodInput) -> LabelResult:
+    """Heads trained on mined nearest neighbours of the cached features (SCAN / TEMI)."""
+    return train_neighbors(inp.features, inp.k, inp.cfg, heads=inp.heads, out_dir=inp.out_dir, device=str(inp.device),
+                           records=inp.records)

@@ -8,9 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools.coco import COCO
 from streamlit.testing.v1 import AppTest
 
-from selflabel.review.sample import make_sample_run
+from benchmarks.sample_run import make_sample_run
+from selflabel.export import export_run
+from selflabel.annotations import rle_to_mask
 from selflabel.review.store import ReviewStore
 from selflabel.runfiles import LabelRow, read_labels, write_labels
 
@@ -54,7 +57,7 @@ def exported_csv(run: Path) -> dict[str, dict[str, str]]:
 
 def test_every_view_renders(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     at = open_app(run, monkeypatch)
-    assert at.radio(key="view").options == ["Overview", "Cluster", "Map", "Export"]  # no dense outputs here
+    assert at.radio(key="view").options == ["Overview", "Suggestions", "Cluster", "Duplicates", "Map", "Export"]  # no dense outputs here
     assert "4 clusters · 40 images" in at.header[0].value
     assert sorted(b.key for b in at.button if b.key.startswith("open|")) == [f"open|{i}" for i in range(4)]
     show(at, "Cluster", 0)
@@ -224,10 +227,6 @@ def test_dense_view(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_rename_concept_and_reject_then_export_dense_coco(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pycocotools.coco import COCO
-
-    from selflabel.export.coco import rle_to_mask
-
     run = make_sample_run(tmp_path, dense=True)
     entries = json.loads((run / "dense" / "dense.json").read_text())["images"]
     at = show(open_app(run, monkeypatch), "Dense")
@@ -256,8 +255,6 @@ def test_rename_concept_and_reject_then_export_dense_coco(tmp_path: Path, monkey
     assert db(run).concept_names() == {2: "road sign"} and db(run).member(first).status == "ok"
     click(at, "undo")
     assert db(run).concept_names() == {}
-    from selflabel.export import export_run
-
     path, n = export_run(run, "coco", tmp_path / "cli.json")
     coco = COCO(str(path))
     assert n == 4 and "concept_02" in {c["name"] for c in coco.loadCats(coco.getCatIds())}

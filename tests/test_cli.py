@@ -22,7 +22,7 @@ def test_label_writes_run_and_eval_scores(color_folder, cache_dir, tmp_path):
     res = _label([str(color_folder), "--out", str(out), "--method", "kmeans", "--k", "3", "--seed", "1"], cache_dir)
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(open(out / "labels.csv")))
-    assert len(rows) == 24 and set(rows[0]) == {"path", "cluster", "confidence", "gt"}
+    assert len(rows) == 24 and set(rows[0]) == {"path", "cluster", "confidence", "gt", "duplicate_of", "outlier"}
     assert all(0.0 <= float(r["confidence"]) <= 1.0 for r in rows)
     skipped = list(csv.DictReader(open(out / "skipped.csv")))
     assert [s["path"] for s in skipped] == ["green/broken.jpg"]

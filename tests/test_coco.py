@@ -5,16 +5,15 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from selflabel.export.coco import (
+from selflabel.annotations import (
     categories_from_names,
-    export_coco_dense,
-    export_coco_image_level,
     label_map_annotations,
     mask_bbox,
     mask_to_rle,
     paint_annotations,
     rle_to_mask,
 )
+from selflabel.export.coco import export_coco_dense, export_coco_image_level
 from selflabel.runfiles import LabelRow
 
 

@@ -1,4 +1,7 @@
+import errno
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +111,51 @@ def test_vit_backbone_has_cls_attention_saliency():
     assert out.dense.shape == (2, 64, 8, 8)
     s = out.saliency.reshape(2, -1).sum(1)
     assert torch.all(s <= 1.0 + 1e-5) and torch.all(s > 0.5)  # CLS attention over patches (minus self)
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES])
+def test_disk_full_mid_run_keeps_the_cache_valid_and_a_rerun_resumes(color_folder, cache_dir, monkeypatch, err):
+    """A write failing on the 2nd shard (after writing part of it): one clear error naming the path, no
+    partial shard is ever read back, and the rerun computes only what is missing."""
+    import selflabel.features as features
+    from selflabel.atomic import atomic_path
+    from selflabel.features import CacheWriteError
+
+    recs = scan_folder(color_folder).records
+    real, calls = features.atomic_save_npy, []
+
+    def failing(path, arr):
+        calls.append(path)
+        if len(calls) < 2:
+            return real(path, arr)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(b"\x93NUMPY half a shard")
+            raise OSError(err, os.strerror(err), str(tmp))
+
+    monkeypatch.setattr(features, "atomic_save_npy", failing)
+    kw = dict(batch_size=8, num_workers=0, cache_dir=cache_dir, show_progress=False, flush_every=8, engine="torch",
+              amp="fp32")
+    bb = create_backbone("tiny")
+    with pytest.raises(CacheWriteError) as info:
+        extract_features(recs, bb, **kw)
+    msg = str(info.value)
+    assert "\n" not in msg and str(cache_dir) in msg and "cannot write the feature cache" in msg
+    assert ("no space left" if err == errno.ENOSPC else "permission denied") in msg
+    shard_dir = next(cache_dir.glob("tiny-*"))
+    assert sorted(p.suffix for p in shard_dir.iterdir()) == [".keys", ".npy"]  # one whole shard, nothing partial
+    monkeypatch.setattr(features, "atomic_save_npy", real)  # space freed
+    again = extract_features(recs, bb, **kw)
+    assert (again.n_computed, again.n_cached) == (16, 8)
+    fresh = extract_features(recs, bb, **{**kw, "cache_dir": cache_dir.parent / "fresh"})
+    np.testing.assert_allclose(again.features, fresh.features, rtol=1e-6)
+
+
+def test_unwritable_cache_folder_is_one_line(tmp_path, monkeypatch):
+    from selflabel.features import CacheWriteError
+
+    def denied(self, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    with pytest.raises(CacheWriteError, match=r"^.*/cache/k: cannot write the feature cache \(permission denied\)"):
+        FeatureCache(tmp_path / "cache", "k")

@@ -12,7 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import selflabel.ot as sot
+from selflabel.ot import backend as ot_backend
+from selflabel.ot import problem as ot_problem
+from selflabel.ot import rows as ot_rows
 from selflabel.ot import assign, assign_from_potentials, sinkhorn, sinkhorn_codes, sinkhorn_unbalanced
 
 
@@ -205,7 +207,7 @@ def test_runtime_fallback_continues_from_the_exact_potentials(monkeypatch, caplo
     and the log domain must take over from the float64 potentials, not from the rounded vectors."""
     s, a, b = _problem(100, 6, seed=10, scale=30.0)
     ref = sinkhorn(_t(s), _t(a), _t(b), eps=0.05, n_iters=30, log_domain=True)
-    monkeypatch.setattr(sot, "_log_threshold", lambda dtype: 1e9)  # disable the up-front checks
+    monkeypatch.setattr(ot_backend, "log_threshold", lambda dtype: 1e9)  # disable the up-front checks
     with caplog.at_level(logging.INFO, logger="selflabel.ot"):
         res = sinkhorn(_t(s, torch.float32), _t(a), _t(b), eps=0.05, n_iters=30)
     assert "left the torch.float32 range" in caplog.text and res.log_domain and res.n_iters == 30
@@ -285,9 +287,9 @@ def test_row_chunks_and_streamed_kernel_do_not_change_the_result(monkeypatch):
     peaked = _t(_problem(257, 13, seed=15, scale=40.0)[0], torch.float32)
     full_log = sinkhorn(peaked, eps=0.05, n_iters=30)
     full = sinkhorn(_t(s, torch.float32), _t(a), _t(b), eps=0.1, n_iters=30)
-    monkeypatch.setattr(sot, "_CPU_PASS_BYTES", 13 * 4 * 10)  # 10 rows per chunk
-    monkeypatch.setattr(sot, "_GROUP_CHUNKS", 2)  # 13 reduction groups
-    monkeypatch.setattr(sot, "_cpu_workers", lambda: 3)  # in 3 threads
+    monkeypatch.setattr(ot_rows, "PASS_BYTES", 13 * 4 * 10)  # 10 rows per chunk
+    monkeypatch.setattr(ot_rows, "GROUP_CHUNKS", 2)  # 13 reduction groups
+    monkeypatch.setattr(ot_rows, "cpu_workers", lambda: 3)  # in 3 threads
     chunked = sinkhorn(_t(s, torch.float32), _t(a), _t(b), eps=0.1, n_iters=30)
     streamed = sinkhorn(_t(s, torch.float32), _t(a), _t(b), eps=0.1, n_iters=30, return_plan=False)
     logd = sinkhorn(_t(s, torch.float32), _t(a), _t(b), eps=0.1, n_iters=30, log_domain=True)
@@ -306,12 +308,12 @@ def test_row_chunks_and_streamed_kernel_do_not_change_the_result(monkeypatch):
 def test_result_does_not_depend_on_the_number_of_threads(monkeypatch):
     """The worker count follows the machine's load; the float sums must not (bitwise equal)."""
     s, a, b = _problem(300, 7, seed=20)
-    monkeypatch.setattr(sot, "_CPU_PASS_BYTES", 7 * 4 * 8)
-    monkeypatch.setattr(sot, "_GROUP_CHUNKS", 3)
+    monkeypatch.setattr(ot_rows, "PASS_BYTES", 7 * 4 * 8)
+    monkeypatch.setattr(ot_rows, "GROUP_CHUNKS", 3)
     peaked = _t(s * 40, torch.float32)
     runs = []
     for workers in (1, 2, 5):
-        monkeypatch.setattr(sot, "_cpu_workers", lambda w=workers: w)
+        monkeypatch.setattr(ot_rows, "cpu_workers", lambda w=workers: w)
         runs.append([sinkhorn(_t(s, torch.float32), _t(a), _t(b), eps=0.1, tol=1e-7).plan,
                      sinkhorn(peaked, eps=0.05, n_iters=15).plan,
                      sinkhorn_codes(_t(s, torch.float32))])
@@ -388,11 +390,11 @@ def test_torch_code_path_matches_numpy_path(monkeypatch):
         ]
 
     expected = run()
-    monkeypatch.setattr(sot, "_numpy_path", lambda device: False)
+    monkeypatch.setattr(ot_backend, "numpy_path", lambda device: False)
     for got, want in zip(run(), expected):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-9)
     # and as on a GPU: range flags and errors read every 10th iteration only
-    monkeypatch.setattr(sot, "_lazy_checks", lambda device: True)
+    monkeypatch.setattr(ot_problem, "lazy_checks", lambda device: True)
     for got, want in zip(run()[:1] + run()[2:], expected[:1] + expected[2:]):  # [1] stops at a multiple of 10
         torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-9)
 
@@ -403,9 +405,9 @@ def test_runtime_fallback_with_lazy_checks_goes_back_to_the_last_good_state(monk
     log domain takes over from the last checked state, and the answer is the same as checking always."""
     s, a, b = _problem(100, 6, seed=10, scale=30.0)
     ref = sinkhorn(_t(s), _t(a), _t(b), eps=0.05, n_iters=30, log_domain=True)
-    monkeypatch.setattr(sot, "_log_threshold", lambda dtype: 1e9)
-    monkeypatch.setattr(sot, "_numpy_path", lambda device: False)
-    monkeypatch.setattr(sot, "_lazy_checks", lambda device: lazy)
+    monkeypatch.setattr(ot_backend, "log_threshold", lambda dtype: 1e9)
+    monkeypatch.setattr(ot_backend, "numpy_path", lambda device: False)
+    monkeypatch.setattr(ot_problem, "lazy_checks", lambda device: lazy)
     with caplog.at_level(logging.INFO, logger="selflabel.ot"):
         res = sinkhorn(_t(s, torch.float32), _t(a), _t(b), eps=0.05, n_iters=30)
     assert "left the torch.float32 range" in caplog.text and res.log_domain and res.n_iters == 30

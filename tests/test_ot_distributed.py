@@ -39,6 +39,12 @@ def _scenarios(s, a, b, rows, distributed):
     out["streamed"] = (r.log_v, r.n_iters, r.marginal_err, r.converged, r.log_domain)
     out["codes"] = (sinkhorn_codes(sl.float(), n_iters=3, distributed=distributed),)
     keep("unbalanced", sinkhorn_unbalanced(sl, al, b, eps=0.3, reg_m=0.7, tol=1e-10, distributed=distributed))
+    # over-relaxed (the default to a tolerance) vs plain steps, and a warm start, on a slow problem
+    slow = torch.log_softmax(3 * sl, dim=1)
+    keep("plain", sinkhorn(slow, eps=0.05, tol=1e-10, relax=1.0, max_iters=5000, distributed=distributed))
+    keep("relaxed", sinkhorn(slow, eps=0.05, tol=1e-10, max_iters=5000, distributed=distributed))
+    keep("relaxed_log", sinkhorn(slow, eps=0.05, tol=1e-10, max_iters=5000, log_domain=True, distributed=distributed))
+    keep("warm", sinkhorn(slow, eps=0.05, tol=1e-10, init=torch.log(b) * 3, distributed=distributed))
     return out
 
 
@@ -71,7 +77,11 @@ def single():
     return _scenarios(s, a, b, slice(None), False)
 
 
-@pytest.mark.parametrize("name", ["fixed", "tol_prior", "float32", "log", "peaked", "streamed", "codes", "unbalanced"])
+NAMES = ["fixed", "tol_prior", "float32", "log", "peaked", "streamed", "codes", "unbalanced", "plain", "relaxed",
+         "relaxed_log", "warm"]
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_gathered_rows_equal_single_process(ranks, single, name):
     r0, r1 = ranks[0][name], ranks[1][name]
     one = single[name]
@@ -96,6 +106,14 @@ def test_gathered_rows_equal_single_process(ranks, single, name):
 def test_scenarios_exercise_both_domains(single):
     assert single["log"][4] and single["peaked"][4] and not single["fixed"][4]
     assert single["tol_prior"][3] and single["unbalanced"][3]
+
+
+def test_relaxed_plans_equal_plain_ones_across_ranks(ranks, single):
+    plain = single["plain"]
+    assert single["relaxed"][1] < plain[1] / 2 and single["relaxed_log"][4]  # fewer iterations, both domains
+    for name in ("relaxed", "relaxed_log", "warm"):
+        gathered = torch.cat([ranks[0][name][0], ranks[1][name][0]])
+        torch.testing.assert_close(gathered, plain[0], rtol=0, atol=1e-8 / 100)
 
 
 def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from selflabel.errors import InputError
-from selflabel.review.sample import CLASSES, make_sample_run
+from benchmarks.sample_run import CLASSES, make_sample_run
 from selflabel.review.store import (ConflictError, ReviewStore, default_name, effective_concept_names, effective_labels,
                                    split_labels)
 from selflabel.runfiles import read_labels

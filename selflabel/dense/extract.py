@@ -23,6 +23,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import ImageRecord, load_rgb
+from ..devices import default_cache_root, dtype_precision
+from ..engine import make_runner, plan_engine
 from ..errors import ImageLoadError
 from ..progress import progress_bar
 
@@ -160,10 +162,13 @@ class DenseFeatures:
 def extract_dense(records: Sequence[ImageRecord], backbone: torch.nn.Module, *, image_size: int, device: torch.device,
                   keep_aspect: bool = True, shift: int = 1, pca_dim: int = 50, batch_size: int = 8,
                   num_workers: int = -1, dtype: torch.dtype | None = None, seed: int = 0, fit_images: int = 64,
-                  max_pixels: int = 100_000_000, show_progress: bool = True) -> DenseFeatures:
+                  max_pixels: int = 100_000_000, show_progress: bool = True, engine: str | None = None,
+                  cache_root: str | os.PathLike | None = None) -> DenseFeatures:
     """Dense features of every readable image; unreadable ones are listed in `.skipped`.
 
-    `dtype` is the autocast dtype (None: fp32). Images are processed in a seeded random order so the
+    `dtype` is the autocast dtype (None: fp32). `engine` (None: $SELFLABEL_ENGINE, else 'auto') runs the
+    backbone in OpenVINO / ONNX Runtime on a CPU (one export per input size, cached under `cache_root`),
+    torch otherwise or on any engine failure. Images are processed in a seeded random order so the
     projection is fitted on a random subset (`fit_images` images); results come back in record order.
     """
     stride = int(getattr(backbone, "stride", 32))
@@ -172,12 +177,12 @@ def extract_dense(records: Sequence[ImageRecord], backbone: torch.nn.Module, *, 
     order = np.random.default_rng(seed).permutation(len(ds)).tolist()
     workers = min(2, os.cpu_count() or 1) if num_workers < 0 else num_workers
     loader = DataLoader(ds, batch_size=batch_size, sampler=order, num_workers=workers, collate_fn=_collate)
-    model = backbone.to(device).eval()
+    spec = plan_engine(engine, device, dtype_precision(dtype))
+    runner = make_runner(backbone, device, spec, cache_root or default_cache_root())
 
     def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = model(x)
-        return out.dense.float(), out.saliency.float()
+        out = runner(x)
+        return out.dense, out.saliency
 
     raw: dict[int, tuple[np.ndarray, np.ndarray, tuple[int, int]]] = {}
     done: dict[int, tuple[np.ndarray, np.ndarray, tuple[int, int]]] = {}
@@ -232,5 +237,6 @@ def extract_dense(records: Sequence[ImageRecord], backbone: torch.nn.Module, *, 
         skipped=[(ds.records[i].id, skipped[i]) for i in sorted(skipped)],
         projector=projector,
         info={"stride": stride / max(1, shift), "backbone_stride": stride, "shift": shift,
-              "input_sizes": sorted(in_hw), "pca_dim": projector.dim, "pca_explained": projector.explained},
+              "input_sizes": sorted(in_hw), "pca_dim": projector.dim, "pca_explained": projector.explained,
+              "computed_on": {"device": str(device), "engine": runner.active.engine, "precision": runner.active.precision}},
     )

@@ -26,8 +26,9 @@ import torch
 
 from ..atomic import atomic_path, atomic_save_npy, atomic_write_json
 from ..data import ImageRecord, load_rgb
+from ..devices import autocast_dtype, resolve_device
 from ..errors import ImageLoadError, InputError
-from ..export.coco import coco_document, concept_name, label_map_annotations
+from ..annotations import coco_document, concept_name, label_map_annotations
 from ..progress import progress_bar
 from .extract import DenseFeatures, extract_dense
 from .foreground import cluster_fg_precision, noisy_foreground, select_foreground
@@ -250,8 +251,6 @@ def write_outputs(feats: DenseFeatures, model: ConceptModel, dcfg: Any, out: Pat
 def segment(records: Sequence[ImageRecord], backbone: torch.nn.Module, cfg: Any, out_dir: str | Path,
             device: str | torch.device | None = None, *, show_progress: bool = True) -> dict[str, Any]:
     """Find dense object concepts in `records` and write them under `out_dir/dense/`. Returns a summary."""
-    from ..features import autocast_dtype, resolve_device
-
     dcfg = cfg.dense
     if dcfg.louvain not in LOUVAIN_METHODS:
         raise InputError(f"dense.louvain: '{dcfg.louvain}' is not one of {', '.join(LOUVAIN_METHODS)}")

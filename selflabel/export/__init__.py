@@ -1,44 +1,67 @@
-"""Exporters: CSV, ImageFolder tree and COCO JSON, all with the review edits applied."""
+"""Exporters: every format reads the run through one `ExportView` (review edits, names, left-out
+images applied in `view.build_view`), so a format is one function of the view in its own file plus
+one line in EXPORTERS."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Collection
 
 from ..errors import InputError
-from ..runfiles import DENSE, EXPORTS, read_manifest
+from ..runfiles import EXPORTS
+from ..suggest import zero_shot_for_run
+from .coco import export_coco
+from .csv import export_csv
+from .hf import export_hf_imagefolder
+from .imagefolder import export_imagefolder
+from .labelstudio import export_labelstudio
+from .view import ExportView, build_view
+from .yolo import export_yolo_cls, export_yolo_seg
 
-FORMATS = ("csv", "imagefolder", "coco")
+
+@dataclass
+class ExportOptions:
+    mode: str = "copy"  # folder formats: copy | hardlink | symlink
+    url_prefix: str | None = None  # labelstudio: where the images are served (default: its local-files endpoint)
+    val_fraction: float = 0.2  # yolo: share of each class in val/
+
+
+def _imagefolder(view: ExportView, target: Path, o: ExportOptions) -> int:
+    index = view.class_index()  # clusters renamed alike share one folder
+    rows = [r.__class__(r.path, index[i.name], r.confidence, r.gt) for r, i in zip(view.rows(), view.items)]
+    return export_imagefolder(rows, dict(enumerate(view.classes)), view.data_root, target, mode=o.mode)
+
+
+# format -> (default target under RUN/exports, writer)
+EXPORTERS: dict[str, tuple[str, Callable[[ExportView, Path, ExportOptions], int]]] = {
+    "csv": ("labels.csv", lambda v, t, o: export_csv(v, t)),
+    "imagefolder": ("imagefolder", _imagefolder),
+    "coco": ("coco.json", lambda v, t, o: export_coco(v, t)),
+    "labelstudio": ("labelstudio", lambda v, t, o: export_labelstudio(v, t, o.url_prefix)),
+    "yolo-cls": ("yolo-cls", lambda v, t, o: export_yolo_cls(v, t, o.val_fraction, o.mode)),
+    "yolo-seg": ("yolo-seg", lambda v, t, o: export_yolo_seg(v, t, o.val_fraction, o.mode)),
+    "hf": ("hf-imagefolder", lambda v, t, o: export_hf_imagefolder(v, t, o.mode)),
+}
+FORMATS = tuple(EXPORTERS)
+DENSE_ONLY = {"yolo-seg"}
 
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, include_rejected: bool = False,
-               mode: str = "copy") -> tuple[Path, int]:
-    """Export a run in `fmt`; returns (written path, number of images)."""
-    if fmt not in FORMATS:
+               mode: str = "copy", names: str = "reviewed", leave_out: Collection[str] = (),
+               url_prefix: str | None = None, val_fraction: float = 0.2, vocab: str | Path | None = None
+               ) -> tuple[Path, int]:
+    """Export a run in `fmt`; returns (written path, number of images).
+
+    names: "reviewed" or "suggested" (unrenamed clusters take their suggested name); leave_out: image
+    paths to drop (e.g. duplicates); vocab: a words file for zero-shot suggested names (open_clip)."""
+    if fmt not in EXPORTERS:
         raise InputError(f"unknown export format '{fmt}' (choose {', '.join(FORMATS)})")
     run = Path(run_dir)
-    manifest = read_manifest(run)
-    from ..review.store import effective_review
-
-    rows, names, rejected, unsure, concepts = effective_review(run)  # the review's edits (labels.csv alone if none)
-    default = {"csv": "labels.csv", "imagefolder": "imagefolder", "coco": "coco.json"}[fmt]
+    if vocab is not None:
+        zero_shot_for_run(run, vocab)
+    view = build_view(run, include_rejected=include_rejected and fmt == "csv", names=names, leave_out=leave_out)
+    if fmt in DENSE_ONLY and not view.is_dense:
+        raise InputError(f"{run}: '{fmt}' needs a dense run (run `selflabel segment` first)")
+    default, write = EXPORTERS[fmt]
     target = Path(out) if out else run / EXPORTS / default
-    if fmt == "csv":
-        from .csv import export_csv
-
-        n = export_csv(rows, names, target, rejected, unsure, include_rejected=include_rejected)
-    elif fmt == "imagefolder":
-        from .imagefolder import export_imagefolder
-
-        n = export_imagefolder(rows, names, manifest["data_root"], target, rejected, mode=mode)
-    else:
-        n = _export_coco(run, manifest, rows, names, rejected, concepts, target)
-    return target, n
-
-
-def _export_coco(run: Path, manifest: dict, rows, names, rejected, concepts: dict[int, str], target: Path) -> int:
-    """Dense runs: instance masks with the user's concept names, rejected images left out; otherwise one
-    whole-image box per image."""
-    from . import coco
-
-    if (run / DENSE / "dense.json").is_file():
-        return coco.export_coco_dense(run, target, names=concepts, rejected=rejected)
-    return coco.export_coco_image_level(rows, names, manifest["data_root"], target, rejected)
+    return target, write(view, target, ExportOptions(mode=mode, url_prefix=url_prefix, val_fraction=val_fraction))

@@ -1,31 +1,22 @@
-"""CSV export: one row per image with the reviewed cluster, its name and status."""
+"""CSV export: one row per image with the reviewed cluster, its name, status and suggested name."""
 from __future__ import annotations
 
 import csv
 import io
 from pathlib import Path
-from typing import Iterable
 
 from ..atomic import atomic_write_text
-from ..runfiles import LabelRow
-from .names import default_name
+from .view import ExportView
 
 
-def export_csv(rows: Iterable[LabelRow], names: dict[int, str], out_path: str | Path,
-               rejected: set[str] = frozenset(), unsure: set[str] = frozenset(), include_rejected: bool = False) -> int:
-    """Write path,cluster,name,confidence,status[,gt]; rejected images are left out unless asked. Returns rows written."""
-    rows = list(rows)
-    has_gt = any(r.gt is not None for r in rows)
+def export_csv(view: ExportView, out_path: str | Path) -> int:
+    """Write path,cluster,name,confidence,status,suggested_name[,gt]. Returns rows written."""
+    has_gt = any(i.gt is not None for i in view.items)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "cluster", "name", "confidence", "status"] + (["gt"] if has_gt else []))
-    n = 0
-    for r in rows:
-        status = "rejected" if r.path in rejected else "unsure" if r.path in unsure else "ok"
-        if status == "rejected" and not include_rejected:
-            continue
-        w.writerow([r.path, r.cluster, names.get(r.cluster, default_name(r.cluster)), f"{r.confidence:.6f}", status]
-                   + ([r.gt or ""] if has_gt else []))
-        n += 1
+    w.writerow(["path", "cluster", "name", "confidence", "status", "suggested_name"] + (["gt"] if has_gt else []))
+    for i in view.items:
+        w.writerow([i.path, i.cluster, i.name, f"{i.confidence:.6f}", i.status, i.suggested_name]
+                   + ([i.gt or ""] if has_gt else []))
     atomic_write_text(out_path, buf.getvalue())
-    return n
+    return len(view.items)

@@ -6,7 +6,7 @@ Images are read only through `thumbs.safe_path`, inside the run's image root.
 """
 from __future__ import annotations
 
-import importlib.util
+import hmac
 import json
 import os
 import sqlite3
@@ -14,16 +14,38 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import streamlit as st
+import altair as alt
+import matplotlib
 
-from selflabel.errors import SelflabelError
-from selflabel.export import FORMATS, export_run
-from selflabel.review.store import SPLIT_METHODS, ReviewStore
-from selflabel.review.thumbs import ThumbCache, safe_path
-from selflabel.runfiles import DENSE, EXPORTS, FEATURES, read_manifest
+matplotlib.use("Agg")  # the server draws figures off-screen
+import matplotlib.pyplot as plt  # noqa: E402
+import networkx as nx  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import streamlit as st  # noqa: E402
+from sklearn.decomposition import PCA  # noqa: E402
 
-VIEWS = ("Overview", "Cluster", "Map", "Dense", "Export")
+from selflabel.curate.duplicates import DUPLICATE_COLUMN  # noqa: E402
+from selflabel.curate.prepare import centred_unit  # noqa: E402
+from selflabel.curate.run import NEIGHBOURS, load_neighbours, neighbours_of  # noqa: E402
+from selflabel.curate.suggestions import Suggestion, suggest  # noqa: E402
+from selflabel.dense.graph import load_graph  # noqa: E402
+from selflabel.errors import SelflabelError  # noqa: E402
+from selflabel.export.coco import concept_name  # noqa: E402
+from selflabel.export import FORMATS, export_run  # noqa: E402
+from selflabel.review.launch import TOKEN_ENV, TOKEN_PARAM  # noqa: E402
+from selflabel.review.store import SPLIT_METHODS, ReviewStore  # noqa: E402
+from selflabel.review.thumbs import ThumbCache, safe_path  # noqa: E402
+from selflabel.runfiles import DENSE, EXPORTS, FEATURES, read_manifest  # noqa: E402
+
+try:  # optional: UMAP projections in the Map view
+    import umap  # noqa: E402
+except ImportError:
+    umap = None
+
+VIEWS = ("Overview", "Suggestions", "Cluster", "Duplicates", "Map", "Dense", "Export")
+SUGGESTIONS_SHOWN = 10
+GROUPS_PER_PAGE = 10
 CARDS_PER_PAGE = 12
 GRID_COLS = 8
 NEW_CLUSTER = -1  # move target meaning "a fresh cluster"
@@ -51,12 +73,21 @@ def embedding_2d(features_path: str, mtime_ns: int, method: str) -> np.ndarray:
     x = np.load(features_path, mmap_mode="r", allow_pickle=False).astype(np.float32)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     if method == "UMAP":
-        import umap  # optional dependency
-
         return umap.UMAP(n_components=2, random_state=0).fit_transform(x).astype(np.float32)
-    from sklearn.decomposition import PCA
-
     return PCA(n_components=2, random_state=0).fit_transform(x).astype(np.float32)
+
+
+def authorised() -> bool:
+    """True when the server asks for no token ($SELFLABEL_TOKEN unset), or this session showed it
+    (`?token=` in the address, once per session)."""
+    want = os.environ.get(TOKEN_ENV)
+    if not want or st.session_state.get("_authorised"):
+        return True
+    given = st.query_params.get(TOKEN_PARAM, "")
+    if hmac.compare_digest(given.encode("utf-8", "replace"), want.encode("utf-8")):
+        st.session_state["_authorised"] = True
+        return True
+    return False
 
 
 def act(fn: Callable[..., Any], *args: Any, done: str = "", clear: bool = False, **kwargs: Any) -> None:
@@ -92,6 +123,8 @@ def sidebar(store: ReviewStore, run: Path, manifest: dict) -> tuple[str, list]:
     st.sidebar.title("selflabel review")
     st.sidebar.caption(f"run `{run}`  \nimages `{manifest.get('data_root')}`")
     views = [v for v in VIEWS if v != "Dense" or (run / DENSE).is_dir()]
+    if not (run / FEATURES).is_file():
+        views = [v for v in views if v != "Suggestions"]
     if st.session_state.get("view") not in views:
         st.session_state["view"] = views[0]
     view = st.sidebar.radio("View", views, key="view")
@@ -173,14 +206,15 @@ def cluster_view(store: ReviewStore, thumbs: ThumbCache, run: Path, data_root: P
             st.caption("A single image cannot be split.")
 
     o1, o2, o3 = st.columns([2, 1, 1])
-    least = o1.radio("Order", ["Most confident first", "Least confident first"], key="order",
-                     horizontal=True) == "Least confident first"
+    order = o1.radio("Order", ["Most confident first", "Least confident first", "Least typical first"], key="order",
+                     horizontal=True, help="Least typical: the highest outlier score first (junk, out-of-domain images).")
     per_page = o2.selectbox("Per page", [24, 48, 96], index=1, key="per_page")
     pages = max(1, -(-c.size // per_page))
     if st.session_state.get("page", 1) > pages:
         st.session_state["page"] = pages
     page = o3.number_input(f"Page (of {pages})", 1, pages, key="page") - 1
-    members = store.members(c.id, least_confident=least, offset=page * per_page, limit=per_page)
+    members = store.members(c.id, least_confident=order == "Least confident first",
+                            least_typical=order == "Least typical first", offset=page * per_page, limit=per_page)
     if st.session_state.get("_sel_cluster") != c.id:  # a selection belongs to one cluster
         clear_selection()
         st.session_state["_sel_cluster"] = c.id
@@ -246,9 +280,7 @@ def dense_meta(run: Path) -> dict:
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _read_graph(path: str, mtime_ns: int | None):
-    from ..dense.graph import load_graph
-
+def _read_graph(path: str, mtime_ns: int | None) -> nx.Graph:
     return load_graph(path)
 
 
@@ -279,10 +311,100 @@ def inspect_image(members: list, run: Path, data_root: Path) -> None:
                 cols[1].error(str(exc))
 
 
-def map_view(store: ReviewStore, run: Path, clusters: list) -> None:
-    import altair as alt
-    import pandas as pd
+@st.cache_resource(show_spinner="Finding neighbours ...", max_entries=2)
+def curation_inputs(run: str, mtime_ns: int) -> tuple[np.ndarray, np.ndarray]:
+    """(centred unit features, neighbour indices) of a run: neighbors.npz when the run has it, else computed."""
+    x = centred_unit(np.load(Path(run) / FEATURES, mmap_mode="r", allow_pickle=False))
+    nb_file = Path(run) / NEIGHBOURS
+    nb = load_neighbours(nb_file) if nb_file.is_file() else neighbours_of(x)
+    return x, nb.indices
 
+
+@st.cache_data(show_spinner="Looking for suggestions ...", max_entries=4)
+def open_suggestions(run: str, mtime_ns: int, version: int, _store: ReviewStore) -> list[Suggestion]:
+    """Suggestions for the state at edit `version`, less those already accepted or dismissed."""
+    x, idx = curation_inputs(run, mtime_ns)
+    done = _store.suggestion_states()
+    return [s for s in suggest(x, _store.assignments(), idx) if s.key not in done]
+
+
+def accept_suggestion(store: ReviewStore, s: Suggestion) -> int | None:
+    """The edit a suggestion proposes, recorded with its key (undo reopens it)."""
+    if s.kind == "merge":
+        return store.merge([s.clusters[0]], s.clusters[1], suggestion=s.key)
+    if s.kind == "move":
+        return store.move([store.base_rows[i].path for i in s.rows], s.clusters[1], suggestion=s.key)
+    return store.split(s.clusters[0], 2, suggestion=s.key)
+
+
+def suggestions_view(store: ReviewStore, thumbs: ThumbCache, run: Path, clusters: list) -> None:
+    feats = run / FEATURES
+    found = open_suggestions(str(run), feats.stat().st_mtime_ns, store.version(), store)
+    names = {c.id: c.name for c in clusters}
+    st.header(f"Suggestions ({len(found)})")
+    st.caption("Edits the neighbours of the images point to: clusters to merge, images in the wrong cluster, "
+               "clusters with two kinds of thing inside. Accepting is one edit (undo reverts it); a dismissed "
+               "suggestion is not offered again.")
+    for s in found[:SUGGESTIONS_SHOWN]:
+        with st.container(border=True):
+            left, right = st.columns([5, 1])
+            left.markdown(s.describe(names))
+            if s.kind == "merge":
+                preview = [m.path for c in s.clusters for m in store.members(c, limit=4)]
+            else:
+                rows = s.rows if s.kind == "move" else s.rows + tuple(m.idx for m in store.members(s.clusters[0], limit=4))
+                preview = [store.base_rows[i].path for i in rows[:8]]
+            imgs = [str(p) for p in thumbs.get_many(preview) if p is not None]
+            if imgs:
+                left.image(imgs, width=64)
+            right.button("Accept", key=f"accept|{s.key}", on_click=act, args=(accept_suggestion, store, s),
+                         kwargs={"done": f"Accepted: {s.describe(names)}"})
+            right.button("Dismiss", key=f"dismiss|{s.key}", on_click=act, args=(store.dismiss, s.key),
+                         kwargs={"summary": s.describe(names), "done": "Dismissed."})
+
+
+def duplicate_groups(store: ReviewStore) -> dict[str, list[str]]:
+    """Kept image -> its near-duplicate copies, from labels.csv's duplicate_of column."""
+    groups: dict[str, list[str]] = {}
+    for r in store.base_rows:
+        if r.extra.get(DUPLICATE_COLUMN):
+            groups.setdefault(r.extra[DUPLICATE_COLUMN], []).append(r.path)
+    return groups
+
+
+def keep_one(store: ReviewStore, group: list[str], keep: str) -> int | None:
+    """Reject every image of a near-duplicate group but `keep`: one edit."""
+    return store.set_status([p for p in group if p != keep], "rejected")
+
+
+def duplicates_view(store: ReviewStore, thumbs: ThumbCache) -> None:
+    groups = duplicate_groups(store)
+    st.header(f"Near-duplicates ({len(groups)} groups, {sum(map(len, groups.values()))} copies)")
+    if not groups:
+        st.info("No near-duplicates in this run (or it was labelled before they were looked for).")
+        return
+    all_copies = [p for copies in groups.values() for p in copies]
+    st.button("Reject every copy (keep the first of each group)", key="dedup_all", on_click=act,
+              args=(store.set_status, all_copies, "rejected"), kwargs={"done": f"Rejected {len(all_copies)} copies."})
+    pages = max(1, -(-len(groups) // GROUPS_PER_PAGE))
+    page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="dup_page") - 1
+    for gi, (kept, copies) in enumerate(list(groups.items())[page * GROUPS_PER_PAGE:(page + 1) * GROUPS_PER_PAGE]):
+        group = [kept, *copies]
+        status = {p: (store.member(p).status if store.member(p) else "?") for p in group}
+        with st.container(border=True):
+            cols = st.columns(min(len(group), 6) + 1)
+            for col, path, thumb in zip(cols, group, thumbs.get_many(group[:6])):
+                if thumb is not None:
+                    col.image(str(thumb), width=96)
+                col.caption(f"{path} · {status[path]}")
+            with cols[-1]:
+                key = f"{page}.{gi}"
+                st.selectbox("Keep", group, key=f"keep|{key}", label_visibility="collapsed")
+                st.button("Keep one, reject the rest", key=f"dedup|{key}", on_click=lambda g=group, k=key: act(
+                    keep_one, store, g, st.session_state[f"keep|{k}"], done="Kept one, rejected the rest."))
+
+
+def map_view(store: ReviewStore, run: Path, clusters: list) -> None:
     names = {c.id: c.name for c in clusters}
     st.header("Cluster sizes")
     sizes = pd.DataFrame({"cluster": [c.name for c in clusters], "images": [c.size for c in clusters]})
@@ -294,7 +416,7 @@ def map_view(store: ReviewStore, run: Path, clusters: list) -> None:
     if not feats.is_file():
         st.info("This run has no features.npy.")
         return
-    methods = ["PCA"] + (["UMAP"] if importlib.util.find_spec("umap") else [])
+    methods = ["PCA"] + (["UMAP"] if umap is not None else [])
     method = st.radio("Projection", methods, horizontal=True, key="projection",
                       help="UMAP appears when the umap-learn package is installed.")
     xy = embedding_2d(str(feats), feats.stat().st_mtime_ns, method)
@@ -311,8 +433,6 @@ def map_view(store: ReviewStore, run: Path, clusters: list) -> None:
 
 
 def dense_view(store: ReviewStore, run: Path) -> None:
-    import pandas as pd
-
     dense = run / DENSE
     meta = dense_meta(run)
     renamed = store.concept_names()
@@ -350,11 +470,6 @@ def draw_graph(g, names: dict[int, str], parts: bool = False) -> None:
     By default the parts are merged into one node per concept (area summed, edge weights summed);
     `parts=True` draws every part, coloured by its concept.
     """
-    import matplotlib.pyplot as plt
-    import networkx as nx
-
-    from ..export.coco import concept_name
-
     if g.number_of_nodes() == 0:
         st.caption("The graph is empty.")
         return
@@ -414,6 +529,11 @@ def do_export(run: Path, fmt: str) -> None:
 # ------------------------------------------------------------------------- page
 def main() -> None:
     st.set_page_config(page_title="selflabel review", layout="wide")
+    if not authorised():  # before anything is read, drawn or registered as a callback
+        st.error("This review app needs its access token: open the address `selflabel app` printed "
+                 f"(it ends in `?{TOKEN_PARAM}=...`).")
+        st.stop()
+        return
     run = run_dir_from_env()
     if run is None:
         st.error("No run folder given. Start the app with `selflabel app RUN` "
@@ -435,6 +555,10 @@ def main() -> None:
         getattr(st, flash[0])(flash[1])
     if view == "Overview":
         overview(store, thumbs, clusters)
+    elif view == "Suggestions":
+        suggestions_view(store, thumbs, run, clusters)
+    elif view == "Duplicates":
+        duplicates_view(store, thumbs)
     elif view == "Cluster":
         cluster_view(store, thumbs, run, data_root, clusters)
     elif view == "Map":

@@ -1,11 +1,17 @@
-"""Start the review app: `streamlit run` on the packaged app script, bound to loopback by default."""
+"""Start the review app: `streamlit run` on the packaged app script, bound to loopback by default.
+
+`selflabel app` hands its process over to Streamlit (exec), so a SIGTERM from a service manager or
+`kill PID` reaches the server itself and nothing is left holding the port or the review database.
+Beyond loopback the app asks for an access token (`TOKEN_ENV` in the server's environment, `?token=`
+in the address), checked before any page is drawn or edit taken.
+"""
 from __future__ import annotations
 
 import contextlib
 import ipaddress
 import logging
 import os
-import shutil
+import secrets
 import socket
 import subprocess
 import sys
@@ -13,7 +19,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
 
 from ..errors import InputError
 from ..runfiles import LABELS, MANIFEST
@@ -21,16 +27,9 @@ from ..runfiles import LABELS, MANIFEST
 log = logging.getLogger(__name__)
 
 APP_SCRIPT = Path(__file__).with_name("app_main.py")
-
-# Driving the app from a headless browser (the e2e test, the docs screenshot, the timing benchmark):
-# Debian's `chromium` (never `playwright install`), with flags that keep it headless and offline.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def chromium_path() -> str:
-    """$SELFLABEL_CHROMIUM, the `chromium` on PATH, or Debian's /usr/bin/chromium."""
-    return os.environ.get("SELFLABEL_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+TOKEN_ENV = "SELFLABEL_TOKEN"  # the access token the app asks for; unset: no token needed
+TOKEN_PARAM = "token"  # the query parameter that carries it: http://HOST:PORT/?token=...
+MIN_TOKEN_CHARS = 16
 
 
 def streamlit_command(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8501, headless: bool = True) -> list[str]:
@@ -54,34 +53,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 30.0) -> bool:
+    """Poll `url`/_stcore/health until it answers 200 (True), or the server exits or `timeout_s` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(0.2)  # returns early when the server exits
+
+
 @contextlib.contextmanager
-def serve_in_background(run_dir: str | Path, log_file: Path | None = None,
-                        timeout_s: float = 30.0) -> Iterator[tuple[str, subprocess.Popen]]:
+def serve_in_background(run_dir: str | Path, log_file: Path | None = None, timeout_s: float = 30.0,
+                        token: str | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
     """(url, process) of the app serving `run_dir` on a free loopback port, once /_stcore/health
     answers 200; stopped on the way out. Output goes to `log_file` (a temporary file otherwise), whose
-    tail is in the error when the server exits or is not healthy within `timeout_s`."""
+    tail is in the error when the server exits or is not healthy within `timeout_s`. With `token`
+    the app asks for it (the url carries it)."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "SELFLABEL_RUN"}
+    env = server_env(os.environ, token)
     with contextlib.ExitStack() as stack:
         if log_file is None:
             log_file = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="selflabel-app-"))) / "server.log"
         out = stack.enter_context(open(log_file, "wb"))
         proc = subprocess.Popen(streamlit_command(run_dir, "127.0.0.1", port), stdout=out, stderr=subprocess.STDOUT,
                                 env=env)
-        url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        out.flush()
-                        raise RuntimeError(f"the app did not start: {log_file.read_text(errors='replace')[-2000:]}")
-                    time.sleep(0.2)
-            yield url, proc
+            if not wait_healthy(f"http://127.0.0.1:{port}", proc, timeout_s):
+                out.flush()
+                raise RuntimeError(f"the app did not start: {log_file.read_text(errors='replace')[-2000:]}")
+            yield app_url("127.0.0.1", port, token), proc
         finally:
             _stop(proc)
 
@@ -105,25 +112,67 @@ def check_run_dir(run_dir: str | Path) -> Path:
     return run
 
 
-def launch(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8501, headless: bool = True) -> int:
-    """Run the app until it is stopped (Ctrl-C); returns Streamlit's exit code."""
-    check_run_dir(run_dir)
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and `localhost`: addresses only this machine can reach."""
     try:
-        loopback = ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        loopback = host == "localhost"
-    if not loopback:
-        log.warning("serving the review app on %s: anyone who can reach this address can edit the labels", host)
-    cmd = streamlit_command(run_dir, host, port, headless)
-    log.info("starting the review app on http://%s:%d", host, port)
-    proc = subprocess.Popen(cmd)
-    try:
+        return host == "localhost"
+
+
+def access_token(host: str, token: str | None = None) -> str | None:
+    """The token the app will ask for: `token` when given (any host), a fresh random one beyond
+    loopback, None on loopback (nobody else can connect)."""
+    if token is not None:
+        token = token.strip()
+        if len(token) < MIN_TOKEN_CHARS or not token.isascii() or not token.isprintable():
+            raise InputError(f"--token: use at least {MIN_TOKEN_CHARS} printable ASCII characters "
+                             "(or leave it out to have one generated)")
+        return token
+    return None if is_loopback(host) else secrets.token_urlsafe(24)
+
+
+def app_url(host: str, port: int, token: str | None = None) -> str:
+    """The address to open: with `?token=` when the app asks for one (this machine's name for a
+    wildcard address, which others cannot open as such)."""
+    shown = socket.gethostname() if host in {"0.0.0.0", "::", ""} else host
+    shown = f"[{shown}]" if ":" in shown else shown
+    return f"http://{shown}:{int(port)}/" + (f"?{TOKEN_PARAM}={token}" if token else "")
+
+
+def server_env(environ: Mapping[str, str], token: str | None) -> dict[str, str]:
+    """The server's environment: ours, without a stale run or token, with `token` when given."""
+    env = {k: v for k, v in environ.items() if k not in {"SELFLABEL_RUN", TOKEN_ENV}}
+    if token:
+        env[TOKEN_ENV] = token
+    return env
+
+
+def _exec(cmd: list[str], env: dict[str, str]) -> int:
+    """Become the Streamlit server (POSIX exec: signals reach it, no child to orphan); elsewhere run
+    it as a child and stop it on the way out."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.name == "posix":
+        os.execve(cmd[0], cmd, env)  # does not return
+    proc = subprocess.Popen(cmd, env=env)  # pragma: no cover - Windows
+    try:  # pragma: no cover
         return proc.wait()
-    except KeyboardInterrupt:  # Ctrl-C: Streamlit got it too; give it time to close
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-        return 0
-    finally:
-        _stop(proc)  # never leave a server behind
+    finally:  # pragma: no cover
+        _stop(proc)
+
+
+def launch(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8501, headless: bool = True,
+           token: str | None = None, announce: Callable[[str], None] | None = None) -> int:
+    """Serve the app until it is stopped. `token` as from `access_token(host, ...)`: required beyond
+    loopback. `announce` gets the address to open (with its token) just before the server starts."""
+    check_run_dir(run_dir)
+    if token is None and not is_loopback(host):
+        raise InputError(f"--host {host}: serving beyond loopback needs an access token (see access_token)")
+    if token is not None:
+        token = access_token(host, token)
+    url = app_url(host, port, token)
+    log.info("starting the review app on %s", url if token is None else url.split("?")[0])
+    if announce is not None:
+        announce(url)
+    return _exec(streamlit_command(run_dir, host, port, headless), server_env(os.environ, token))

@@ -31,10 +31,11 @@ import torch
 from sklearn.cluster import KMeans
 
 from ..errors import InputError, SelflabelError
-from ..export.names import default_name
+from ..curate.outliers import OUTLIER_COLUMN
 from ..geometry import feature_mean, mean_prototypes, prepare
 from ..geometry_io import GEOMETRY, load_geometry
 from ..kmeans import balanced_kmeans
+from ..naming import default_name
 from ..runfiles import FEATURES, LABELS, REVIEW_DB, LabelRow, read_labels
 
 log = logging.getLogger(__name__)
@@ -56,13 +57,14 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE INDEX IF NOT EXISTS images_cluster ON images (cluster, confidence);
 CREATE TABLE IF NOT EXISTS names (cluster INTEGER PRIMARY KEY, name TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS concept_names (concept INTEGER PRIMARY KEY, name TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS suggestions (key TEXT PRIMARY KEY, status TEXT NOT NULL);  -- accepted | dismissed
 CREATE TABLE IF NOT EXISTS edits (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     ts REAL NOT NULL,
     kind TEXT NOT NULL,
     summary TEXT NOT NULL,
     args TEXT NOT NULL,                     -- JSON
-    changes TEXT NOT NULL,                  -- JSON list of ["i", path, before, after] / ["n" | "c", id, before, after]
+    changes TEXT NOT NULL,                  -- JSON list of ["i", path, before, after] / ["n" | "c", id, before, after] / ["s", key, before, after]
     undoes INTEGER REFERENCES edits (id)
 );
 CREATE TRIGGER IF NOT EXISTS edits_no_update BEFORE UPDATE ON edits
@@ -242,10 +244,26 @@ class ReviewStore:
             ).fetchall()
         return [ClusterInfo(c, named.get(c, default_name(c)), n, int(r), int(u), float(m)) for c, n, r, u, m in rows]
 
+    def outlier_scores(self) -> dict[str, float]:
+        """path -> outlier score from labels.csv (`selflabel.curate`); {} for a run written without it."""
+        if not hasattr(self, "_outliers"):
+            self._outliers = {r.path: float(r.extra[OUTLIER_COLUMN]) for r in self.base_rows
+                              if r.extra.get(OUTLIER_COLUMN, "") != ""}
+        return self._outliers
+
     def members(
-        self, cluster: int, *, least_confident: bool = False, offset: int = 0, limit: int | None = None
+        self, cluster: int, *, least_confident: bool = False, least_typical: bool = False, offset: int = 0,
+        limit: int | None = None
     ) -> list[Member]:
-        """Members of a cluster ordered by confidence (most confident first unless asked otherwise)."""
+        """Members of a cluster ordered by confidence (most confident first unless asked otherwise), or by
+        outlier score (`least_typical`: highest first)."""
+        if least_typical:
+            with self._lock:
+                rows = [Member(*r) for r in self.conn.execute(
+                    "SELECT path, idx, cluster, confidence, status FROM images WHERE cluster = ?", (int(cluster),))]
+            score = self.outlier_scores()
+            rows.sort(key=lambda m: (-score.get(m.path, 0.0), m.idx))
+            return rows[int(offset):None if limit is None else int(offset) + int(limit)]
         order = "ASC" if least_confident else "DESC"
         with self._lock:
             rows = self.conn.execute(
@@ -311,6 +329,8 @@ class ReviewStore:
             logged = self.conn.execute(f"SELECT changes FROM edits WHERE {_ACTIVE} ORDER BY id").fetchall()
         for (changes,) in logged:
             for kind, key, _before, after in json.loads(changes):
+                if kind == "s":
+                    continue  # suggestion states: not part of the labels
                 if kind == "i":
                     imgs[key] = (int(after[0]), float(after[1]), str(after[2]))
                 elif after is None:
@@ -348,7 +368,36 @@ class ReviewStore:
             return self._log(conn, "rename_concept", f"rename concept {before or concept} -> {name}",
                              {"concept": concept, "name": name}, [["c", concept, before, name]])
 
-    def merge(self, sources: Sequence[int], target: int) -> int | None:
+    def suggestion_states(self) -> dict[str, str]:
+        """Suggestion key -> 'accepted' or 'dismissed' (undone ones are absent again)."""
+        with self._lock:
+            if self.conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'suggestions'").fetchone() is None:
+                return {}
+            return dict(self.conn.execute("SELECT key, status FROM suggestions").fetchall())
+
+    def dismiss(self, key: str, summary: str = "") -> int | None:
+        """Record that a suggestion was looked at and refused (it is not offered again; undo brings it back)."""
+        with self._lock, self._tx() as conn:
+            before = self._suggestion(conn, key)
+            if before == "dismissed":
+                return None
+            return self._log(conn, "dismiss", f"dismiss suggestion: {summary or key}", {"suggestion": key},
+                             [["s", key, before, "dismissed"]])
+
+    @staticmethod
+    def _suggestion(conn: sqlite3.Connection, key: str) -> str | None:
+        r = conn.execute("SELECT status FROM suggestions WHERE key = ?", (key,)).fetchone()
+        return r[0] if r else None
+
+    def _accepting(self, conn: sqlite3.Connection, key: str | None, args: dict, changes: list) -> str:
+        """Mark suggestion `key` accepted in the same edit (undo reopens it); the summary's prefix."""
+        if key is None:
+            return ""
+        args["suggestion"] = key
+        changes.append(["s", key, self._suggestion(conn, key), "accepted"])
+        return "accept suggestion: "
+
+    def merge(self, sources: Sequence[int], target: int, *, suggestion: str | None = None) -> int | None:
         """Move every member of `sources` into `target` (which keeps its name and id)."""
         sources = sorted({int(s) for s in sources} - {int(target)})
         if not sources:
@@ -361,10 +410,13 @@ class ReviewStore:
             ).fetchall()
             changes = [["i", p, [c, f, s], [int(target), f, s]] for p, c, f, s in rows]
             tname = self._name(conn, target) or default_name(target)
-            return self._log(conn, "merge", f"merge {len(sources)} cluster(s) ({len(rows)} images) into {tname}",
-                             {"sources": sources, "target": int(target)}, changes)
+            args = {"sources": sources, "target": int(target)}
+            pre = self._accepting(conn, suggestion, args, changes)
+            return self._log(conn, "merge", f"{pre}merge {len(sources)} cluster(s) ({len(rows)} images) into {tname}",
+                             args, changes)
 
-    def move(self, paths: Iterable[str], target: int | None, *, name: str | None = None) -> int | None:
+    def move(self, paths: Iterable[str], target: int | None, *, name: str | None = None,
+             suggestion: str | None = None) -> int | None:
         """Move images to cluster `target`, or to a fresh cluster when `target` is None (optionally named)."""
         paths = list(dict.fromkeys(paths))
         if not paths:
@@ -383,8 +435,9 @@ class ReviewStore:
             if not any(ch[0] == "i" for ch in changes):
                 return None
             tname = name or self._name(conn, target) or default_name(target)
-            return self._log(conn, "move", f"move {len(cur)} image(s) to {tname}",
-                             {"paths": paths, "target": target}, changes)
+            args = {"paths": paths, "target": target}
+            pre = self._accepting(conn, suggestion, args, changes)
+            return self._log(conn, "move", f"{pre}move {len(cur)} image(s) to {tname}", args, changes)
 
     def set_status(self, paths: Iterable[str], status: str) -> int | None:
         """Mark images `rejected`, `unsure` or back to `ok`."""
@@ -399,7 +452,8 @@ class ReviewStore:
             return self._log(conn, "status", f"mark {len(changes)} image(s) {status}",
                              {"paths": paths, "status": status}, changes)
 
-    def split(self, cluster: int, k: int, *, method: str = "kmeans", seed: int = 0) -> int | None:
+    def split(self, cluster: int, k: int, *, method: str = "kmeans", seed: int = 0,
+              suggestion: str | None = None) -> int | None:
         """Re-cluster one cluster's members into `k` fresh clusters from their rows of features.npy."""
         cluster, k = int(cluster), int(k)
         with self._lock:
@@ -424,8 +478,9 @@ class ReviewStore:
             changes += [
                 ["i", p, [cluster, f, s], [part_id[part_of[p][0]], part_of[p][1], s]] for p, f, s in sorted(now)
             ]
-            return self._log(conn, "split", f"split {old_name or default_name(cluster)} into {k}",
-                             {"cluster": cluster, "k": k, "method": method, "seed": seed, "new": new_ids}, changes)
+            args = {"cluster": cluster, "k": k, "method": method, "seed": seed, "new": new_ids}
+            pre = self._accepting(conn, suggestion, args, changes)
+            return self._log(conn, "split", f"{pre}split {old_name or default_name(cluster)} into {k}", args, changes)
 
     def undo(self, n: int = 1) -> list[int]:
         """Undo the newest `n` active edits, newest first; returns the ids undone."""
@@ -463,6 +518,12 @@ class ReviewStore:
         if kind == "i":
             conn.execute("UPDATE images SET cluster = ?, confidence = ?, status = ? WHERE path = ?",
                          (int(value[0]), float(value[1]), str(value[2]), key))
+            return
+        if kind == "s":
+            if value is None:
+                conn.execute("DELETE FROM suggestions WHERE key = ?", (str(key),))
+            else:
+                conn.execute("INSERT OR REPLACE INTO suggestions (key, status) VALUES (?, ?)", (str(key), value))
             return
         table, col = {"n": ("names", "cluster"), "c": ("concept_names", "concept")}[kind]
         if value is None:

@@ -38,7 +38,7 @@ from ..errors import InputError
 from ..ot import sinkhorn
 from .augment import feature_view, make_generator, pick_cached_views
 from .checkpoint import checkpoint_path, fingerprint, load_checkpoint
-from .common import (FeatureSource, check_distributed, check_features, check_finetune, cpu_threads,
+from .common import (FeatureSource, epoch_progress, check_distributed, check_features, check_finetune, cpu_threads,
                      data_digest, end_epoch, epoch_batches, head_ks, image_loader, image_views_for, label_result, num_workers,
                      seeded_init, set_lr, sgd_optimizer, update_epochs,
                      wrap_stage)
@@ -52,17 +52,19 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- the label step (pure maths)
 @torch.no_grad()
 def optimize_labels(log_probs: Tensor, lamb: float, prior: Tensor | None = None, *, tol: float | None = None,
-                    max_iters: int = 2000, distributed: bool = False):
+                    max_iters: int = 2000, distributed: bool = False, init=None):
     """SeLa's label assignment: balanced Q = diag(u) P**lambda diag(v), labels = argmax of each row.
 
     `log_probs` [N, K] are the network's log-softmax outputs; eps = 1/lambda on them is P ** lambda.
     `prior` [K] replaces the uniform column marginal (cluster sizes). `tol` bounds the L2 error of the
     cluster masses; the default, a tenth of one sample's mass (0.1 / N), balances the hard labels to
     within about one image (the reference code stops far earlier, at a 10% relative change).
+    `init`: the previous label step's SinkhornResult (a warm start: fewer Sinkhorn iterations, same fixed point).
     Returns (labels [N], SinkhornResult).
     """
     tol = 0.1 / log_probs.shape[0] if tol is None else tol
-    res = sinkhorn(log_probs.double(), b=prior, eps=1.0 / lamb, tol=tol, max_iters=max_iters, distributed=distributed)
+    res = sinkhorn(log_probs.double(), b=prior, eps=1.0 / lamb, tol=tol, max_iters=max_iters, distributed=distributed,
+                   init=init)
     return res.plan.argmax(dim=1), res
 
 
@@ -136,7 +138,7 @@ def train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
     every epoch and a new call with the same arguments resumes from it and gives the same result.
     `stop_after_epoch` (testing hook) raises TrainingInterrupted after that many epochs, like a kill.
     """
-    with cpu_threads(cfg.sela.cpu_threads, device, cfg.cluster.finetune):
+    with cpu_threads(cfg.sela.cpu_threads, device, cfg.cluster.finetune), epoch_progress():
         return _train_sela(features, k, cfg, heads=heads, out_dir=out_dir, device=device, records=records,
                            backbone=backbone, views=views, stop_after_epoch=stop_after_epoch)
 
@@ -194,6 +196,7 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
         log.info("SeLa: resuming from %s after epoch %d/%d", ckpt_file, start_epoch, total_epochs)
     ddp = wrap_stage(model, ctx, device, stage_finetune)  # `model` itself in a single process
 
+    warm: dict[int, Any] = {}  # per head: the last label step's Sinkhorn result
     for epoch in range(start_epoch, total_epochs):
         t0 = time.perf_counter()
         in_finetune = epoch >= scfg.epochs
@@ -208,7 +211,9 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
                                       views=image_views, workers=workers, rows=row_block if distributed else None)
             stats = {"epoch": epoch, "sinkhorn_iters": [], "marginal_err": [], "changed": []}
             for h in range(len(ks)):  # each rank solves for its rows (marginals all-reduced), then shares its labels
-                new, res = optimize_labels(log_p[h], scfg.lamb, priors[h], tol=0.1 / n, distributed=distributed)
+                new, res = optimize_labels(log_p[h], scfg.lamb, priors[h], tol=0.1 / n, distributed=distributed,
+                                           init=warm.get(h))
+                warm[h] = res  # the next label step starts from these potentials
                 new = all_gather_blocks(new, ctx)
                 stats["sinkhorn_iters"].append(int(res.n_iters))
                 stats["marginal_err"].append(float(res.marginal_err))
@@ -242,7 +247,7 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
             optimizer.step()
             losses.append(loss.item())
 
-        end_epoch("SeLa", epoch, total_epochs, losses, t0, history, ctx, ckpt_file, lambda: {
+        end_epoch("SeLa fine-tune" if in_finetune else "SeLa", epoch, total_epochs, losses, t0, history, ctx, ckpt_file, lambda: {
             "fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "stage_finetune": stage_finetune, "labels": labels, "history": history}, stop_after_epoch)
 
@@ -256,7 +261,8 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
             lab = log_p[h].argmax(1)
         else:
             r0, r1 = row_block if distributed else (0, n)
-            lab, res = optimize_labels(log_p[h][r0:r1], scfg.lamb, priors[h], tol=0.1 / n, distributed=distributed)
+            lab, res = optimize_labels(log_p[h][r0:r1], scfg.lamb, priors[h], tol=0.1 / n, distributed=distributed,
+                                       init=warm.get(h))
             lab = all_gather_blocks(lab, ctx)
             final_stats["sinkhorn_iters"].append(int(res.n_iters))
             final_stats["marginal_err"].append(float(res.marginal_err))

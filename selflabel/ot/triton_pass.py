@@ -4,10 +4,10 @@
 row. torch does this as two matrix-vector products, reading the N x K kernel twice. Here each program
 takes a block of rows, computes their ``K v`` tile by tile, then reads the same tiles again while
 they are still in the GPU's L2 cache to add ``u_i K_ij`` into its own column partials: one pass over
-device memory per iteration, as the CPU path does with cache-sized row chunks (see ``selflabel.ot``).
+device memory per iteration, as the CPU path does with cache-sized row chunks (see ``kernel.py``).
 
 Persistent programs (a fixed grid, each looping over row blocks) keep one partial row per program,
-summed afterwards in float64, so the result is deterministic on a given GPU. Used by ``selflabel.ot``
+summed afterwards in float64, so the result is deterministic on a given GPU. Used by ``kernel.py``
 for a materialised float32/float64 kernel on CUDA when Triton is importable; torch ops otherwise.
 """
 from __future__ import annotations

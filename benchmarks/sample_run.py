@@ -1,6 +1,7 @@
 """A small synthetic run folder (coloured PNGs, labels, features), for tests and for trying the app.
 
-`python -m selflabel.review.sample OUT` writes OUT/images/<class>/*.png and the run files in OUT/run,
+A fixture for tests, benchmarks and trying the app; not part of the package.
+`python -m benchmarks.sample_run OUT` writes OUT/images/<class>/*.png and the run files in OUT/run,
 then prints the run folder. The labels are the true classes with a few deliberate mistakes, so a
 reviewer has something to fix.
 """
@@ -13,8 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..atomic import atomic_save_npy, atomic_write_bytes, atomic_write_json
-from ..runfiles import FEATURES, LabelRow, write_labels, write_manifest
+import networkx as nx
+
+from selflabel.atomic import atomic_save_npy, atomic_write_bytes, atomic_write_json
+from selflabel.runfiles import FEATURES, LabelRow, write_labels, write_manifest
 
 CLASSES = ("red", "green", "blue", "yellow")
 _RGB = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
@@ -53,8 +56,6 @@ def make_sample_run(out: str | Path, *, per_class: int = 10, dim: int = 16, mist
 def _write_dense(run: Path, rows: list[LabelRow], rng: np.random.Generator) -> None:
     """A tiny dense/ folder in the layout of `dense.pipeline`: a part graph (networkx node-link) whose
     nodes carry their concept, concept label maps, and overlays for 4 images."""
-    import networkx as nx
-
     colors = ["#dc2828", "#28b43c", "#2846dc", "#e6d228"]
     g = nx.Graph()
     for part in range(8):  # two parts per concept
@@ -78,3 +79,30 @@ def _write_dense(run: Path, rows: list[LabelRow], rng: np.random.Generator) -> N
 
 if __name__ == "__main__":  # pragma: no cover - convenience entry
     print(make_sample_run(sys.argv[1] if len(sys.argv) > 1 else "sample_run", dense="--dense" in sys.argv))
+
+
+def make_scene_folder(out: str | Path, n: int = 8, seed: int = 0) -> Path:
+    """`n` street-like 64x48 scenes (sky over road, one or two red cars) in `out`, for a real `--dense` run."""
+    rng = np.random.default_rng(seed)
+    out = Path(out)
+    colours = np.array([(70, 130, 220), (110, 110, 110), (200, 30, 30)], np.float32)
+    for i in range(n):
+        lab = np.ones((48, 64), np.uint8)
+        horizon = int(rng.integers(18, 26))
+        lab[:horizon] = 0
+        for _ in range(int(rng.integers(1, 3))):
+            y, x = int(rng.integers(horizon - 6, 34)), int(rng.integers(0, 44))
+            lab[y : y + 12, x : x + 20] = 2
+        img = (colours[lab] + rng.normal(0, 12, (48, 64, 3))).clip(0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=95)
+        atomic_write_bytes(out / f"scene_{i:02d}.jpg", buf.getvalue())
+    return out
+
+
+def dense_label_command(images: str | Path, run: str | Path) -> list[str]:
+    """`selflabel label --dense` with the tiny backbone and small settings: a real dense run in seconds."""
+    return [sys.executable, "-m", "selflabel", "label", str(images), "--out", str(run), "--dense", "--backbone", "tiny",
+            "--k", "3", "--device", "cpu", "-q", "--set", "dense.image_size=48", "--set", "dense.k_parts=12",
+            "--set", "dense.pca_dim=16", "--set", "dense.min_area=16", "--set", "dense.n_overlays=4",
+            "--set", "backbone.num_workers=0"]

@@ -1,4 +1,5 @@
-"""Safe names for exported folders and categories (user-given cluster names are untrusted)."""
+"""Names (bottom layer): default cluster and concept names, and safe names for exported folders and
+categories (user-given cluster names are untrusted)."""
 from __future__ import annotations
 
 import re
@@ -10,6 +11,11 @@ _BAD = re.compile(r"[^\w\-. ]+", flags=re.UNICODE)
 def default_name(cluster: int) -> str:
     """A cluster's name until a user gives it one (review app, CSV, ImageFolder and COCO alike)."""
     return f"cluster_{int(cluster):02d}"
+
+
+def concept_name(concept_id: int) -> str:
+    """A dense concept's name until a user renames it: concept_01, concept_02, ..."""
+    return f"concept_{int(concept_id):02d}"
 
 
 def sanitize_name(name: str, fallback: str) -> str:

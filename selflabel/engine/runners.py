@@ -1,0 +1,206 @@
+"""Forward passes through torch or a CPU inference engine (OpenVINO, ONNX Runtime), one interface.
+
+A runner maps a normalised batch [B, 3, H, W] to a `BackboneOutput`. Engine runners export the
+backbone once per input size (selflabel/engine/export.py), compile it, and check each new input size
+against torch on the first real images they see: per-image cosine similarity of all three outputs
+>= 0.999 in fp32 (>= 0.99 in bf16, whose rounding alone costs ~0.998 on dense maps); a passed check
+is recorded beside the export (per engine version and precision), so it runs once per machine. Anything that
+goes wrong (engine not installed, export, compilation, the check) logs one line and the runner
+continues with torch, so an engine can make a run faster, never break it.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_write_json
+from ..backbones import Backbone, BackboneOutput
+from ..devices import engine_threads
+from .export import OUTPUTS, export_onnx
+
+log = logging.getLogger(__name__)
+
+ENGINE_CHOICES = ("auto", "openvino", "onnxruntime", "torch")
+ENGINE_ENV = "SELFLABEL_ENGINE"  # the engine when the caller passes None (until the config has backbone.engine)
+PARITY_FP32 = 0.999
+PARITY_BF16 = 0.99
+PARITY_IMAGES = 4  # images of the first batch per input size compared against torch
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What computes the features: an engine name and the precision it runs at (part of cache keys)."""
+
+    engine: str  # torch | openvino | onnxruntime
+    precision: str  # fp32 | bf16 | fp16
+
+    @property
+    def tag(self) -> str:
+        return f"{self.engine}-{self.precision}"
+
+
+def engine_installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def plan_engine(requested: str | None, device: torch.device, precision: str) -> EngineSpec:
+    """The engine and precision a run will use (`requested` None: $SELFLABEL_ENGINE, else 'auto'). 'auto': OpenVINO on a CPU when installed (measured
+    fastest, README 'Speed'), else ONNX Runtime, else torch; torch on a GPU. ONNX Runtime's CPU
+    provider has no bf16 kernels, so it always runs fp32."""
+    requested = requested or os.environ.get(ENGINE_ENV) or "auto"
+    if requested not in ENGINE_CHOICES:
+        raise ValueError(f"engine '{requested}' is not one of {', '.join(ENGINE_CHOICES)}")
+    if device.type != "cpu" or requested == "torch":
+        return EngineSpec("torch", precision)
+    order = ("openvino", "onnxruntime") if requested == "auto" else (requested,)
+    found = [name for name in order if engine_installed(name)]
+    if found and engine_installed("onnx"):  # torch.onnx.export needs the onnx package
+        return EngineSpec(found[0], "fp32" if found[0] == "onnxruntime" else precision)
+    missing = " ".join(([] if found else [order[0]]) + ([] if engine_installed("onnx") else ["onnx"]))
+    _log_once(f"inference engine not installed (pip install {missing}): running the backbone in torch")
+    return EngineSpec("torch", precision)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    log.warning(message)
+
+
+def cosine_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each image's flattened output (rows of a and b)."""
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(1) / np.maximum(den, 1e-30)
+
+
+class TorchRunner:
+    """The backbone in torch, under autocast when `precision` is bf16/fp16."""
+
+    def __init__(self, backbone: Backbone, device: torch.device, precision: str) -> None:
+        self.backbone = backbone.to(device).eval()
+        self.device = device
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.spec = EngineSpec("torch", precision)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> BackboneOutput:
+        x = x.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            out = self.backbone(x)
+        return BackboneOutput(out.global_feat.float(), out.dense.float(), out.saliency.float())
+
+
+class EngineRunner:
+    """An exported backbone in OpenVINO or ONNX Runtime, with torch as the fallback (see module docstring)."""
+
+    def __init__(self, backbone: Backbone, spec: EngineSpec, cache_root: str | Path, threads: int | None = None) -> None:
+        self.backbone = backbone.to("cpu").eval()
+        self.spec = spec
+        self.cache_root = Path(cache_root)
+        self.threads = threads or engine_threads()
+        self._compiled: dict[tuple[int, int], Any] = {}
+        self._fallback: TorchRunner | None = None
+        self._torch_fp32 = TorchRunner(self.backbone, torch.device("cpu"), "fp32")
+
+    @property
+    def active(self) -> EngineSpec:
+        """What actually runs now (torch after a fallback)."""
+        return self._fallback.spec if self._fallback is not None else self.spec
+
+    def fall_back(self, why: str) -> None:
+        if self._fallback is None:
+            log.warning("engine %s failed for %s (%s): using torch instead", self.spec.engine, self.backbone.name, why)
+            self._fallback = TorchRunner(self.backbone, torch.device("cpu"), self.spec.precision)
+
+    def _compile(self, path: Path):
+        if self.spec.engine == "openvino":
+            import openvino as ov
+
+            core = ov.Core()
+            core.set_property({"CACHE_DIR": str(path.parent / "openvino-cache")})  # compiled blobs: faster next time
+            hint = {"bf16": "bf16", "fp16": "f16"}.get(self.spec.precision, "f32")
+            compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                             "INFERENCE_NUM_THREADS": self.threads,
+                                                             "PERFORMANCE_HINT": "LATENCY"})
+            request = compiled.create_infer_request()
+            outputs = [compiled.output(name) for name in OUTPUTS]
+
+            def run(x: np.ndarray) -> list[np.ndarray]:
+                res = request.infer({0: x})
+                return [np.array(res[o], copy=True) for o in outputs]
+            return run
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return lambda x: session.run(list(OUTPUTS), {"x": x})
+
+    def _check_file(self, path: Path) -> Path:
+        """Where a passed parity check of this export, engine version and precision is recorded."""
+        version = importlib.metadata.version(self.spec.engine)
+        return path.with_name(f"{path.stem}.{self.spec.engine}-{version}-{self.spec.precision}.checked.json")
+
+    def _prepare(self, hw: tuple[int, int], x: torch.Tensor) -> bool:
+        """Export, compile and check the engine for inputs of size `hw` on the real batch `x`. A passed
+        check is recorded beside the export, so later runs on this machine skip the torch reference."""
+        try:
+            path = export_onnx(self.backbone, hw[0], hw[1], self.cache_root)
+            run = self._compile(path)
+            checked = self._check_file(path)
+            sample = x[:PARITY_IMAGES].contiguous()
+            got = None if checked.is_file() else run(sample.numpy())
+        except Exception as exc:  # engine-specific errors of every kind: the fallback is the point
+            self.fall_back(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip())
+            return False
+        if got is not None:
+            ref = self._torch_fp32(sample)
+            need = PARITY_FP32 if self.spec.precision == "fp32" else PARITY_BF16
+            cosines = {}
+            for name, g, r in zip(OUTPUTS, got, (ref.global_feat, ref.dense, ref.saliency)):
+                if g.shape != tuple(r.shape):
+                    self.fall_back(f"{name} shape {g.shape} differs from torch's {tuple(r.shape)}")
+                    return False
+                cosines[name] = cos = float(cosine_per_image(g, r.numpy()).min())
+                if not cos >= need:
+                    self.fall_back(f"{name} differs from torch at {hw[0]}x{hw[1]}: cosine {cos:.4f} < {need}")
+                    return False
+            with contextlib.suppress(OSError):  # unrecorded only means checking again next time
+                atomic_write_json(checked, {"min_cosine": cosines, "images": len(sample), "threshold": need})
+        self._compiled[hw] = run
+        return True
+
+    def __call__(self, x: torch.Tensor) -> BackboneOutput:
+        x = x.to("cpu").float().contiguous()
+        hw = (int(x.shape[2]), int(x.shape[3]))
+        if self._fallback is None and hw not in self._compiled:
+            self._prepare(hw, x)
+        if self._fallback is not None:
+            return self._fallback(x)
+        try:
+            g, d, s = self._compiled[hw](x.numpy())
+        except Exception as exc:
+            self.fall_back(f"{type(exc).__name__}: {exc}")
+            return self._fallback(x)
+        return BackboneOutput(torch.from_numpy(g), torch.from_numpy(d), torch.from_numpy(s))
+
+
+def make_runner(backbone: Backbone, device: torch.device, spec: EngineSpec, cache_root: str | Path,
+                threads: int | None = None) -> TorchRunner | EngineRunner:
+    """The runner for `spec` (`plan_engine`'s answer)."""
+    if spec.engine == "torch":
+        return TorchRunner(backbone, device, spec.precision)
+    return EngineRunner(backbone, spec, cache_root, threads)

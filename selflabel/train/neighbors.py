@@ -1,0 +1,355 @@
+"""Cluster heads trained on mined nearest neighbours of cached features (SCAN / TEMI), no backbone forward.
+
+1. mining: the `neighbors.neighbors` nearest neighbours of every image by cosine on the prepared
+   (centred, L2-normalised) features, exact (`selflabel.neighbors.knn_exact`);
+2. heads: `n_heads` linear heads per K, trained together on (image, random mined neighbour) pairs with
+   SCAN's neighbour consistency + entropy (Van Gansbeke et al., ECCV 2020) or TEMI's weighted PMI with
+   an EMA teacher (Adaloglou et al., BMVC 2023);
+3. choice without labels: each head's loss over every mined pair; the lowest is kept;
+4. optional self-labelling (SCAN step 3): the chosen head trains on its own confident predictions,
+   labelled by a Sinkhorn label step (balanced, or with the head's estimated marginal);
+5. final labels: the chosen head's argmax, or one more Sinkhorn label step (`final_assign=sinkhorn`).
+
+Deterministic for a seed (every draw from `make_generator(seed, epoch, step)`), resumable (a checkpoint
+after every epoch), and under torchrun each rank trains on its slice of every global batch with the batch
+means all-reduced, so the result is the single-process one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..atomic import atomic_write_json
+from ..geometry import prepare_features
+from ..result import LabelResult
+from ..config import NeighborsConfig, RunConfig
+from ..distributed import DistContext, all_gather_blocks, context
+from ..errors import InputError
+from ..neighbors import knn_exact
+from ..ot import sinkhorn
+from .augment import make_generator
+from .checkpoint import checkpoint_path, fingerprint, load_checkpoint
+from .common import check_features, cpu_threads, data_digest, end_epoch, head_ks, wrap_ddp
+from .neighbor_losses import local_mean, scan_loss, teacher_marginal, temi_loss
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("scan", "temi")
+MARGINALS = ("uniform", "estimated")
+FINAL_ASSIGN = ("argmax", "sinkhorn")
+
+
+# ----------------------------------------------------------------------------- settings
+def check_settings(ncfg: NeighborsConfig, n: int, ks: Sequence[int]) -> None:
+    """One clear error for each setting that cannot work, before any long work starts."""
+    def bad(key: str, value: Any, allowed: str) -> InputError:
+        return InputError(f"neighbors.{key}={value!r} is not valid: {allowed}")
+
+    if ncfg.objective not in OBJECTIVES:
+        raise bad("objective", ncfg.objective, f"choose {' or '.join(OBJECTIVES)}")
+    if ncfg.marginal not in MARGINALS:
+        raise bad("marginal", ncfg.marginal, f"choose {' or '.join(MARGINALS)}")
+    if ncfg.final_assign not in FINAL_ASSIGN:
+        raise bad("final_assign", ncfg.final_assign, f"choose {' or '.join(FINAL_ASSIGN)}")
+    if not 1 <= ncfg.neighbors < n:
+        raise bad("neighbors", ncfg.neighbors, f"needs 1 <= neighbors < the number of images ({n})")
+    if ncfg.n_heads < 1:
+        raise bad("n_heads", ncfg.n_heads, "at least one head is needed")
+    if ncfg.epochs < 1 or ncfg.self_label_epochs < 0:
+        raise bad("epochs", (ncfg.epochs, ncfg.self_label_epochs), "epochs >= 1 and self_label_epochs >= 0")
+    if ncfg.batch_size < 2:
+        raise bad("batch_size", ncfg.batch_size, "at least 2 (the entropy term needs a batch)")
+    if not 0.0 < ncfg.confidence < 1.0:
+        raise bad("confidence", ncfg.confidence, "a probability strictly between 0 and 1")
+
+
+# ----------------------------------------------------------------------------- model
+class HeadBank(nn.Module):
+    """`n_heads` linear heads for one K, as one [H, K, D] weight: logits [H, B, K] in one product."""
+
+    def __init__(self, dim: int, k: int, n_heads: int) -> None:
+        super().__init__()
+        self.k = k
+        self.weight = nn.Parameter(torch.randn(n_heads, k, dim) * 0.01)
+        self.bias = nn.Parameter(torch.zeros(n_heads, k))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.einsum("bd,hkd->hbk", x, self.weight) + self.bias[:, None]
+
+
+class NeighborHeads(nn.Module):
+    """One HeadBank per K (the chosen K first); input: prepared features [B, D]."""
+
+    def __init__(self, dim: int, ks: Sequence[int], n_heads: int) -> None:
+        super().__init__()
+        self.banks = nn.ModuleList(HeadBank(dim, k, n_heads) for k in ks)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return [bank(x) for bank in self.banks]
+
+
+def build_heads(dim: int, ks: Sequence[int], n_heads: int, seed: int) -> NeighborHeads:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return NeighborHeads(dim, ks, n_heads)
+
+
+# ----------------------------------------------------------------------------- distributed batch means
+def batch_mean_fn(ctx: DistContext, global_batch: int):
+    """The mean over the GLOBAL batch of [H, B_local, ...] tensors: the local sum all-reduced with autograd
+    (its backward all-reduces the gradient), so DDP's averaged gradients equal one process's."""
+    if not ctx.enabled:
+        return local_mean
+    from torch.distributed.nn.functional import all_reduce  # autograd-aware collective
+
+    def mean(t: Tensor) -> Tensor:
+        return all_reduce(t.sum(1)) / global_batch
+
+    return mean
+
+
+# ----------------------------------------------------------------------------- mining and evaluation
+@torch.no_grad()
+def mine_neighbors(x: Tensor, n_neighbors: int, ctx: DistContext) -> Tensor:
+    """[N, n_neighbors] int64 indices of each row's nearest rows (self excluded); each rank mines its block
+    of query rows, then the blocks are gathered."""
+    if not ctx.enabled:
+        return torch.from_numpy(knn_exact(x, n_neighbors, exclude_self=True, normalized=True, device=x.device).indices)
+    s, e = ctx.block(x.shape[0])
+    idx = knn_exact(x[s:e], n_neighbors + 1, x, normalized=True, device=x.device).indices  # own row is among them
+    own = idx == np.arange(s, e)[:, None]
+    keep = torch.from_numpy(_without_own(idx, own, n_neighbors + 1))
+    return all_gather_blocks(keep, ctx)
+
+
+def _without_own(idx: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    own[~own.any(1), -1] = True  # own row not among the k (ties): drop the last one
+    return idx[~own].reshape(len(idx), k - 1)
+
+
+@torch.no_grad()
+def predict(model: NeighborHeads, x: Tensor, batch_size: int = 8192) -> list[Tensor]:
+    """Softmax of every head of every bank over all rows: per bank [H, N, K] (CPU)."""
+    outs: list[list[Tensor]] = [[] for _ in model.banks]
+    for s in range(0, x.shape[0], batch_size):
+        for b, logits in enumerate(model(x[s:s + batch_size])):
+            outs[b].append(logits.softmax(-1).cpu())
+    return [torch.cat(o, 1) for o in outs]
+
+
+@torch.no_grad()
+def head_losses(probs: Tensor, neighbors: Tensor, ncfg: NeighborsConfig, chunk: int = 4096) -> Tensor:
+    """Each head's objective over EVERY mined pair, without augmentation [H] (the label-free head choice).
+    SCAN: consistency - w * entropy; TEMI: the PMI loss with the head as its own teacher. Rows in chunks."""
+    h, n, k = probs.shape
+    mean_p = probs.mean(1)  # [H, K]
+    total = torch.zeros(h, dtype=torch.float64)
+    for s in range(0, n, chunk):
+        p = probs[:, s:s + chunk, None, :]  # [H, c, 1, K]
+        nb = neighbors[s:s + chunk]
+        pn = probs[:, nb.reshape(-1)].reshape(h, nb.shape[0], nb.shape[1], k)
+        agree = (p * pn).sum(-1)  # [H, c, nb]
+        if ncfg.objective == "scan":
+            term = -torch.log(agree.clamp_min(1e-7))
+        else:  # TEMI's marginal is the (converged) teacher's mean prediction
+            joint = ((p * pn).clamp_min(1e-12) ** ncfg.beta / mean_p[:, None, None, :]).sum(-1)
+            term = -agree.mean(0, keepdim=True) * torch.log(joint)
+        total += term.double().sum((1, 2))
+    loss = (total / (n * neighbors.shape[1])).float()
+    if ncfg.objective == "scan":
+        loss = loss - ncfg.entropy_weight * (-(mean_p * mean_p.clamp_min(1e-8).log()).sum(-1))
+    return loss
+
+
+@torch.no_grad()
+def label_step(probs: Tensor, marginal: str, lamb: float, ctx: DistContext | None = None) -> Tensor:
+    """SeLa's label step on one head's probabilities [N, K]: Sinkhorn on P ** lamb with equal cluster
+    sizes (`uniform`) or the head's own mean prediction as the column marginal (`estimated`)."""
+    b = None if marginal == "uniform" else probs.double().mean(0)
+    tol = 0.1 / probs.shape[0]
+    res = sinkhorn(probs.double().clamp_min(1e-30).log(), b=b, eps=1.0 / lamb, tol=tol, max_iters=2000)
+    return res.plan.argmax(1)
+
+
+def neighbor_diagnostics(labels: np.ndarray, neighbors: np.ndarray, gt: Sequence[Any] | None) -> dict[str, Any]:
+    """Label-free: share of mined pairs given the same cluster, cluster sizes; with ground truth: the
+    neighbour purity (share of mined pairs of the same class, the best predictor of what the heads add)."""
+    out: dict[str, Any] = {
+        "neighbor_agreement": float((labels[neighbors] == labels[:, None]).mean()),
+        "cluster_sizes": np.bincount(labels, minlength=int(labels.max()) + 1).tolist(),
+    }
+    if gt is not None and all(g is not None for g in gt):
+        _, gi = np.unique(np.asarray([str(g) for g in gt]), return_inverse=True)
+        out["neighbor_purity"] = float((gi[neighbors] == gi[:, None]).mean())
+    return out
+
+
+# ----------------------------------------------------------------------------- the trainer
+def train_neighbors(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int] = (),
+                    out_dir: Path | None = None, device: str = "cpu", records=None,
+                    stop_after_epoch: int | None = None) -> LabelResult:
+    """Cluster `features` [N, D] into `k` groups (plus `heads`, extra Ks) with neighbour-trained heads.
+
+    With `out_dir`, a checkpoint goes to out_dir/checkpoints/neighbors.pt after every epoch (a new call with
+    the same arguments resumes and gives the same labels) and the diagnostics to out_dir/neighbors.json.
+    `records` (optional) provide ground truth (`.gt`) for the neighbour purity. `stop_after_epoch`
+    (testing hook) raises TrainingInterrupted after that many epochs, like a kill.
+    """
+    with cpu_threads(cfg.neighbors.cpu_threads, device, False):
+        return _train(features, k, cfg, heads=heads, out_dir=out_dir, device=device, records=records,
+                      stop_after_epoch=stop_after_epoch)
+
+
+def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int], out_dir: Path | None,
+           device: str, records, stop_after_epoch: int | None) -> LabelResult:
+    t_start = time.perf_counter()
+    ncfg, seed = cfg.neighbors, int(cfg.seed)
+    ks = head_ks(k, heads)
+    n, d = check_features(features, ks)
+    check_settings(ncfg, n, ks)
+    ctx = context()
+    batch_size = min(ncfg.batch_size, n)
+    if ctx.enabled and batch_size % ctx.world_size:
+        raise InputError(f"neighbors.batch_size={batch_size} must be divisible by the number of processes "
+                         f"({ctx.world_size}) so every rank trains on an equal slice")
+    lo, hi = ctx.block(batch_size)
+    bmean = batch_mean_fn(ctx, batch_size)
+
+    x = prepare_features(features, device)
+    t0 = time.perf_counter()
+    nbrs = mine_neighbors(x, ncfg.neighbors, ctx).to(device)
+    mining_s = time.perf_counter() - t0
+    log.info("neighbours: %d per image mined in %.1fs", ncfg.neighbors, mining_s)
+
+    model = build_heads(d, ks, ncfg.n_heads, seed).to(device)
+    teacher = build_heads(d, ks, ncfg.n_heads, seed).to(device).requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=ncfg.lr, weight_decay=ncfg.weight_decay)
+    priors = [torch.full((ncfg.n_heads, kk), 1.0 / kk, device=device) for kk in ks]
+    history: dict[str, list] = {"loss": [], "epoch_time_s": []}
+    total_epochs = ncfg.epochs + ncfg.self_label_epochs
+    steps = max(1, n // batch_size)
+
+    fp = fingerprint(method="neighbors", data=data_digest(features), ks=ks, seed=seed,
+                     neighbors=dataclasses.asdict(ncfg), world=ctx.world_size)
+    ckpt_file = checkpoint_path(out_dir, "neighbors") if out_dir is not None else None
+    state = load_checkpoint(ckpt_file, fp) if ckpt_file is not None else None
+    start_epoch = 0
+    if state is not None:
+        start_epoch = int(state["epoch"])
+        model.load_state_dict(state["model"])
+        teacher.load_state_dict(state["teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        priors = [p.to(device) for p in state["priors"]]
+        history = state["history"]
+        log.info("neighbors: resuming from %s after epoch %d/%d", ckpt_file, start_epoch, total_epochs)
+    ddp = wrap_ddp(model, ctx, device)
+
+    chosen: list[int] | None = None
+    for epoch in range(start_epoch, total_epochs):
+        t0 = time.perf_counter()
+        self_label = epoch >= ncfg.epochs
+        if self_label:  # SCAN step 3 on the chosen heads: targets from a Sinkhorn label step, confident rows only
+            probs = predict(model, x)
+            chosen = [int(head_losses(p, nbrs.cpu(), ncfg).argmin()) for p in probs]
+            targets = [label_step(p[h], ncfg.marginal, ncfg.lamb).to(device) for p, h in zip(probs, chosen)]
+            confident = [(p[h].max(1).values >= ncfg.confidence).to(device) for p, h in zip(probs, chosen)]
+        perm = torch.randperm(n, generator=make_generator(seed, epoch, 1)).to(device)
+        losses = []
+        for step in range(steps):
+            gen = make_generator(seed, epoch, step, 2)
+            idx = perm[step * batch_size:(step + 1) * batch_size]
+            pick = torch.randint(ncfg.neighbors, (len(idx),), generator=gen).to(device)
+            nidx = nbrs[idx, pick]
+            va, vn = _view(x[idx], gen, ncfg.feature_noise), _view(x[nidx], gen, ncfg.feature_noise)
+            va, vn, idx = va[lo:hi], vn[lo:hi], idx[lo:hi]  # this rank's slice (noise drawn for the whole batch)
+            if self_label:
+                loss = _self_label_loss(ddp, va, idx, chosen, targets, confident, bmean)
+            else:
+                both = ddp(torch.cat([va, vn]))  # one forward: DDP sees each parameter once per step
+                out_a, out_n = [o[:, :len(va)] for o in both], [o[:, len(va):] for o in both]
+                if ncfg.objective == "scan":
+                    per_bank = [scan_loss(a, b, ncfg.entropy_weight, bmean)[0] for a, b in zip(out_a, out_n)]
+                else:
+                    with torch.no_grad():
+                        ta, tn = teacher(va), teacher(vn)
+                    per_bank = [temi_loss(a, b, s, t, priors[i], ncfg.beta, ncfg.temperature,
+                                          ncfg.teacher_temperature, bmean)
+                                for i, (a, b, s, t) in enumerate(zip(out_a, out_n, ta, tn))]
+                    with torch.no_grad():
+                        for i, (s, t) in enumerate(zip(ta, tn)):
+                            priors[i].mul_(0.9).add_(teacher_marginal(s, t, ncfg.teacher_temperature, bmean), alpha=0.1)
+                loss = sum(l.sum() for l in per_bank) / len(per_bank)  # heads are independent: sum over them
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if ncfg.objective == "temi" and not self_label:
+                with torch.no_grad():
+                    for pt, ps in zip(teacher.parameters(), model.parameters()):
+                        pt.mul_(ncfg.teacher_momentum).add_(ps, alpha=1 - ncfg.teacher_momentum)
+            losses.append(float(loss.detach()))
+        end_epoch("neighbors", epoch, total_epochs, losses, t0, history, ctx, ckpt_file, lambda: {
+            "fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(), "teacher": teacher.state_dict(),
+            "optimizer": optimizer.state_dict(), "priors": [p.cpu() for p in priors], "history": history},
+            stop_after_epoch)
+
+    # ---- choose each K's head by its loss over every mined pair, then the final labels
+    model_eval = teacher if ncfg.objective == "temi" and ncfg.self_label_epochs == 0 else model
+    probs = predict(model_eval, x)
+    nb_cpu = nbrs.cpu()
+    losses_per_k = [head_losses(p, nb_cpu, ncfg) for p in probs]
+    chosen = [int(l.argmin()) for l in losses_per_k]
+    final: dict[int, np.ndarray] = {}
+    for kk, p, h in zip(ks, probs, chosen):
+        lab = p[h].argmax(1) if ncfg.final_assign == "argmax" else label_step(p[h], ncfg.marginal, ncfg.lamb)
+        final[kk] = lab.numpy().astype(np.int64)
+    chosen_probs = probs[0][chosen[0]].numpy().astype(np.float32)
+    labels = final[k]
+    gt = [getattr(r, "gt", None) for r in records] if records is not None and len(records) == n else None
+    diagnostics = {
+        "objective": ncfg.objective, "k": k, "n_heads": ncfg.n_heads, "neighbors": ncfg.neighbors,
+        "chosen_head": chosen[0], "chosen_head_loss": float(losses_per_k[0][chosen[0]]),
+        "head_losses": [float(v) for v in losses_per_k[0]],
+        "chosen_heads_by_k": {str(kk): h for kk, h in zip(ks, chosen)},
+        **neighbor_diagnostics(labels, nb_cpu.numpy(), gt),
+        "mining_s": mining_s, "time_s": time.perf_counter() - t_start,
+    }
+    if out_dir is not None and ctx.is_main:
+        atomic_write_json(Path(out_dir) / "neighbors.json", diagnostics)
+    log.info("neighbors: head %d chosen (loss %.4f), neighbour agreement %.3f", chosen[0],
+             diagnostics["chosen_head_loss"], diagnostics["neighbor_agreement"])
+    protos = F.normalize(torch.zeros(k, d, dtype=torch.float64).index_add_(0, torch.from_numpy(labels), x.cpu().double()),
+                         dim=1).float().numpy()
+    info = {"method": "neighbors", "ks": ks, "epochs": total_epochs, "resumed_from_epoch": start_epoch,
+            **diagnostics, **history}
+    return LabelResult(labels=labels, confidence=chosen_probs[np.arange(n), labels], prototypes=protos,
+                       head_labels={kk: v for kk, v in final.items() if kk != k}, probs=chosen_probs, info=info)
+
+
+def _view(x: Tensor, gen: torch.Generator, noise: float) -> Tensor:
+    """A noisy view of unit-norm rows (noise norm about `noise`), re-normalised; the rows themselves at 0."""
+    if noise <= 0:
+        return x
+    eps = torch.randn(x.shape, generator=gen).to(x.device) * (noise / x.shape[1] ** 0.5)
+    return F.normalize(x + eps, dim=1)
+
+
+def _self_label_loss(ddp: nn.Module, va: Tensor, idx: Tensor, chosen: Sequence[int], targets: Sequence[Tensor],
+                     confident: Sequence[Tensor], bmean) -> Tensor:
+    """Cross-entropy of each K's chosen head to its label-step targets, on the confident rows of the batch
+    (mean over the global batch's confident rows)."""
+    total = 0.0
+    for bank_logits, h, tgt, conf in zip(ddp(va), chosen, targets, confident):
+        logits = bank_logits[h]
+        mask = conf[idx].float()
+        ce = F.cross_entropy(logits, tgt[idx], reduction="none") * mask
+        stats = bmean(torch.stack([ce, mask])[:, :, None])[:, 0]  # [2]: mean ce*mask, share confident
+        total = total + stats[0] / stats[1].clamp_min(1e-8)
+    return total / len(targets)
