@@ -16,7 +16,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_PUBLIC = {"label": "api", "run_config": "api", "Run": "run", "SinkhornKMeans": "estimators"}
+_PUBLIC = {"label": "api", "run_config": "api", "Run": "run", "SinkhornKMeans": "estimators",
+           "SelfLabelClustering": "method_estimator"}
 __all__ = ["__version__", *_PUBLIC]
 
 

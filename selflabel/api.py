@@ -42,11 +42,12 @@ def run_config(folder: str | Path, out: str | Path = "runs/latest", *, k: int | 
     return cfg
 
 
-def label(folder: str | Path, out: str | Path = "runs/latest", *, progress: bool = False, **options: Any) -> Run:
+def label(folder: str | Path, out: str | Path = "runs/latest", *, progress: bool = True, **options: Any) -> Run:
     """Label every image under `folder` and write the run folder `out`; returns it opened as a `Run`.
 
     `options` are those of `selflabel label` (k, method, heads, finetune, dense, backbone, weights, config,
-    overrides, seed, batch_size, device, amp, cache_dir, gt_csv), with the same defaults.
+    overrides, seed, batch_size, device, amp, cache_dir, gt_csv), with the same defaults; `progress=False`
+    is the CLI's `--quiet`.
     """
     summary = label_folder(run_config(folder, out, **options), show_progress=progress)
     return Run(summary.out)

@@ -14,6 +14,8 @@ from .geometry import mean_prototypes, prepare_features
 from .kmeans import balanced_kmeans, kmeanspp_init, prior_marginal
 from .result import LabelResult
 
+IMAGE_M_STEP = "soft"  # K ~ the classes: as accurate as hard, and SeLa initialised from it does better (kmeans.py)
+
 __all__ = ["LabelResult", "default_k", "prepare_features", "kmeanspp_init", "prior_marginal", "sinkhorn_cluster",
            "sinkhorn_cluster_prepared", "kmeans_cluster", "kmeans_cluster_prepared"]
 
@@ -50,7 +52,7 @@ def sinkhorn_cluster_prepared(x: torch.Tensor, k: int, *, eps: float = 0.05, tem
     Prototypes are the normalised means of the final clusters and confidences softmax(cos / temperature)
     of the chosen one: exactly what the run's `Geometry` gives for these rows."""
     ctx = ctx or DistContext()
-    fit = balanced_kmeans(x, k, eps=eps, iters=iters, seed=seed, prior=prior, ctx=ctx)
+    fit = balanced_kmeans(x, k, eps=eps, iters=iters, seed=seed, prior=prior, m_step=IMAGE_M_STEP, ctx=ctx)
     labels = all_gather_blocks(fit.labels, ctx)  # N integers: every rank gets the whole labelling
     protos = mean_prototypes(x, labels, k)
     probs = torch.softmax(x @ protos.T / temperature, dim=1)

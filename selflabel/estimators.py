@@ -29,7 +29,8 @@ class SinkhornKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
 
     labels_ are the balanced assignment of the training rows; `predict` gives each row its nearest
     prototype (no balance constraint, one row at a time), `predict_proba` softmax(cosine / temperature),
-    `transform` the cosine distance 1 - cos to every centre.
+    `transform` the cosine distance 1 - cos to every centre. `m_step` as the run's sinkhorn method
+    (soft; "hard" for overclustering, see `selflabel.kmeans`).
     """
 
     _parameter_constraints: dict = {
@@ -43,7 +44,7 @@ class SinkhornKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
     }
 
     def __init__(self, n_clusters: int = 8, *, eps: float = 0.05, temperature: float = 0.1, max_iter: int = 30,
-                 prior=None, m_step: str = "hard", random_state=None) -> None:
+                 prior=None, m_step: str = "soft", random_state=None) -> None:
         self.n_clusters = n_clusters
         self.eps = eps
         self.temperature = temperature

@@ -137,3 +137,32 @@ def test_assign_refuses_bad_input_before_work(run, tmp_path):
     (run.path / "geometry.json").unlink()
     res = runner.invoke(app, ["assign", str(run.path), str(tmp_path), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "geometry.json: missing" in res.output
+
+
+def test_review_app_opens_an_assigned_run(run, cache_dir, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    red = _cluster_of(run, "red")
+    with ReviewStore(run.path) as store:
+        store.rename(red, "tomato")
+    new = tmp_path / "new"
+    for i in range(3):
+        make_image(new / "red" / f"late_{i}.png", COLORS["red"], seed=2000 + i)
+    assigned = run.assign(new, tmp_path / "assigned", cache_dir=cache_dir)
+    monkeypatch.setenv("SELFLABEL_RUN", str(assigned.path))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app" / "review_app.py"), default_timeout=60).run()
+    assert not at.exception, at.exception
+    shown = " ".join(str(e.value) for e in [*at.markdown, *at.caption, *at.selectbox] if getattr(e, "value", None))
+    shown += " ".join(str(o) for sb in at.selectbox for o in sb.options)
+    assert "tomato" in shown
+
+
+def test_assign_places_old_images_where_the_clustering_placed_them(run, color_folder, cache_dir, tmp_path):
+    again = run.assign(color_folder, tmp_path / "again", cache_dir=cache_dir)
+    old, new = run.labels, again.labels
+    assert list(old.path) == list(new.path)
+    same = (old.cluster == new.cluster).to_numpy()
+    assert same.mean() == 1.0  # separable colours: the nearest prototype is the balanced label
+    # the confidence the clustering gave (cluster.py's own preparation) is the one the stored geometry gives
+    np.testing.assert_allclose(new.confidence[same], old.confidence[same], atol=1e-5)
+    assert json.loads((again.path / "manifest.json").read_text())["features"]["computed"] == 0

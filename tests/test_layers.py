@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import networkx as nx
+import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "selflabel"
 SCRIPTS = {"selflabel.__main__", "selflabel.review.app_main"}  # entry points: importing them runs the CLI or the app
@@ -22,7 +23,7 @@ LAYERS = {
     "selflabel": 6, "selflabel.cli": 6, "selflabel.__main__": 6, "selflabel.review.app_main": 6,
     "selflabel.api": 5, "selflabel.run": 5, "selflabel.assign": 5, "selflabel.pipeline": 5, "selflabel.evaluate": 5,
     "selflabel.review": 5, "selflabel.export": 5, "selflabel.dense.pipeline": 5, "selflabel.dense.evaluate": 5,
-    "selflabel.methods": 4, "selflabel.train": 4, "selflabel.curate": 4,
+    "selflabel.methods": 4, "selflabel.method_estimator": 4, "selflabel.train": 4, "selflabel.curate": 4,
     "selflabel.data": 3, "selflabel.backbones": 3, "selflabel.features": 3, "selflabel.digests": 3,
     "selflabel.dense": 3, "selflabel.geometry_io": 3, "selflabel.sample": 3,
     "selflabel.ot": 2, "selflabel.kmeans": 2, "selflabel.cluster": 2,
@@ -103,7 +104,8 @@ def test_no_import_cycles_beyond_the_known_ones():
         assert any(c <= k for k in KNOWN_CYCLES), f"import cycle: {sorted(c)}"
     clustering = {"selflabel.cluster", "selflabel.kmeans", "selflabel.geometry", "selflabel.geometry_io",
                   "selflabel.methods", "selflabel.result", "selflabel.train.sela", "selflabel.train.swav",
-                  "selflabel.dense.parts", "selflabel.assign", "selflabel.run", "selflabel.api", "selflabel.estimators"}
+                  "selflabel.dense.parts", "selflabel.assign", "selflabel.run", "selflabel.api", "selflabel.estimators",
+                  "selflabel.method_estimator"}
     assert not any(c & clustering for c in cycles)
 
 
@@ -135,3 +137,9 @@ def test_every_module_imports_in_dependency_order_in_a_fresh_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert order.index("selflabel.result") < order.index("selflabel.cluster") < order.index("selflabel.methods")
     assert order.index("selflabel.methods") < order.index("selflabel.pipeline") < order.index("selflabel.api")
+
+
+def test_pyflakes_is_clean():
+    pytest.importorskip("pyflakes")
+    proc = subprocess.run([sys.executable, "-m", "pyflakes", str(PKG)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
