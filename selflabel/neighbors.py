@@ -13,6 +13,8 @@ exact search.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -43,11 +45,8 @@ class Neighbors:
 
 
 def faiss_available() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether the optional approximate index (faiss-cpu) is installed, without importing it."""
+    return importlib.util.find_spec("faiss") is not None
 
 
 def normalize_rows(x: Any, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
