@@ -89,6 +89,8 @@ def balanced_kmeans(x: torch.Tensor, k: int, *, eps: float = 0.05, iters: int = 
     n = x.shape[0]
     if k < 1 or k > n:
         raise InputError(f"k={k} must be between 1 and the number of rows ({n})")
+    if iters < 1:
+        raise InputError(f"iters={iters}: at least 1 alternation of assignment and prototype update")
     protos = kmeanspp_init(x, k, torch.Generator().manual_seed(seed))
     start, end = ctx.block(n)
     xl = x[start:end]
@@ -96,7 +98,7 @@ def balanced_kmeans(x: torch.Tensor, k: int, *, eps: float = 0.05, iters: int = 
     labels = torch.full((end - start,), -1, dtype=torch.long, device=x.device)
     history: list[dict[str, float]] = []
     plan = None
-    for _ in range(max(1, iters)):
+    for _ in range(iters):
         res = sinkhorn(xl @ protos.T, None, b, eps=eps, tol=rel_tol / k ** 0.5, max_iters=max_sinkhorn_iters,
                        distributed=ctx.enabled)
         plan = res.plan

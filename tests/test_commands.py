@@ -200,3 +200,15 @@ def test_weights_option_loads_a_local_checkpoint(color_folder, cache_dir, tmp_pa
     reloaded = create_backbone("tiny", weights=str(tmp_path / "my_tiny.pt"))
     for k, v in reloaded.net.state_dict().items():
         torch.testing.assert_close(v, state[k])
+
+
+def test_default_method_refuses_zero_iterations_from_python():
+    """cluster.iters=0 is caught by the config; called from Python it is the same clear error, not a NameError."""
+    import numpy as np
+
+    from selflabel.cluster import sinkhorn_cluster
+    from selflabel.errors import InputError
+
+    x = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    with pytest.raises(InputError, match="iters=0"):
+        sinkhorn_cluster(x, 3, iters=0)
