@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from selflabel.export import FORMATS
 from selflabel.review.sample import make_sample_run
 from selflabel.review.store import ReviewStore
 from selflabel.runfiles import LabelRow, read_labels, write_labels
@@ -63,7 +64,7 @@ def test_every_view_renders(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     show(at, "Map")
     assert len(at.get("vega_lite_chart")) == 2  # size bars and the feature map
     show(at, "Export")
-    assert [b.key for b in at.button if b.key.startswith("export|")] == ["export|csv", "export|imagefolder", "export|coco"]
+    assert [b.key for b in at.button if b.key.startswith("export|")] == [f"export|{f}" for f in FORMATS]
 
 
 def test_open_card_shows_its_cluster(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, Collection
 
 from ..errors import InputError
-from ..runfiles import EXPORTS
+from ..runfiles import DENSE, EXPORTS
 from ..suggest import zero_shot_for_run
 from .coco import export_coco
 from .csv import export_csv
@@ -44,6 +44,12 @@ EXPORTERS: dict[str, tuple[str, Callable[[ExportView, Path, ExportOptions], int]
 }
 FORMATS = tuple(EXPORTERS)
 DENSE_ONLY = {"yolo-seg"}
+
+
+def formats_for(run_dir: str | Path) -> tuple[str, ...]:
+    """The formats a run can be exported in (yolo-seg only for dense runs): for the review app's buttons."""
+    dense = (Path(run_dir) / DENSE / "dense.json").is_file()
+    return tuple(f for f in FORMATS if dense or f not in DENSE_ONLY)
 
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, include_rejected: bool = False,
