@@ -163,13 +163,15 @@ def export(
     url_prefix: Annotated[Optional[str], typer.Option(help="labelstudio: URL the images are served under (default: Label Studio's local files).")] = None,
     val_fraction: Annotated[float, typer.Option(help="yolo: share of each class put in val/.")] = 0.2,
     vocab: Annotated[Optional[Path], typer.Option(help="Words file (one per line): zero-shot suggested names with open_clip.")] = None,
+    duplicates: Annotated[bool, typer.Option("--duplicates/--no-duplicates", help="--no-duplicates: leave out near-duplicate copies (labels.csv duplicate_of), one image of each group kept.")] = True,
 ) -> None:
     """Export labels (with review edits) as CSV, ImageFolder, COCO, Label Studio, YOLO or Hugging Face imagefolder."""
     from .export import export_run
 
     with _errors_as_lines():
         target, n = export_run(run, format, out, include_rejected=include_rejected, mode=mode, names=names,
-                               url_prefix=url_prefix, val_fraction=val_fraction, vocab=vocab)
+                               url_prefix=url_prefix, val_fraction=val_fraction, vocab=vocab,
+                               include_duplicates=duplicates)
     console.print(f"exported {n} images as {format} to {target}")
 
 

@@ -100,3 +100,32 @@ def test_least_typical_first(run: Path, monkeypatch: pytest.MonkeyPatch) -> None
     score = {r.path: float(r.extra["outlier"]) for r in read_labels(run)}
     shown = [c.key[len("sel|"):] for c in at.checkbox if c.key.startswith("sel|")]
     assert [score[p] for p in shown] == sorted((score[m.path] for m in ReviewStore(run).members(cid)), reverse=True)
+
+
+def test_accept_the_suggested_name_in_one_click(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from selflabel.suggest import write_votes
+
+    rows = read_labels(run)
+    clusters = np.array([r.cluster for r in rows])
+    first = int(clusters[0])
+    votes = np.where(clusters == first, 0, 1)  # every member of the first cluster votes "church"
+    write_votes(run, votes, ["church", "tench"], source="test")
+    at = open_view(run, "Cluster", monkeypatch)
+    at.selectbox(key="cluster").set_value(first).run()
+    assert not at.exception, at.exception
+    assert any("Suggested: church (100 %)" in c.value for c in at.caption)
+    click(at, "accept_name")
+    assert {c.id: c.name for c in ReviewStore(run).clusters()}[first] == "church"
+    assert not [b for b in at.button if b.key == "accept_name"]  # accepted: no longer offered
+
+
+def test_export_can_leave_the_copies_out(run: Path) -> None:
+    import csv
+
+    from selflabel.export import export_run
+
+    paths = [r.path for r in read_labels(run)]
+    target, n_all = export_run(run, "csv", run / "all.csv")
+    target, n = export_run(run, "csv", run / "dedup.csv", include_duplicates=False)
+    kept = {r["path"] for r in csv.DictReader(open(target))}
+    assert n == n_all - len(COPIES) and paths[0] in kept and not kept & {paths[i] for i in COPIES}

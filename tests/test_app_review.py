@@ -12,8 +12,8 @@ from pycocotools.coco import COCO
 from streamlit.testing.v1 import AppTest
 
 from benchmarks.sample_run import make_sample_run
-from selflabel.export import export_run
 from selflabel.annotations import rle_to_mask
+from selflabel.export import FORMATS, export_run
 from selflabel.review.store import ReviewStore
 from selflabel.runfiles import LabelRow, read_labels, write_labels
 
@@ -66,7 +66,7 @@ def test_every_view_renders(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     show(at, "Map")
     assert len(at.get("vega_lite_chart")) == 2  # size bars and the feature map
     show(at, "Export")
-    assert [b.key for b in at.button if b.key.startswith("export|")] == ["export|csv", "export|imagefolder", "export|coco"]
+    assert [b.key for b in at.button if b.key.startswith("export|")] == [f"export|{f}" for f in FORMATS]
 
 
 def test_open_card_shows_its_cluster(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,7 @@ from selflabel.export import FORMATS, export_run
 from selflabel.export.view import build_view
 from selflabel.export.yolo import split_paths
 from selflabel.errors import InputError
-from selflabel.review.sample import CLASSES, make_sample_run
+from benchmarks.sample_run import CLASSES, make_sample_run
 from selflabel.review.store import ReviewStore
 from selflabel.runfiles import read_labels
 from selflabel.suggest import vote_names, write_votes

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Collection
 
+from ..curate.duplicates import duplicate_paths
 from ..errors import InputError
-from ..runfiles import EXPORTS
+from ..runfiles import DENSE, EXPORTS, LABELS, read_labels
 from ..suggest import zero_shot_for_run
 from .coco import export_coco
 from .csv import export_csv
@@ -46,19 +47,28 @@ FORMATS = tuple(EXPORTERS)
 DENSE_ONLY = {"yolo-seg"}
 
 
+def formats_for(run_dir: str | Path) -> tuple[str, ...]:
+    """The formats a run can be exported in (yolo-seg only for dense runs): for the review app's buttons."""
+    dense = (Path(run_dir) / DENSE / "dense.json").is_file()
+    return tuple(f for f in FORMATS if dense or f not in DENSE_ONLY)
+
+
 def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, include_rejected: bool = False,
                mode: str = "copy", names: str = "reviewed", leave_out: Collection[str] = (),
-               url_prefix: str | None = None, val_fraction: float = 0.2, vocab: str | Path | None = None
-               ) -> tuple[Path, int]:
+               url_prefix: str | None = None, val_fraction: float = 0.2, vocab: str | Path | None = None,
+               include_duplicates: bool = True) -> tuple[Path, int]:
     """Export a run in `fmt`; returns (written path, number of images).
 
     names: "reviewed" or "suggested" (unrenamed clusters take their suggested name); leave_out: image
-    paths to drop (e.g. duplicates); vocab: a words file for zero-shot suggested names (open_clip)."""
+    paths to drop; include_duplicates=False also drops the near-duplicate copies labels.csv marks
+    (`duplicate_of`, one image of each group kept); vocab: a words file for zero-shot suggested names (open_clip)."""
     if fmt not in EXPORTERS:
         raise InputError(f"unknown export format '{fmt}' (choose {', '.join(FORMATS)})")
     run = Path(run_dir)
     if vocab is not None:
         zero_shot_for_run(run, vocab)
+    if not include_duplicates and (run / LABELS).is_file():
+        leave_out = set(leave_out) | duplicate_paths(read_labels(run / LABELS))
     view = build_view(run, include_rejected=include_rejected and fmt == "csv", names=names, leave_out=leave_out)
     if fmt in DENSE_ONLY and not view.is_dense:
         raise InputError(f"{run}: '{fmt}' needs a dense run (run `selflabel segment` first)")

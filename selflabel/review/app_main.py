@@ -31,12 +31,13 @@ from selflabel.curate.run import NEIGHBOURS, load_neighbours, neighbours_of  # n
 from selflabel.curate.suggestions import Suggestion, suggest  # noqa: E402
 from selflabel.dense.graph import load_graph  # noqa: E402
 from selflabel.errors import SelflabelError  # noqa: E402
-from selflabel.export.coco import concept_name  # noqa: E402
-from selflabel.export import FORMATS, export_run  # noqa: E402
+from selflabel.naming import concept_name  # noqa: E402
+from selflabel.export import export_run, formats_for  # noqa: E402
 from selflabel.review.launch import TOKEN_ENV, TOKEN_PARAM  # noqa: E402
 from selflabel.review.store import SPLIT_METHODS, ReviewStore  # noqa: E402
 from selflabel.review.thumbs import ThumbCache, safe_path  # noqa: E402
 from selflabel.runfiles import DENSE, EXPORTS, FEATURES, read_manifest  # noqa: E402
+from selflabel.suggest import suggested_names  # noqa: E402
 
 try:  # optional: UMAP projections in the Map view
     import umap  # noqa: E402
@@ -172,6 +173,12 @@ def open_cluster(cid: int) -> None:
     clear_selection()
 
 
+@st.cache_data(show_spinner=False, max_entries=4)
+def name_suggestions(run: str, version: int, _store: ReviewStore) -> dict[int, tuple[str, str]]:
+    """Suggested name (and its label with the share) per cluster at edit `version`: the members' ImageNet votes."""
+    return {c: (s.name, s.label) for c, s in suggested_names(run, _store.assignments()).items()}
+
+
 def cluster_view(store: ReviewStore, thumbs: ThumbCache, run: Path, data_root: Path, clusters: list) -> None:
     if not clusters:
         st.info("No images in this run.")
@@ -188,6 +195,11 @@ def cluster_view(store: ReviewStore, thumbs: ThumbCache, run: Path, data_root: P
         st.text_input("Name", value=c.name, key=f"rename|{c.id}")
         st.button("Rename", key="rename", on_click=lambda: act(
             store.rename, c.id, st.session_state[f"rename|{c.id}"], done="Renamed."))
+        suggestion = name_suggestions(str(run), store.version(), store).get(c.id)
+        if suggestion and suggestion[0] != c.name:
+            st.caption(f"Suggested: {suggestion[1]}")
+            st.button("Accept suggested name", key="accept_name", on_click=lambda: act(
+                store.rename, c.id, suggestion[0], done="Renamed."))
     with mid.container(border=True):
         others = [o.id for o in clusters if o.id != c.id]
         st.multiselect("Merge these clusters into this one", others, key="merge_sources",
@@ -506,8 +518,10 @@ def export_view(run: Path) -> None:
     st.header("Export")
     st.markdown(f"Writes into `{run / EXPORTS}` with your names, moves, merges and splits applied; "
                 "rejected images are left out, unsure ones are kept and marked in the CSV.")
-    cols = st.columns(len(FORMATS))
-    for col, fmt in zip(cols, FORMATS):
+    st.checkbox("Leave out near-duplicate copies (one image of each group is kept)", key="no_duplicates")
+    formats = formats_for(run)
+    cols = st.columns(len(formats))
+    for col, fmt in zip(cols, formats):
         col.button(f"Export {fmt}", key=f"export|{fmt}", on_click=do_export, args=(run, fmt))
     for fmt, (path, n) in st.session_state.get("exported", {}).items():
         st.markdown(f"- **{fmt}**: {n} images → `{path}`")
@@ -518,7 +532,7 @@ def export_view(run: Path) -> None:
 
 def do_export(run: Path, fmt: str) -> None:
     try:
-        path, n = export_run(run, fmt)
+        path, n = export_run(run, fmt, include_duplicates=not st.session_state.get("no_duplicates", False))
     except SelflabelError as exc:
         st.session_state["flash"] = ("error", str(exc))
         return
