@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 OMEGA_MAX = 1.95  # the rate is omega - 1 at best: 1.95 still converges, slowly, when lam is overestimated
 LAM_MAX = 0.9999
+STALL = 50  # iterations without a new best error after which a fixed relaxation falls back
 
 
 def omega_from_rate(lam: float) -> float:
@@ -45,7 +46,9 @@ class AdaptiveRelaxation:
 
     ``start``: plain iterations before the first estimate; ``window``: iterations between estimates;
     ``growth``: fall back to plain steps when the error exceeds ``growth`` x the best seen while relaxed
-    (relaxed errors oscillate by a few times near the optimal step; a divergence grows geometrically).
+    (relaxed errors oscillate by a few times near the optimal step; a divergence grows geometrically),
+    or when no new best came for ``10 window`` iterations (a stall: float32 rounding amplified by the
+    relaxed steps near the precision floor, where plain steps still get lower).
     """
 
     start: int = 10
@@ -56,6 +59,7 @@ class AdaptiveRelaxation:
     lam: float = 0.0
     _ref: tuple[int, float] | None = None  # (iteration, error) at the start of the current window
     _best: float = math.inf
+    _best_it: int = 0
     history: list[tuple[int, float]] = field(default_factory=list)  # (iteration, omega) changes
     needs_errors = True  # (class attribute) the solver must measure the error at every check
 
@@ -67,9 +71,10 @@ class AdaptiveRelaxation:
         if self.fell_back or not math.isfinite(err) or err <= 0.0:
             return self.omega
         if self.omega > 1.0:
-            if err > self.growth * self._best:  # diverging: plain steps from here on
-                return self._fall_back(it)
-            self._best = min(self._best, err)
+            if err > self.growth * self._best or it - self._best_it >= 10 * self.window:
+                return self._fall_back(it)  # diverging, or stalled (a float32 noise floor): plain steps
+            if err < self._best:
+                self._best, self._best_it = err, it
         if self._ref is None or it < self.start - self.window:
             self._ref = (it, err)
             return self.omega
@@ -85,8 +90,9 @@ class AdaptiveRelaxation:
         lam = min(plain_rate(rho, self.omega), 1.0 - (1.0 - self.lam) / 2.0) if self.lam else plain_rate(rho, 1.0)
         if lam > self.lam:
             self.lam = lam
+            if self.omega == 1.0:
+                self._best, self._best_it = err, it
             self.omega = omega_from_rate(lam)
-            self._best = min(self._best, err)
             self.history.append((it, self.omega))
         return self.omega
 
@@ -104,6 +110,7 @@ class FixedRelaxation:
     growth: float = 10.0
     fell_back: bool = False
     _best: float = math.inf
+    _best_it: int = 0
     history: list[tuple[int, float]] = field(default_factory=list)
 
     @property
@@ -112,10 +119,11 @@ class FixedRelaxation:
 
     def update(self, it: int, err: float) -> float:
         if self.omega != 1.0 and not self.fell_back and math.isfinite(err):
-            if err > self.growth * self._best:
+            if err > self.growth * self._best or (self._best_it and it - self._best_it >= STALL):
                 self.fell_back, self.omega = True, 1.0
                 self.history.append((it, 1.0))
-            self._best = min(self._best, err)
+            if err < self._best:
+                self._best, self._best_it = err, it
         return self.omega
 
 
