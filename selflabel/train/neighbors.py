@@ -284,7 +284,7 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
                                 for i, (a, b, s, t) in enumerate(zip(out_a, out_n, ta, tn))]
                     with torch.no_grad():
                         for i, (s, t) in enumerate(zip(ta, tn)):
-                            priors[i].mul_(0.9).add_(teacher_marginal(s, t, ncfg.teacher_temperature, bmean), alpha=0.1)
+                            priors[i] = 0.9 * priors[i] + 0.1 * teacher_marginal(s, t, ncfg.teacher_temperature, bmean)
                 loss = sum(l.sum() for l in per_bank) / len(per_bank)  # heads are independent: sum over them
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
