@@ -167,3 +167,14 @@ def test_bad_settings_fail_fast(key, value, match):
     x, _ = blobs()
     with pytest.raises(InputError, match=match):
         train_neighbors(x, 2, small_cfg(**{key: value}))
+
+
+def test_shipped_yaml_mirrors_the_defaults():
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from selflabel.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "neighbors.yaml")
+    assert cfg.cluster.method == "neighbors"
+    assert asdict(cfg.neighbors) == asdict(RunConfig().neighbors)
