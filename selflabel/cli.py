@@ -197,6 +197,31 @@ def app_(
 
 
 @app.command()
+def assign(
+    run: Annotated[Path, typer.Argument(help="Reviewed run folder (its clusters, names and rejections are used).")],
+    data: Annotated[Path, typer.Argument(help="Folder of new images (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New run folder to write (the review app opens it).")],
+    unsure_quantile: Annotated[float, typer.Option(help="Unsure below this quantile of a cluster's own members (cosine or margin).")] = 0.05,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder (default: the run's).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (default: the run's)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
+) -> None:
+    """Label images added later with a reviewed run's clusters (through its stored geometry)."""
+    from .assign import assign_folder
+
+    try:
+        s = assign_folder(run, data, out, unsure_quantile=unsure_quantile, cache_dir=cache_dir, device=device,
+                          show_progress=not quiet)
+    except SelflabelError as exc:
+        _fail(exc)
+        return
+    if not quiet:
+        console.print(f"assigned {s.n_images} images to {len(s.cluster_sizes)} clusters of {run} -> {s.out}: "
+                      f"{s.n_unsure} unsure, {s.n_rejected} in rejected clusters, {s.n_skipped} skipped; "
+                      f"features {s.n_computed} computed, {s.n_cached} from cache")
+
+
+@app.command()
 def backbones() -> None:
     """List the available backbones."""
     from .backbones import DEFAULT_BACKBONE, list_backbones

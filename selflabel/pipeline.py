@@ -12,15 +12,16 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .atomic import atomic_save_npy
 from .backbones import create_backbone
-from .cluster import LabelResult, cluster_features, default_k
+from .cluster import LabelResult, default_k
 from .config import RunConfig, to_dict
 from .data import scan_folder
 from .errors import InputError
 from .distributed import all_gather_objects, device_for, init_from_env, shard, shutdown
 from .features import extract_features
-from .runfiles import FEATURES, LABELS, PROTOTYPES, SKIPPED, LabelRow, write_labels, write_manifest, write_skipped
+from .geometry_io import save_geometry
+from .methods import cluster_features
+from .runfiles import FEATURES, LABELS, SKIPPED, LabelRow, write_labels, write_manifest, write_skipped
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +113,12 @@ def label_folder(cfg: RunConfig, show_progress: bool = True) -> RunSummary:
     t = time.perf_counter()
     result = cluster_features(feats.features, k, cfg, out_dir=out, device=device, records=feats.records,
                               backbone=backbone, ctx=ctx)
-    result.info.pop("plan", None)
     timings["cluster"] = time.perf_counter() - t
 
     t = time.perf_counter()
     if ctx.is_main:  # only rank 0 writes outputs
         write_labels(out / LABELS, _rows(feats.records, result))
-        atomic_save_npy(out / PROTOTYPES, result.prototypes)
+        save_geometry(out, result.geometry)  # prototypes.npy, feature_mean.npy, geometry.json
     timings["write"] = time.perf_counter() - t
 
     dense_summary = None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from selflabel.cluster import cluster_features
+from selflabel.methods import cluster_features
 from selflabel.config import RunConfig
 from selflabel.errors import InputError
 from selflabel.metrics import hungarian_accuracy

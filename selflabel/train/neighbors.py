@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..atomic import atomic_write_json
-from ..cluster import LabelResult, prepare_features
+from ..geometry import prepare_features
+from ..result import LabelResult
 from ..config import NeighborsConfig, RunConfig
 from ..distributed import DistContext, all_gather_blocks, context
 from ..errors import InputError
@@ -194,9 +195,11 @@ def neighbor_diagnostics(labels: np.ndarray, neighbors: np.ndarray, gt: Sequence
 # ----------------------------------------------------------------------------- the trainer
 def train_neighbors(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int] = (),
                     out_dir: Path | None = None, device: str = "cpu", records=None,
-                    stop_after_epoch: int | None = None) -> LabelResult:
+                    stop_after_epoch: int | None = None, prepared: Tensor | None = None) -> LabelResult:
     """Cluster `features` [N, D] into `k` groups (plus `heads`, extra Ks) with neighbour-trained heads.
 
+    `prepared`: the features already centred and L2-normalised on `device` (`selflabel.geometry.prepare`),
+    to share one copy with the caller.
     With `out_dir`, a checkpoint goes to out_dir/checkpoints/neighbors.pt after every epoch (a new call with
     the same arguments resumes and gives the same labels) and the diagnostics to out_dir/neighbors.json.
     `records` (optional) provide ground truth (`.gt`) for the neighbour purity. `stop_after_epoch`
@@ -204,11 +207,11 @@ def train_neighbors(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequ
     """
     with cpu_threads(cfg.neighbors.cpu_threads, device, False):
         return _train(features, k, cfg, heads=heads, out_dir=out_dir, device=device, records=records,
-                      stop_after_epoch=stop_after_epoch)
+                      stop_after_epoch=stop_after_epoch, prepared=prepared)
 
 
 def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int], out_dir: Path | None,
-           device: str, records, stop_after_epoch: int | None) -> LabelResult:
+           device: str, records, stop_after_epoch: int | None, prepared: Tensor | None) -> LabelResult:
     t_start = time.perf_counter()
     ncfg, seed = cfg.neighbors, int(cfg.seed)
     ks = head_ks(k, heads)
@@ -222,7 +225,7 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
     lo, hi = ctx.block(batch_size)
     bmean = batch_mean_fn(ctx, batch_size)
 
-    x = prepare_features(features, device)
+    x = prepare_features(features, device) if prepared is None else prepared
     t0 = time.perf_counter()
     nbrs = mine_neighbors(x, ncfg.neighbors, ctx).to(device)
     mining_s = time.perf_counter() - t0

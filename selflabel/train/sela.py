@@ -29,7 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..cluster import LabelResult, kmeanspp_init, prepare_features, prior_marginal, sinkhorn_cluster_prepared
+from ..cluster import sinkhorn_cluster_prepared
+from ..geometry import prepare_features
+from ..kmeans import kmeanspp_init, prior_marginal
+from ..result import LabelResult
 from ..config import RunConfig, SelaConfig
 from ..errors import InputError
 from ..ot import sinkhorn

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..cluster import LabelResult, prior_marginal
+from ..kmeans import prior_marginal
+from ..result import LabelResult
 from ..config import RunConfig, SwavConfig
 from ..ot import sinkhorn, sinkhorn_codes
 from .augment import feature_view, make_generator
