@@ -228,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         table, "",
     ])
     suffix = "" if args.backbone == "mobilenet_v2" else f"-{args.backbone}"
+    if args.methods:  # a subset of the methods keeps the full table as it is
+        suffix += "-" + "-".join(w.lower() for w in args.methods)
     write_result(("quality-quick" if args.quick else "quality") + suffix, text)
     return 0
 
