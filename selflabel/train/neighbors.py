@@ -136,12 +136,12 @@ def _without_own(idx: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict(model: NeighborHeads, x: Tensor, batch_size: int = 8192) -> list[Tensor]:
-    """Softmax of every head of every bank over all rows: per bank [H, N, K] (CPU)."""
+def predict(model: NeighborHeads, x: Tensor, temperature: float = 1.0, batch_size: int = 8192) -> list[Tensor]:
+    """softmax(logits / temperature) of every head of every bank over all rows: per bank [H, N, K] (CPU)."""
     outs: list[list[Tensor]] = [[] for _ in model.banks]
     for s in range(0, x.shape[0], batch_size):
         for b, logits in enumerate(model(x[s:s + batch_size])):
-            outs[b].append(logits.softmax(-1).cpu())
+            outs[b].append((logits / temperature).softmax(-1).cpu())
     return [torch.cat(o, 1) for o in outs]
 
 
@@ -257,11 +257,12 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
     ddp = wrap_ddp(model, ctx, device)
 
     chosen: list[int] | None = None
+    student_t = ncfg.temperature if ncfg.objective == "temi" else 1.0  # the softmax the objective trained
     for epoch in range(start_epoch, total_epochs):
         t0 = time.perf_counter()
         self_label = epoch >= ncfg.epochs
         if self_label:  # SCAN step 3 on the chosen heads: targets from a Sinkhorn label step, confident rows only
-            probs = predict(model, x)
+            probs = predict(model, x, student_t)
             chosen = [int(head_losses(p, nbrs.cpu(), ncfg).argmin()) for p in probs]
             targets = [label_step(p[h], ncfg.marginal, ncfg.lamb).to(device) for p, h in zip(probs, chosen)]
             confident = [(p[h].max(1).values >= ncfg.confidence).to(device) for p, h in zip(probs, chosen)]
@@ -275,7 +276,7 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
             va, vn = _view(x[idx], gen, ncfg.feature_noise), _view(x[nidx], gen, ncfg.feature_noise)
             va, vn, idx = va[lo:hi], vn[lo:hi], idx[lo:hi]  # this rank's slice (noise drawn for the whole batch)
             if self_label:
-                loss = _self_label_loss(ddp, va, idx, chosen, targets, confident, bmean)
+                loss = _self_label_loss(ddp, va, idx, chosen, targets, confident, bmean, student_t)
             else:
                 both = ddp(torch.cat([va, vn]))  # one forward: DDP sees each parameter once per step
                 out_a, out_n = [o[:, :len(va)] for o in both], [o[:, len(va):] for o in both]
@@ -305,8 +306,8 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
             stop_after_epoch)
 
     # ---- choose each K's head by its loss over every mined pair, then the final labels
-    model_eval = teacher if ncfg.objective == "temi" and ncfg.self_label_epochs == 0 else model
-    probs = predict(model_eval, x)
+    use_teacher = ncfg.objective == "temi" and ncfg.self_label_epochs == 0  # TEMI predicts with its teacher
+    probs = predict(teacher if use_teacher else model, x, ncfg.teacher_temperature if use_teacher else student_t)
     nb_cpu = nbrs.cpu()
     losses_per_k = [head_losses(p, nb_cpu, ncfg) for p in probs]
     chosen = [int(l.argmin()) for l in losses_per_k]
@@ -346,12 +347,12 @@ def _view(x: Tensor, gen: torch.Generator, noise: float) -> Tensor:
 
 
 def _self_label_loss(ddp: nn.Module, va: Tensor, idx: Tensor, chosen: Sequence[int], targets: Sequence[Tensor],
-                     confident: Sequence[Tensor], bmean) -> Tensor:
+                     confident: Sequence[Tensor], bmean, temperature: float = 1.0) -> Tensor:
     """Cross-entropy of each K's chosen head to its label-step targets, on the confident rows of the batch
     (mean over the global batch's confident rows)."""
     total = 0.0
     for bank_logits, h, tgt, conf in zip(ddp(va), chosen, targets, confident):
-        logits = bank_logits[h]
+        logits = bank_logits[h] / temperature
         mask = conf[idx].float()
         ce = F.cross_entropy(logits, tgt[idx], reduction="none") * mask
         stats = bmean(torch.stack([ce, mask])[:, :, None])[:, 0]  # [2]: mean ce*mask, share confident
