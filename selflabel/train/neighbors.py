@@ -45,6 +45,14 @@ log = logging.getLogger(__name__)
 OBJECTIVES = ("scan", "temi")
 MARGINALS = ("uniform", "estimated")
 FINAL_ASSIGN = ("argmax", "sinkhorn")
+MIN_STEPS = 20
+
+
+def epoch_order(n: int, length: int, seed: int, epoch: int) -> Tensor:
+    """`length` row indices for one epoch: permutations of the n rows drawn from (seed, epoch, r), end to end."""
+    reps = -(-length // n)
+    keys = [(seed, epoch, 1)] + [(seed, epoch, 1, r) for r in range(1, reps)]
+    return torch.cat([torch.randperm(n, generator=make_generator(*key)) for key in keys])[:length]
 
 
 # ----------------------------------------------------------------------------- settings
@@ -239,7 +247,9 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
     priors = [torch.full((ncfg.n_heads, kk), 1.0 / kk, device=device) for kk in ks]
     history: dict[str, list] = {"loss": [], "epoch_time_s": []}
     total_epochs = ncfg.epochs + ncfg.self_label_epochs
-    steps = max(1, n // batch_size)
+    # at least MIN_STEPS steps an epoch: a folder of 1,000 images has 3 batches, and 40 epochs of them
+    # left the heads untrained (imagenette-val subset: 0.76 accuracy vs k-means' 0.84)
+    steps = max(MIN_STEPS, n // batch_size)
 
     fp = fingerprint(method="neighbors", data=data_digest(features), ks=ks, seed=seed,
                      neighbors=dataclasses.asdict(ncfg), world=ctx.world_size)
@@ -266,7 +276,7 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
             chosen = [int(head_losses(p, nbrs.cpu(), ncfg).argmin()) for p in probs]
             targets = [label_step(p[h], ncfg.marginal, ncfg.lamb).to(device) for p, h in zip(probs, chosen)]
             confident = [(p[h].max(1).values >= ncfg.confidence).to(device) for p, h in zip(probs, chosen)]
-        perm = torch.randperm(n, generator=make_generator(seed, epoch, 1)).to(device)
+        perm = epoch_order(n, steps * batch_size, seed, epoch).to(device)
         losses = []
         for step in range(steps):
             gen = make_generator(seed, epoch, step, 2)
