@@ -1,4 +1,4 @@
-"""Clustering quality: SeLa and SwAV heads vs k-means, Ward and plain Sinkhorn clustering, on the same features.
+"""Clustering quality: SeLa, SwAV and neighbour heads vs k-means, Ward and plain Sinkhorn clustering, on the same features.
 
 Question: on frozen features of the default offline backbone (mobilenet_v2, cached by
 `selflabel.features.extract_features`), does the SeLa trainer at least match scikit-learn k-means on
@@ -7,6 +7,12 @@ imagenette-val and beat it on cifar10-test? Every method sees the same preparati
 input layer) and K = the number of classes. Scores: NMI, ARI, Hungarian accuracy; mean +- std over seeds.
 
     python -m benchmarks.quality [--quick] [--datasets imagenette-val cifar10-test] [--seeds 3] [--threads 1]
+                                 [--backbone mobilenet_v2] [--methods k-means neighbors] [--features plain flip concat]
+
+--methods: only the methods whose name contains one of these words (case-insensitive).
+--features: feature variants, each a full table block: plain (the backbone's cached features), flip (the
+mean of the image's and its horizontal mirror's features), concat (mobilenet_v2 and efficientnet_lite2
+features, each centred and L2-normalised, side by side).
 
 --quick: a class-balanced 2,000-image subset of each data set, 2 seeds and fewer epochs (a smoke run of
 about a minute; results go to quality-quick.md).
@@ -41,8 +47,49 @@ def load_features(name: str, backbone: str = "mobilenet_v2") -> tuple[np.ndarray
     return np.asarray(fr.features, dtype=np.float32), np.array([r.gt for r in fr.records])
 
 
+def flip_features(name: str, backbone: str = "mobilenet_v2", batch_size: int = 64) -> np.ndarray:
+    """Features of every image's horizontal mirror, through the public backbone API (the backbone's own
+    transform on the mirrored image; not cached). Averaged with `load_features` this is flip test-time
+    augmentation."""
+    import torch
+    from PIL import Image
+
+    from selflabel.backbones import create_backbone
+    from selflabel.data import load_rgb, scan_folder
+    from selflabel.features import autocast_dtype
+
+    bb = create_backbone(backbone).eval()
+    tf = bb.make_transform()
+    dtype = autocast_dtype("auto", torch.device("cpu"))  # the precision the cached features were computed in
+    records = scan_folder(shared_data(name)).records
+    out = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        for s in range(0, len(records), batch_size):
+            imgs = [tf(load_rgb(r.path, draft_size=bb.decode_size()).transpose(Image.FLIP_LEFT_RIGHT))
+                    for r in records[s:s + batch_size]]
+            out.append(bb(torch.stack(imgs)).global_feat.float().numpy())
+    return np.concatenate(out)
+
+
+def feature_variant(name: str, variant: str, backbone: str) -> tuple[np.ndarray, np.ndarray]:
+    """(features, ground truth) of one feature variant (see --features)."""
+    from selflabel.cluster import prepare_features
+
+    x, y = load_features(name, backbone)
+    if variant == "plain":
+        return x, y
+    if variant == "flip":
+        return (x + flip_features(name, backbone)) / 2, y
+    if variant == "concat":
+        other = "efficientnet_lite2" if backbone != "efficientnet_lite2" else "mobilenet_v2"
+        x2, y2 = load_features(name, other)
+        assert (y == y2).all(), "the two backbones list the images in different orders"
+        return np.concatenate([prepare_features(x).numpy(), prepare_features(x2).numpy()], 1) / np.sqrt(2), y
+    raise SystemExit(f"--features {variant!r}: choose plain, flip or concat")
+
+
 def trainer_cfg(method: str, seed: int, quick: bool):
-    """The library's default (tuned) frozen-feature settings for `method` (sela | swav); 10 epochs in --quick."""
+    """The library's default (tuned) frozen-feature settings for `method` (sela | swav | neighbors); 10 epochs in --quick."""
     from selflabel.config import RunConfig
 
     cfg = RunConfig()
@@ -52,16 +99,25 @@ def trainer_cfg(method: str, seed: int, quick: bool):
     return cfg
 
 
+def temi_cfg(seed: int, quick: bool):
+    """The neighbour trainer with TEMI's weighted-PMI objective (larger lr: its EMA teacher starts slowly)."""
+    cfg = trainer_cfg("neighbors", seed, quick)
+    cfg.neighbors.objective = "temi"
+    cfg.neighbors.lr = 0.01
+    return cfg
+
+
 def methods(quick: bool) -> dict[str, Callable[[np.ndarray, int, int], np.ndarray]]:
     """name -> fn(features, k, seed) -> labels."""
     from sklearn.cluster import AgglomerativeClustering, KMeans
 
     from selflabel.cluster import prepare_features
+    from selflabel.train.neighbors import train_neighbors
     from selflabel.train.sela import train_sela
     from selflabel.train.swav import train_swav
 
-    def kmeans(x, k, seed):
-        return KMeans(n_clusters=k, random_state=seed).fit(prepare_features(x).numpy()).labels_
+    def kmeans(x, k, seed):  # the baseline a user would run: 10 k-means++ restarts, best inertia kept
+        return KMeans(n_clusters=k, n_init=10, random_state=seed).fit(prepare_features(x).numpy()).labels_
 
     def ward(x, k, seed):
         xp = prepare_features(x).numpy()
@@ -78,6 +134,8 @@ def methods(quick: bool) -> dict[str, Callable[[np.ndarray, int, int], np.ndarra
         "Ward": ward,
         "SeLa (frozen)": lambda x, k, seed: train_sela(x, k, trainer_cfg("sela", seed, quick)).labels,
         "SwAV (frozen)": lambda x, k, seed: train_swav(x, k, trainer_cfg("swav", seed, quick)).labels,
+        "neighbors (SCAN)": lambda x, k, seed: train_neighbors(x, k, trainer_cfg("neighbors", seed, quick)).labels,
+        "neighbors (TEMI)": lambda x, k, seed: train_neighbors(x, k, temi_cfg(seed, quick)).labels,
     }
     try:
         from selflabel.cluster import sinkhorn_cluster
@@ -86,6 +144,18 @@ def methods(quick: bool) -> dict[str, Callable[[np.ndarray, int, int], np.ndarra
     except ImportError:
         pass
     return out
+
+
+def cpu_capability() -> str:
+    """torch's CPU kernel level (e.g. AVX512) and whether bf16 is native: timings depend on both."""
+    import torch
+
+    cap = torch.backends.cpu.get_cpu_capability()
+    try:
+        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        bf16 = False
+    return f"{cap}, native bf16: {'yes' if bf16 else 'no'}"
 
 
 def balanced_subset(y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
@@ -107,6 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--max-images", type=int, default=None,
                     help="class-balanced subset of each data set of at most this many images (quick: 2000)")
+    ap.add_argument("--backbone", default="mobilenet_v2")
+    ap.add_argument("--methods", nargs="+", default=None, help="only methods whose name contains one of these")
+    ap.add_argument("--features", nargs="+", default=["plain"], help="feature variants: plain flip concat")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch and BLAS/OpenMP threads for every method (default: the libraries' own)")
     args = ap.parse_args(argv)
@@ -120,16 +193,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     n_seeds = args.seeds or (2 if args.quick else 3)
     rows = []
-    for name in args.datasets:
+    chosen = {m: fn for m, fn in methods(args.quick).items()
+              if not args.methods or any(w.lower() in m.lower() for w in args.methods)}
+    for name, variant in [(d, v) for d in args.datasets for v in args.features]:
         t0 = time.perf_counter()
-        x, y = load_features(name)
+        x, y = feature_variant(name, variant, args.backbone)
         cap = args.max_images or (2000 if args.quick else None)
         if cap and cap < len(y):
             keep = balanced_subset(y, cap)
             x, y = x[keep], y[keep]
         k = len(set(y.tolist()))
-        print(f"{name}: {x.shape[0]} images, D={x.shape[1]}, K={k} (features {time.perf_counter() - t0:.0f}s)", file=sys.stderr)
-        for method, fn in methods(args.quick).items():
+        print(f"{name} ({variant}): {x.shape[0]} images, D={x.shape[1]}, K={k} (features {time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+        for method, fn in chosen.items():
             seeds = [0] if method == "Ward" else range(n_seeds)  # Ward is deterministic (on the full set)
             scores: dict[str, list[float]] = {"nmi": [], "ari": [], "accuracy": [], "time": []}
             for seed in seeds:
@@ -138,20 +213,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scores["time"].append(time.perf_counter() - t)
                 for key, v in cluster_metrics(y, labels).items():
                     scores[key].append(v)
-            rows.append([name, method, len(seeds), pm(scores["nmi"]), pm(scores["ari"]), pm(scores["accuracy"]),
+            rows.append([name if variant == "plain" else f"{name} ({variant})", method, len(seeds), pm(scores["nmi"]), pm(scores["ari"]), pm(scores["accuracy"]),
                          f"{np.mean(scores['time']):.1f}"])
             print(" | ".join(map(str, rows[-1])), file=sys.stderr)
     table = markdown_table(["data set", "method", "seeds", "NMI", "ARI", "accuracy", "time (s)"], rows)
     text = "\n".join([
-        "# Clustering quality on frozen mobilenet_v2 features" + (" (quick)" if args.quick else ""), "",
-        f"Machine: {machine_info()}", "",
+        f"# Clustering quality on frozen {args.backbone} features" + (" (quick)" if args.quick else ""), "",
+        f"Machine: {machine_info()}; CPU capability {cpu_capability()}", "",
         f"Command: python -m benchmarks.quality {' '.join(argv if argv is not None else sys.argv[1:])}", "",
         "Same features and preparation (centred, L2-normalised) for every method; K = number of classes;"
-        " mean ± std over seeds; accuracy = Hungarian-matched. k-means: scikit-learn defaults (k-means++,"
-        " n_init='auto'). Ward: scikit-learn AgglomerativeClustering.", "",
+        " mean ± std over seeds; accuracy = Hungarian-matched. k-means: scikit-learn KMeans(n_init=10) (k-means++)."
+        " Ward: scikit-learn AgglomerativeClustering. neighbors: selflabel.train.neighbors with its defaults"
+        " (20 mined neighbours, 10 linear heads, 30 epochs + 10 self-labelling epochs), time includes the mining.", "",
         table, "",
     ])
-    write_result("quality-quick" if args.quick else "quality", text)
+    suffix = "" if args.backbone == "mobilenet_v2" else f"-{args.backbone}"
+    if args.methods:  # a subset of the methods keeps the full table as it is
+        suffix += "-" + "-".join(w.lower() for w in args.methods)
+    write_result(("quality-quick" if args.quick else "quality") + suffix, text)
     return 0
 
 

@@ -140,9 +140,9 @@ class NeighborsConfig:
     temperature: float = 0.1  # temi: student softmax temperature
     teacher_temperature: float = 0.1  # temi
     teacher_momentum: float = 0.99  # temi: EMA of the student, per step
-    feature_noise: float = 0.0  # augmentation: noise norm vs unit-norm features
-    self_label_epochs: int = 0  # SCAN's self-labelling on confident samples after the neighbour epochs
-    confidence: float = 0.99  # self-labelling: minimum head probability of a sample to train on
+    feature_noise: float = 0.5  # augmentation: noise norm vs unit-norm features
+    self_label_epochs: int = 10  # SCAN's self-labelling on confident samples after the neighbour epochs
+    confidence: float = 0.9  # self-labelling: minimum head probability of a sample to train on
     marginal: Marginal = "uniform"  # label step's cluster sizes: uniform (balanced) | estimated (the head's own)
     lamb: float = 25.0  # label step: Sinkhorn on P ** lamb
     final_assign: FinalAssign = "argmax"  # argmax: the chosen head | sinkhorn: a balanced (or estimated-marginal) label step

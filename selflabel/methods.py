@@ -120,6 +120,13 @@ def _swav(inp: MethodInput) -> LabelResult:
                       records=inp.records, backbone=inp.backbone)
 
 
+@register_method("neighbors", lambda cfg: cfg.cluster.temperature)  # cosine confidences of a later `assign`
+def _neighbors(inp: MethodInput) -> LabelResult:
+    """SCAN / TEMI heads trained on mined nearest neighbours of the cached features."""
+    return train_neighbors(inp.features, inp.k, inp.cfg, heads=inp.heads, out_dir=inp.out_dir, device=str(inp.device),
+                           records=inp.records, prepared=inp.prepared)
+
+
 def run_geometry(inp: MethodInput, result: LabelResult, method: Method) -> Geometry:
     """The geometry of a method's final clusters: normalised cluster means of the prepared features."""
     return Geometry.from_labels(inp.prepared.cpu(), inp.mean, result.labels, inp.k, method.temperature(inp.cfg),

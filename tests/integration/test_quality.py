@@ -1,4 +1,4 @@
-"""SeLa and SwAV on real features: imagenette-val (100 images per class) through the default offline backbone.
+"""SeLa, SwAV and the neighbour heads on real features: imagenette-val (100 images per class) through the default offline backbone.
 
 Floors are the values measured on this subset (see benchmarks/quality.py for the full sets) minus a margin.
 """
@@ -16,6 +16,7 @@ pytestmark = pytest.mark.integration
 # SwAV accuracy 0.71-0.81, NMI 0.70-0.78 (SwAV needs more images than 1000 for its per-batch codes).
 SELA_ACC, SELA_NMI = 0.93, 0.88
 SWAV_ACC, SWAV_NMI = 0.62, 0.62
+NEIGHBORS_ACC, NEIGHBORS_NMI = 0.93, 0.88
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def _kmeans_accuracy(x, y, k):
     from selflabel.cluster import prepare_features
     from selflabel.metrics import hungarian_accuracy
 
-    return np.mean([hungarian_accuracy(y, KMeans(k, random_state=s).fit(prepare_features(x).numpy()).labels_) for s in range(3)])
+    return np.mean([hungarian_accuracy(y, KMeans(k, n_init=10, random_state=s).fit(prepare_features(x).numpy()).labels_) for s in range(3)])
 
 
 def test_sela_on_imagenette_features(imagenette_features):
@@ -75,3 +76,17 @@ def test_swav_on_imagenette_features(imagenette_features):
     m = cluster_metrics(y, train_swav(x, 10, RunConfig()).labels)
     assert m["accuracy"] > SWAV_ACC and m["nmi"] > SWAV_NMI, m
 
+
+
+def test_neighbors_on_imagenette_features(imagenette_features, tmp_path):
+    from selflabel.config import RunConfig
+    from selflabel.metrics import cluster_metrics
+    from selflabel.train.neighbors import train_neighbors
+
+    x, y = imagenette_features
+    res = train_neighbors(x, 10, RunConfig(), out_dir=tmp_path, records=[type("R", (), {"gt": g}) for g in y])
+    m = cluster_metrics(y, res.labels)
+    assert m["accuracy"] > NEIGHBORS_ACC and m["nmi"] > NEIGHBORS_NMI, m
+    assert m["accuracy"] >= _kmeans_accuracy(x, y, 10) - 0.02
+    # the label-free diagnostics agree with what ground truth says about the mined neighbours
+    assert res.info["neighbor_purity"] > 0.85 and res.info["neighbor_agreement"] > 0.85

@@ -1,0 +1,180 @@
+"""The neighbour trainer: losses split two blobs, mining, determinism, resume after a kill, diagnostics, bad settings."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from selflabel.methods import cluster_features
+from selflabel.config import RunConfig
+from selflabel.errors import InputError
+from selflabel.metrics import hungarian_accuracy
+from selflabel.train.common import TrainingInterrupted, cpu_threads
+from selflabel.train.neighbor_losses import scan_loss, temi_loss
+from selflabel.train.neighbors import head_losses, mine_neighbors, neighbor_diagnostics, train_neighbors
+from selflabel.distributed import DistContext
+
+
+def blobs(n_per: int = 60, d: int = 16, k: int = 2, sep: float = 3.0, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, d)) * sep
+    y = np.repeat(np.arange(k), n_per)
+    x = centres[y] + rng.normal(size=(len(y), d))
+    return x.astype(np.float32), y
+
+
+def small_cfg(**kw) -> RunConfig:
+    cfg = RunConfig()
+    cfg.neighbors.neighbors = 5
+    cfg.neighbors.n_heads = 3
+    cfg.neighbors.epochs = 8
+    cfg.neighbors.batch_size = 32
+    cfg.neighbors.lr = 0.01
+    for key, v in kw.items():
+        setattr(cfg.neighbors, key, v)
+    return cfg
+
+
+@pytest.mark.parametrize("objective", ["scan", "temi"])
+def test_loss_drives_heads_to_the_blob_split(objective):
+    """Gradient descent on the pure loss alone (one linear head, no trainer) separates two blobs."""
+    x, y = blobs(sep=2.0)
+    xt = torch.nn.functional.normalize(torch.from_numpy(x - x.mean(0)), dim=1)
+    nb = mine_neighbors(xt, 5, DistContext())
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(1, 2, x.shape[1], generator=g) * 0.01).requires_grad_()
+    teacher = w.detach().clone()
+    prior = torch.full((1, 2), 0.5)
+    opt = torch.optim.Adam([w], lr=0.05)
+    with cpu_threads(1, "cpu", False):  # tiny steps: extra threads only spin on a shared machine
+        _descend(objective, xt, nb, w, teacher, prior, opt, g)
+    pred = torch.einsum("bd,hkd->hbk", xt, w.detach())[0].argmax(1).numpy()
+    assert hungarian_accuracy(y, pred) == 1.0
+
+
+def _descend(objective, xt, nb, w, teacher, prior, opt, g, steps=150):
+    for step in range(steps):
+        j = nb[torch.arange(len(xt)), torch.randint(5, (len(xt),), generator=g)]
+        la, ln = torch.einsum("bd,hkd->hbk", xt, w), torch.einsum("bd,hkd->hbk", xt[j], w)
+        if objective == "scan":
+            loss = scan_loss(la, ln, entropy_weight=2.0)[0].sum()
+        else:
+            ta, tn = torch.einsum("bd,hkd->hbk", xt, teacher), torch.einsum("bd,hkd->hbk", xt[j], teacher)
+            loss = temi_loss(la, ln, ta, tn, prior).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        teacher = 0.9 * teacher + 0.1 * w.detach()
+
+
+def test_scan_loss_prefers_consistent_balanced_heads():
+    good = torch.tensor([[[9.0, 0.0], [0.0, 9.0]]])  # two rows, two clusters, confident
+    collapsed = torch.tensor([[[9.0, 0.0], [9.0, 0.0]]])
+    assert scan_loss(good, good)[0] < scan_loss(collapsed, collapsed)[0]  # entropy term penalises collapse
+    assert scan_loss(good, good)[0] < scan_loss(good, good.flip(-1))[0]  # disagreeing neighbours cost
+
+
+@pytest.mark.parametrize("objective", ["scan", "temi"])
+def test_trainer_separates_blobs_and_writes_diagnostics(tmp_path, objective):
+    x, y = blobs()
+    records = [SimpleNamespace(gt=f"c{v}") for v in y]
+    cfg = small_cfg(objective=objective, epochs=8 if objective == "scan" else 20)
+    res = train_neighbors(x, 2, cfg, out_dir=tmp_path, records=records)
+    assert hungarian_accuracy(y, res.labels) == 1.0
+    diag = json.loads((tmp_path / "neighbors.json").read_text())
+    assert diag["chosen_head"] in range(3) and len(diag["head_losses"]) == 3
+    assert diag["chosen_head_loss"] == pytest.approx(min(diag["head_losses"]))
+    assert sorted(diag["cluster_sizes"]) == [60, 60]
+    assert diag["neighbor_purity"] == 1.0 and diag["neighbor_agreement"] == 1.0
+    assert res.probs.shape == (120, 2) and np.allclose(res.probs.sum(1), 1, atol=1e-5)
+
+
+def test_head_choice_is_the_lowest_loss_over_all_pairs():
+    x, y = blobs()
+    nb = torch.tensor([[1], [0], [3], [2]])
+    cfg = small_cfg()
+    right = torch.tensor([[.99, .01], [.99, .01], [.01, .99], [.01, .99]])
+    wrong = torch.tensor([[.99, .01], [.01, .99], [.99, .01], [.01, .99]])  # splits every neighbour pair
+    losses = head_losses(torch.stack([wrong, right]), nb, cfg.neighbors)
+    assert int(losses.argmin()) == 1
+
+
+def test_neighbor_diagnostics():
+    labels = np.array([0, 0, 1, 1])
+    nb = np.array([[1], [0], [3], [0]])
+    d = neighbor_diagnostics(labels, nb, ["a", "a", "b", "a"])
+    assert d["neighbor_agreement"] == 0.75 and d["cluster_sizes"] == [2, 2]
+    assert d["neighbor_purity"] == 0.75
+    assert "neighbor_purity" not in neighbor_diagnostics(labels, nb, None)
+
+
+def test_deterministic_for_a_seed_and_seed_matters():
+    x, _ = blobs(k=4, n_per=40, sep=1.0)
+    a = train_neighbors(x, 4, small_cfg(feature_noise=0.3))
+    b = train_neighbors(x, 4, small_cfg(feature_noise=0.3))
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.probs, b.probs)
+    cfg = small_cfg(feature_noise=0.3)
+    cfg.seed = 1
+    assert not np.array_equal(train_neighbors(x, 4, cfg).probs, a.probs)
+
+
+@pytest.mark.parametrize("objective, self_label", [("scan", 0), ("temi", 0), ("scan", 3)])
+def test_resume_after_kill_gives_the_same_labels(tmp_path, objective, self_label):
+    x, _ = blobs(k=3, n_per=40, sep=1.0)
+    cfg = small_cfg(objective=objective, self_label_epochs=self_label, confidence=0.6, feature_noise=0.2)
+    full = train_neighbors(x, 3, cfg)
+    with pytest.raises(TrainingInterrupted):
+        train_neighbors(x, 3, cfg, out_dir=tmp_path, stop_after_epoch=cfg.neighbors.epochs - 2 + self_label)
+    assert (tmp_path / "checkpoints" / "neighbors.pt").is_file()
+    resumed = train_neighbors(x, 3, cfg, out_dir=tmp_path)
+    assert resumed.info["resumed_from_epoch"] == cfg.neighbors.epochs - 2 + self_label
+    np.testing.assert_array_equal(resumed.labels, full.labels)
+    np.testing.assert_allclose(resumed.probs, full.probs, atol=1e-6)
+
+
+def test_self_labelling_and_sinkhorn_assign_balance_the_clusters():
+    x, y = blobs(k=2, n_per=60, sep=0.6, seed=3)
+    res = train_neighbors(x, 2, small_cfg(self_label_epochs=3, confidence=0.5, final_assign="sinkhorn"))
+    assert sorted(np.bincount(res.labels).tolist()) == [60, 60]  # uniform marginal in the label step
+    assert res.info["epochs"] == 11 and len(res.info["loss"]) == 11
+
+
+def test_extra_heads_and_dispatch():
+    x, y = blobs(k=2)
+    cfg = small_cfg()
+    cfg.cluster.method = "neighbors"
+    cfg.cluster.heads = [4]
+    res = cluster_features(x, 2, cfg)
+    assert res.info["method"] == "neighbors" and set(res.head_labels) == {4}
+    assert res.head_labels[4].max() <= 3
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("neighbors", 120, "neighbors.neighbors=120"),
+    ("neighbors", 0, "neighbors.neighbors=0"),
+    ("n_heads", 0, "neighbors.n_heads=0"),
+    ("objective", "dino", "neighbors.objective"),
+    ("marginal", "zipf", "neighbors.marginal"),
+    ("final_assign", "vote", "neighbors.final_assign"),
+    ("confidence", 1.0, "neighbors.confidence"),
+    ("batch_size", 1, "neighbors.batch_size"),
+])
+def test_bad_settings_fail_fast(key, value, match):
+    x, _ = blobs()
+    with pytest.raises(InputError, match=match):
+        train_neighbors(x, 2, small_cfg(**{key: value}))
+
+
+def test_shipped_yaml_mirrors_the_defaults():
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from selflabel.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "neighbors.yaml")
+    assert cfg.cluster.method == "neighbors"
+    assert asdict(cfg.neighbors) == asdict(RunConfig().neighbors)
