@@ -146,10 +146,3 @@ def cluster_features(features: np.ndarray, k: int, cfg: RunConfig, *, out_dir=No
 
 
 __all__ = ["Method", "MethodInput", "register_method", "list_methods", "get_method", "cluster_features"]
-
-
-@register_method("neighbors", lambda cfg: cfg.neighbors.temperature)
-def _neighbors(inp: MethodInput) -> LabelResult:
-    """Heads trained on mined nearest neighbours of the cached features (SCAN / TEMI)."""
-    return train_neighbors(inp.features, inp.k, inp.cfg, heads=inp.heads, out_dir=inp.out_dir, device=str(inp.device),
-                           records=inp.records)
