@@ -64,6 +64,19 @@ class Backbone(nn.Module):
     def transform(self) -> Callable:
         return self.make_transform()
 
+    def make_pixels(self, size: int | None = None) -> Callable:
+        """PIL -> uint8 [3, size, size] tensor: `make_transform(size, crop=True)` before its float
+        conversion. Feature extraction ships these (4x smaller than floats) from the decoding workers and
+        normalises whole batches with `normalize_pixels`; the result is bit-identical to `make_transform`."""
+        size = size or self.image_size
+        return T.Compose([T.Resize(self.decode_size(size), antialias=True), T.CenterCrop(size), T.PILToTensor()])
+
+    def normalize_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] -> the normalised float batch (ToTensor's /255, then Normalize's mean and std)."""
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        return x.float().div_(255).sub_(mean).div_(std)
+
     def decode_size(self, size: int | None = None) -> int:
         """Smallest side the decoder must deliver for `make_transform(size, crop=True)` (JPEG draft mode)."""
         return int(round((size or self.image_size) / 0.875))

@@ -286,8 +286,10 @@ def _compute_missing(todo, runner, backbone, cache, dev, batch_size, num_workers
     digests = list(todo)
     records = [todo[d] for d in digests]
     gpu_decode = dev.type == "cuda" and gpu_decode_enabled()
-    kind = EncodedImages if gpu_decode else ImageDataset
-    ds = kind(records, backbone.transform, max_pixels=max_pixels, draft_size=backbone.decode_size())
+    if gpu_decode:
+        ds = EncodedImages(records, backbone.transform, max_pixels=max_pixels, draft_size=backbone.decode_size())
+    else:  # the workers ship uint8 crops; whole batches are normalised here (less worker CPU, 4x less IPC)
+        ds = ImageDataset(records, backbone.make_pixels(), max_pixels=max_pixels, draft_size=backbone.decode_size())
     workers = default_num_workers(dev) if num_workers < 0 else num_workers
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers,
                         collate_fn=collate_encoded if gpu_decode else collate_skip,
@@ -306,6 +308,7 @@ def _compute_missing(todo, runner, backbone, cache, dev, batch_size, num_workers
                 failed[digests[i]] = reason
                 log.warning("skipped %s: %s", ds.records[i].id, reason)
             if x is not None:
+                x = x if gpu_decode else backbone.normalize_pixels(x)
                 buf_feats.append(runner(x).global_feat.cpu().numpy())
                 buf_keys += [digests[i] for i in idx.tolist()]
             if len(buf_keys) >= flush_every:

@@ -60,7 +60,7 @@ def test_openvino_bf16_stays_close_to_torch(tmp_path):
     runner = make_runner(bb, CPU, EngineSpec("openvino", "bf16"), tmp_path)
     got, ref = runner(x), TorchRunner(bb, CPU, "fp32")(x)
     assert runner.active.engine == "openvino"
-    assert cosine_per_image(got.global_feat.numpy(), ref.global_feat.numpy()).min() >= 0.998
+    assert cosine_per_image(got.global_feat.numpy(), ref.global_feat.numpy()).min() >= 0.995
 
 
 @needs_engine

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import scipy.linalg
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -119,9 +120,12 @@ class Projector:
             return cls(mean.astype(np.float32), scale.astype(np.float32), None, 1.0)
         xs = (x - mean) / scale
         cov = xs.T @ xs / max(1, len(xs) - 1)
-        evals, evecs = np.linalg.eigh(cov)
-        order = np.argsort(evals)[::-1][:dim]
-        explained = float(evals[order].sum() / max(evals.sum(), 1e-12))
+        c = cov.shape[0]
+        # only the top `dim` eigenpairs (LAPACK syevr): the full eigh of 1280 x 1280 was most of a short
+        # dense run's time (benchmarks/features.py); the total variance is the trace
+        evals, evecs = scipy.linalg.eigh(cov, subset_by_index=[c - dim, c - 1])
+        order = np.argsort(evals)[::-1]
+        explained = float(evals[order].sum() / max(np.trace(cov), 1e-12))
         return cls(mean.astype(np.float32), scale.astype(np.float32), evecs[:, order].T.astype(np.float32), explained)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
