@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import AMPS, DEVICES, METHODS, apply_overrides, load_config, validate
+from .config import AMPS, DEVICES, ENGINES, METHODS, apply_overrides, load_config, validate
 from .errors import STORAGE_ERRNOS, SelflabelError, storage_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -63,6 +63,7 @@ def label(
     batch_size: Annotated[Optional[int], typer.Option(help="Feature extraction batch size.")] = None,
     device: Annotated[Optional[str], typer.Option(help=DEVICES)] = None,
     amp: Annotated[Optional[str], typer.Option(help=" | ".join(AMPS))] = None,
+    engine: Annotated[Optional[str], typer.Option(help=" | ".join(ENGINES) + " (CPU inference engine)")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder (default ~/.cache/selflabel).")] = None,
     gt_csv: Annotated[Optional[Path], typer.Option(help="Ground truth CSV (path,label) for `eval`.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -82,7 +83,7 @@ def label(
                  "cluster": {"k": k, "method": method, "heads": heads, "finetune": finetune or None},
                  "dense": {"enabled": dense or None},
                  "backbone": {"name": backbone, "weights": weights, "batch_size": batch_size, "device": device,
-                              "amp": amp, "cache_dir": cache_dir},
+                              "amp": amp, "engine": engine, "cache_dir": cache_dir},
                  "ingest": {"gt_csv": gt_csv}}
         validate(apply_overrides(cfg, _given(flags)))
         summary = label_folder(cfg, show_progress=not quiet, overwrite=overwrite)

@@ -23,6 +23,7 @@ from .errors import InputError
 # dispatches on it, so a new method is added here and there.
 Method = Literal["sinkhorn", "sela", "swav", "kmeans", "neighbors"]
 Amp = Literal["auto", "bf16", "fp32"]
+Engine = Literal["auto", "openvino", "onnxruntime", "torch"]
 HeadKind = Literal["cosine", "linear", "mlp"]
 HeadInit = Literal["sinkhorn", "kmeans++", "random"]
 FinalAssign = Literal["argmax", "sinkhorn"]
@@ -31,6 +32,7 @@ NeighborObjective = Literal["scan", "temi"]
 Marginal = Literal["uniform", "estimated"]
 METHODS: tuple[str, ...] = get_args(Method)
 AMPS: tuple[str, ...] = get_args(Amp)
+ENGINES: tuple[str, ...] = get_args(Engine)
 DEVICES = "auto | cpu | cuda | cuda:N"
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -54,6 +56,7 @@ class BackboneConfig:
     batch_size: int = 64
     num_workers: int = -1  # -1: min(4, cpu count)
     amp: Amp = "auto"
+    engine: Engine = "auto"  # CPU inference engine; auto: $SELFLABEL_ENGINE, else OpenVINO > ONNX Runtime > torch
     device: str = "auto"  # auto | cpu | cuda | cuda:N (checked by `validate`)
     cache_dir: str | None = None  # None: $SELFLABEL_CACHE or ~/.cache/selflabel
     flush_every: int = 1024  # images per cache shard: a killed run loses at most this much work

@@ -66,6 +66,11 @@ def versions() -> dict[str, str]:
     return out
 
 
+def engine_choice(cfg: RunConfig) -> str | None:
+    """The inference engine asked for: None for 'auto' (then $SELFLABEL_ENGINE, else the fastest installed)."""
+    return None if cfg.backbone.engine == "auto" else cfg.backbone.engine
+
+
 def check_runnable(cfg: RunConfig) -> None:
     """What can be checked before any work, beyond the config's own values: the backbone name and
     the device. Raises InputError naming the setting, the value and what is allowed."""
@@ -117,7 +122,7 @@ def _label_folder(cfg: RunConfig, ctx) -> RunSummary:
 
     t = time.perf_counter()
     extract = dict(batch_size=cfg.backbone.batch_size, num_workers=cfg.backbone.num_workers, device=device,
-                   amp=cfg.backbone.amp, cache_dir=cfg.backbone.cache_dir, max_pixels=cfg.ingest.max_pixels,
+                   amp=cfg.backbone.amp, engine=engine_choice(cfg), cache_dir=cfg.backbone.cache_dir, max_pixels=cfg.ingest.max_pixels,
                    flush_every=cfg.backbone.flush_every, rehash=cfg.backbone.rehash)
     n_sharded = 0
     if ctx.enabled:
@@ -184,7 +189,8 @@ def _label_folder(cfg: RunConfig, ctx) -> RunSummary:
             "n_images": n,
             "n_skipped": len(skipped),
             "has_gt": any(r.gt is not None for r in feats.records),
-            "features": {"computed": feats.n_computed, "cached": feats.n_cached, "seconds": feats.seconds},
+            "features": {"computed": feats.n_computed, "cached": feats.n_cached, "seconds": feats.seconds,
+                         "computed_on": feats.computed_on},
             "timings": timings,
             "method_info": _jsonable(result.info),
             "heads": sorted(result.head_labels),

@@ -102,8 +102,9 @@ def test_module_entry_point_help():
 
 @pytest.mark.parametrize("flags,message", [
     (["--k", "0"], "config cluster.k: 0 is not allowed (at least 2; leave it unset to choose K from the data)"),
-    (["--method", "kmeansx"], "config cluster.method: 'kmeansx' is not allowed (choose sinkhorn, sela, swav, kmeans)"),
+    (["--method", "kmeansx"], "config cluster.method: 'kmeansx' is not allowed (choose sinkhorn, sela, swav, kmeans, neighbors)"),
     (["--amp", "fp16"], "config backbone.amp: 'fp16' is not allowed (choose auto, bf16, fp32)"),
+    (["--engine", "tensorrt"], "config backbone.engine: 'tensorrt' is not allowed (choose auto, openvino, onnxruntime, torch)"),
     (["--device", "gpu"], "config backbone.device: 'gpu' is not allowed (auto | cpu | cuda | cuda:N)"),
     (["--set", "swav.final_assign=nearest"], "config swav.final_assign: 'nearest' is not allowed (choose argmax, sinkhorn)"),
     (["--set", "swav.nmb_crops=[1]"], "config swav.nmb_crops: [1] is not allowed"),

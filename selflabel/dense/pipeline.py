@@ -268,7 +268,8 @@ def segment(records: Sequence[ImageRecord], backbone: torch.nn.Module, cfg: Any,
     feats = extract_dense(records, backbone, image_size=dcfg.image_size, device=dev, keep_aspect=dcfg.keep_aspect,
                           shift=dcfg.shift_stitch, pca_dim=dcfg.pca_dim, batch_size=min(cfg.backbone.batch_size, 16),
                           num_workers=cfg.backbone.num_workers, dtype=autocast_dtype(cfg.backbone.amp, dev), seed=seed,
-                          max_pixels=cfg.ingest.max_pixels, show_progress=show_progress)
+                          max_pixels=cfg.ingest.max_pixels, show_progress=show_progress,
+                          engine=None if cfg.backbone.engine == "auto" else cfg.backbone.engine)
     timings = {"features": time.perf_counter() - t}
     n = len(feats.records)
     if n == 0:
