@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> str:
     bs = args.batch_size
     bare_batches = 1 if device.type == "cpu" else 20
 
-    records = stratified(scan_folder(shared_data("imagenette-val")).records, n)
+    records = stratified(scan_folder(shared_data("imagenette-val"), gt="folders").records, n)
     rows, missed = [], []
     for name in backbones:
         bb = create_backbone(name)

@@ -31,12 +31,13 @@ WARD_MAX = 10_000  # Ward is O(N^2) memory: subsample above this many images
 
 
 def load_features(name: str, backbone: str = "mobilenet_v2") -> tuple[np.ndarray, np.ndarray]:
-    """Cached backbone features of a shared data set and its ground truth (class folder names)."""
+    """Cached backbone features of a shared data set and its ground truth (class folder names, asked for
+    with gt="folders": folder names are not labels unless asked)."""
     from selflabel.backbones import create_backbone
     from selflabel.data import scan_folder
     from selflabel.features import extract_features
 
-    scan = scan_folder(shared_data(name))
+    scan = scan_folder(shared_data(name), gt="folders")
     fr = extract_features(scan.records, create_backbone(backbone), device="cpu", show_progress=False)
     return np.asarray(fr.features, dtype=np.float32), np.array([r.gt for r in fr.records])
 

@@ -2,7 +2,7 @@
 
 Three stages on prepared (centred, L2-normalised) features, measured in ``benchmarks/longtail.py``:
 
-1. **Over-cluster** into ``overcluster * K`` clusters with the balanced label step (SeLa's Sinkhorn
+1. **Over-cluster** into ``overcluster * K`` (6 K by default) clusters with the balanced label step (SeLa's Sinkhorn
    k-means). Equal sizes are right at this grain: a large class takes several small clusters, a small
    class still gets one of its own instead of being swallowed.
 2. **Merge** the small clusters into K by average linkage on the cosine distance of their means.
@@ -48,21 +48,21 @@ class TransportFit:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _tol(k: int) -> float:
-    """Marginal tolerance relative to ||b|| = 1/sqrt(k): cluster sizes within 0.1 %."""
-    return 1e-3 / k ** 0.5
+OVERCLUSTER_SIZE_TOL = 1e-2  # the small clusters only seed the merge: sizes within 1 % are enough
+OVERCLUSTER_ITERS = 15
 
 
 @torch.no_grad()
 def transport_kmeans(xl: Tensor, protos: Tensor, *, eps: float = 0.05, iters: int = 30,
                      estimate: bool = False, b: Tensor | None = None, min_mass: float = 0.1,
-                     ctx: DistContext | None = None) -> TransportFit:
+                     size_tol: float = 1e-3, ctx: DistContext | None = None) -> TransportFit:
     """Alternate a Sinkhorn label step and the prototype update (plan-weighted means, normalised).
 
     ``b``: the column marginal (default uniform: balanced, SeLa), fixed unless ``estimate``; with
     ``estimate`` it is only the start, and before each label step ``b`` becomes the EM estimate of
     the sizes under the current prototypes, floored at ``min_mass / K``. Stops when no label
-    changes on any rank.
+    changes on any rank. ``size_tol``: the Sinkhorn tolerance relative to ``||b|| = 1/sqrt(K)``
+    (1e-3: cluster sizes within 0.1 %).
     """
     ctx = ctx or DistContext()
     k = protos.shape[0]
@@ -76,7 +76,7 @@ def transport_kmeans(xl: Tensor, protos: Tensor, *, eps: float = 0.05, iters: in
         if estimate:
             b = floor_marginal(estimate_marginal(scores, b, eps, distributed=ctx.enabled), min_mass)
         res = sinkhorn(scores, None, b.to(torch.float32 if scores.dtype != torch.float64 else torch.float64),
-                       eps=eps, tol=_tol(k), max_iters=1000, distributed=ctx.enabled)
+                       eps=eps, tol=size_tol / k ** 0.5, max_iters=1000, distributed=ctx.enabled)
         plan = res.plan
         sink_iters.append(int(res.n_iters))
         new = plan.argmax(1)
@@ -116,7 +116,7 @@ def merge_clusters(sums: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
 
 @torch.no_grad()
 def estimated_marginal_cluster(x: Tensor, k: int, *, eps: float = 0.05, iters: int = 30, seed: int = 0,
-                               min_mass: float = 0.1, overcluster: int = 4,
+                               min_mass: float = 0.1, overcluster: int = 6, refine_eps: float | None = None,
                                init: Tensor | None = None, ctx: DistContext | None = None) -> TransportFit:
     """K clusters of the prepared features ``x`` (every rank holds all rows, as in
     ``cluster.sinkhorn_cluster``) with sizes estimated from the data: over-cluster, merge, refine
@@ -136,7 +136,8 @@ def estimated_marginal_cluster(x: Tensor, k: int, *, eps: float = 0.05, iters: i
         protos, b0 = F.normalize(init.to(x), dim=1), None
     else:
         k0 = min(overcluster * k, n)
-        fine = transport_kmeans(xl, kmeanspp_init(x, k0, gen), eps=eps, iters=iters, ctx=ctx)
+        fine = transport_kmeans(xl, kmeanspp_init(x, k0, gen), eps=eps, iters=min(iters, OVERCLUSTER_ITERS),
+                                size_tol=OVERCLUSTER_SIZE_TOL, ctx=ctx)
         sums, counts = cluster_sums(xl, fine.labels, k0, ctx)
         group = torch.as_tensor(merge_clusters(sums.cpu().numpy(), counts.cpu().numpy(), k), device=x.device)
         kk = int(group.max()) + 1
@@ -148,7 +149,7 @@ def estimated_marginal_cluster(x: Tensor, k: int, *, eps: float = 0.05, iters: i
         protos = F.normalize(msums, dim=1).to(x.dtype)
         b0 = floor_marginal(mcounts / mcounts.sum(), min_mass).cpu()
         info["overcluster_alternations"] = fine.info["alternations"]
-    fit = transport_kmeans(xl, protos, eps=eps, iters=iters, estimate=True, b=b0, min_mass=min_mass, ctx=ctx)
+    fit = transport_kmeans(xl, protos, eps=refine_eps or eps, iters=iters, estimate=True, b=b0, min_mass=min_mass, ctx=ctx)
     fit.info.update(info)
     return fit
 

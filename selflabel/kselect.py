@@ -27,7 +27,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from torch import Tensor
 
 from .cluster import kmeanspp_init
-from .imbalanced import cluster_sums, transport_kmeans
+from .imbalanced import OVERCLUSTER_ITERS, OVERCLUSTER_SIZE_TOL, cluster_sums, transport_kmeans
 
 __all__ = ["KSelection", "choose_k", "knn_indices", "affinity_graph", "modularity"]
 
@@ -91,7 +91,7 @@ def choose_k(x: Tensor, *, seed: int = 0, eps: float = 0.05, n_small: int = 40, 
     if n < 4 or distinct < 2:
         return KSelection(1, f"{n} images with {distinct} distinct feature vector(s): one cluster", [], 0, n)
     k0 = max(2, min(n_small, n // 10, distinct))
-    fine = transport_kmeans(x, kmeanspp_init(x, k0, gen), eps=eps)
+    fine = transport_kmeans(x, kmeanspp_init(x, k0, gen), eps=eps, iters=OVERCLUSTER_ITERS, size_tol=OVERCLUSTER_SIZE_TOL)
     labels = fine.labels.cpu().numpy()
     sums, counts = cluster_sums(x, fine.labels, k0)
     full = np.flatnonzero(counts.cpu().numpy() > 0)

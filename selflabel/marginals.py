@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -92,8 +93,8 @@ def estimate_marginal(scores: Tensor, b: Tensor, eps: float, *, distributed: boo
 
 def total_variation(p: Sequence[float] | Tensor, q: Sequence[float] | Tensor) -> float:
     """Total variation distance ``0.5 * sum |p - q|`` of two distributions of equal length."""
-    a = torch.as_tensor(p, dtype=torch.float64)
-    c = torch.as_tensor(q, dtype=torch.float64)
+    a = torch.as_tensor(np.array(p, dtype=np.float64))
+    c = torch.as_tensor(np.array(q, dtype=np.float64))
     if a.shape != c.shape:
         raise ValueError(f"total_variation: shapes {tuple(a.shape)} and {tuple(c.shape)} differ")
     return 0.5 * float((a / a.sum() - c / c.sum()).abs().sum())
