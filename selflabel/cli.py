@@ -1,6 +1,7 @@
 """Command line: thin commands over the library. Errors become one line and an exit code."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -11,7 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import SelflabelError
+from .config import AMPS, DEVICES, METHODS, apply_overrides, load_config, validate
+from .errors import STORAGE_ERRNOS, SelflabelError, storage_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Label an unannotated image folder: features, balanced pseudo-labels, review, export.")
@@ -24,6 +26,22 @@ def _fail(exc: SelflabelError) -> None:
     raise typer.Exit(exc.exit_code)
 
 
+@contextlib.contextmanager
+def _errors_as_lines():
+    """A typed error, or a full disk / unwritable folder met anywhere below, becomes one line and its exit code."""
+    try:
+        yield
+    except SelflabelError as exc:
+        _fail(exc)
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        _fail(storage_error(exc))
+
+
+METHOD_HELP = " | ".join(METHODS)
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -32,8 +50,8 @@ def _setup_logging(verbose: bool) -> None:
 def label(
     data: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path("runs/latest"),
-    k: Annotated[Optional[int], typer.Option(help="Number of clusters (default: class folders if any, else sqrt(N/2)).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="sinkhorn | sela | swav | kmeans")] = None,
+    k: Annotated[Optional[int], typer.Option(help="Number of clusters, at least 2 (default: class folders if any, else sqrt(N/2)).")] = None,
+    method: Annotated[Optional[str], typer.Option(help=f"{METHOD_HELP} (default sinkhorn).")] = None,
     heads: Annotated[Optional[str], typer.Option(help="Extra heads, e.g. 10,50,100 (SeLa hierarchy).")] = None,
     finetune: Annotated[bool, typer.Option("--finetune", help="Train the backbone end to end (SeLa/SwAV).")] = False,
     dense: Annotated[bool, typer.Option("--dense", help="Also find dense object concepts (Leopart) with masks and COCO.")] = False,
@@ -43,19 +61,21 @@ def label(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key: --set sela.epochs=10")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Feature extraction batch size.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
-    amp: Annotated[Optional[str], typer.Option(help="auto | bf16 | fp32")] = None,
+    device: Annotated[Optional[str], typer.Option(help=DEVICES)] = None,
+    amp: Annotated[Optional[str], typer.Option(help=" | ".join(AMPS))] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder (default ~/.cache/selflabel).")] = None,
     gt_csv: Annotated[Optional[Path], typer.Option(help="Ground truth CSV (path,label) for `eval`.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or table.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run --out holds (its review edits are moved "
+                                            "to previous-review-<time>/). Without it, the same command resumes and a "
+                                            "different configuration is refused.")] = False,
 ) -> None:
     """Label every image under DATA and write labels.csv, manifest.json and features to --out."""
-    from .config import apply_overrides, load_config
     from .pipeline import label_folder
 
     _setup_logging(verbose)
-    try:
+    with _errors_as_lines():
         cfg = load_config(config, set_ or [])
         # the flags given on the command line, over the config; the config's own parsing checks them
         flags = {"data": data, "out": out, "seed": seed,
@@ -64,11 +84,8 @@ def label(
                  "backbone": {"name": backbone, "weights": weights, "batch_size": batch_size, "device": device,
                               "amp": amp, "cache_dir": cache_dir},
                  "ingest": {"gt_csv": gt_csv}}
-        apply_overrides(cfg, _given(flags))
-        summary = label_folder(cfg, show_progress=not quiet)
-    except SelflabelError as exc:
-        _fail(exc)
-        return
+        validate(apply_overrides(cfg, _given(flags)))
+        summary = label_folder(cfg, show_progress=not quiet, overwrite=overwrite)
     if not quiet:
         _print_summary(summary)
 
@@ -117,11 +134,8 @@ def eval_(
     """NMI, ARI and Hungarian accuracy (and mIoU for dense runs) against ground truth."""
     from .evaluate import evaluate_run
 
-    try:
+    with _errors_as_lines():
         res = evaluate_run(run, str(gt_csv) if gt_csv else None, reviewed=reviewed)
-    except SelflabelError as exc:
-        _fail(exc)
-        return
     if as_json:
         print(json.dumps(res, indent=2, default=float))
         return
@@ -149,23 +163,21 @@ def export(
     """Export labels (with review edits) as CSV, an ImageFolder tree or COCO JSON."""
     from .export import export_run
 
-    try:
+    with _errors_as_lines():
         target, n = export_run(run, format, out, include_rejected=include_rejected, mode=mode)
-    except SelflabelError as exc:
-        _fail(exc)
-        return
     console.print(f"exported {n} images as {format} to {target}")
 
 
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/demo"),
-    method: Annotated[str, typer.Option(help="sinkhorn | sela | swav | kmeans")] = "sinkhorn",
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "sinkhorn",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run --out holds (see `label --help`).")] = False,
 ) -> None:
     """Label the small sample of real photos shipped in the package, then evaluate (offline)."""
     from .sample import sample_dir
 
-    label(sample_dir(), out=out, method=method)
+    label(sample_dir(), out=out, method=method, overwrite=overwrite)
     eval_(out, gt_csv=None, reviewed=False, as_json=False)
 
 
@@ -176,9 +188,11 @@ def segment(
     backbone: Annotated[Optional[str], typer.Option()] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or table.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run --out holds (see `label --help`).")] = False,
 ) -> None:
     """Same as `label --dense`: image labels plus dense object concepts, masks and COCO."""
-    label(data, out=out, dense=True, backbone=backbone, config=config, set_=set_)
+    label(data, out=out, dense=True, backbone=backbone, config=config, set_=set_, quiet=quiet, overwrite=overwrite)
 
 
 @app.command("app")
@@ -194,6 +208,31 @@ def app_(
         raise typer.Exit(launch(run, host=host, port=port))
     except SelflabelError as exc:
         _fail(exc)
+
+
+@app.command()
+def assign(
+    run: Annotated[Path, typer.Argument(help="Reviewed run folder (its clusters, names and rejections are used).")],
+    data: Annotated[Path, typer.Argument(help="Folder of new images (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New run folder to write (the review app opens it).")],
+    unsure_quantile: Annotated[float, typer.Option(help="Unsure below this quantile of a cluster's own members (cosine or margin).")] = 0.05,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder (default: the run's).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (default: the run's)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
+) -> None:
+    """Label images added later with a reviewed run's clusters (through its stored geometry)."""
+    from .assign import assign_folder
+
+    try:
+        s = assign_folder(run, data, out, unsure_quantile=unsure_quantile, cache_dir=cache_dir, device=device,
+                          show_progress=not quiet)
+    except SelflabelError as exc:
+        _fail(exc)
+        return
+    if not quiet:
+        console.print(f"assigned {s.n_images} images to {len(s.cluster_sizes)} clusters of {run} -> {s.out}: "
+                      f"{s.n_unsure} unsure, {s.n_rejected} in rejected clusters, {s.n_skipped} skipped; "
+                      f"features {s.n_computed} computed, {s.n_cached} from cache")
 
 
 @app.command()

@@ -6,13 +6,31 @@ The resolved config is saved in each run's manifest so the run can be repeated e
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
 from .errors import InputError
+
+# Closed sets of values: each enumerated setting is one of these, checked when the config is loaded.
+# `Method` is the one list of clustering methods (CLI help, config checks); `cluster.cluster_features`
+# dispatches on it, so a new method is added here and there.
+Method = Literal["sinkhorn", "sela", "swav", "kmeans"]
+Amp = Literal["auto", "bf16", "fp32"]
+HeadKind = Literal["cosine", "linear", "mlp"]
+HeadInit = Literal["sinkhorn", "kmeans++", "random"]
+FinalAssign = Literal["argmax", "sinkhorn"]
+Louvain = Literal["networkx", "python-louvain"]
+METHODS: tuple[str, ...] = get_args(Method)
+AMPS: tuple[str, ...] = get_args(Amp)
+DEVICES = "auto | cpu | cuda | cuda:N"
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -33,8 +51,8 @@ class BackboneConfig:
     image_size: int | None = None  # None: the backbone's own
     batch_size: int = 64
     num_workers: int = -1  # -1: min(4, cpu count)
-    amp: str = "auto"  # auto | bf16 | fp32
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: Amp = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (checked by `validate`)
     cache_dir: str | None = None  # None: $SELFLABEL_CACHE or ~/.cache/selflabel
     flush_every: int = 1024  # images per cache shard: a killed run loses at most this much work
     rehash: bool = False  # hash every file again instead of trusting unchanged stats (size, mtime, ctime, inode)
@@ -44,8 +62,8 @@ class BackboneConfig:
 class ClusterConfig:
     """Image-level pseudo-labelling."""
 
-    method: str = "sinkhorn"  # sinkhorn | sela | swav | kmeans
-    k: int | None = None  # None: chosen from N (see cluster.default_k)
+    method: Method = "sinkhorn"
+    k: int | None = None  # None: chosen from N (see cluster.default_k); else at least 2
     heads: list[int] = field(default_factory=list)  # extra heads (SeLa hierarchy), e.g. [50, 100]
     eps: float = 0.05  # Sinkhorn entropic regularisation on cosine scores
     temperature: float = 0.1  # softmax temperature for confidences
@@ -65,13 +83,13 @@ class SelaConfig:
     weight_decay: float = 1e-5
     batch_size: int = 256
     hidden_dim: int = 512
-    head: str = "cosine"  # cosine (cos / temperature) | linear | mlp (one hidden layer) on L2-normalised features
+    head: HeadKind = "cosine"  # cosine (cos / temperature) | linear | mlp (one hidden layer) on L2-normalised features
     temperature: float = 0.1  # cosine head
-    init: str = "sinkhorn"  # linear/cosine heads start as prototype classifiers: sinkhorn | kmeans++ | random (paper)
+    init: HeadInit = "sinkhorn"  # linear/cosine heads start as prototype classifiers: sinkhorn | kmeans++ | random (paper)
     init_temperature: float = 1.0  # head weights = prototypes / init_temperature
     feature_noise: float = 0.8  # augmentation in frozen-feature mode: noise norm vs unit-norm features
     feature_dropout: float = 0.3  # augmentation in frozen-feature mode: channel dropout rate
-    final_assign: str = "argmax"  # argmax: the trained head's prediction | sinkhorn: a last balanced label step
+    final_assign: FinalAssign = "argmax"  # argmax: the trained head's prediction | sinkhorn: a last balanced label step
     finetune_epochs: int = 2
     finetune_lr: float = 1e-4
     cpu_threads: int = 1  # torch threads for frozen-mode training on CPU (0: torch's default); see train/common.py
@@ -98,7 +116,7 @@ class SwavConfig:
     feature_dropout: float = 0.0  # frozen mode, large views: channel dropout rate
     small_noise: float = 0.1  # frozen mode, small views ("small crops"): stronger noise
     small_dropout: float = 0.5  # frozen mode, small views: see only a random half of the channels
-    final_assign: str = "argmax"  # argmax: nearest prototype | sinkhorn: balanced assignment to tolerance
+    final_assign: FinalAssign = "argmax"  # argmax: nearest prototype | sinkhorn: balanced assignment to tolerance
     finetune_epochs: int = 2
     finetune_lr: float = 1e-4
     cpu_threads: int = 1  # torch threads for frozen-mode training on CPU (0: torch's default)
@@ -122,7 +140,7 @@ class DenseConfig:
     split_fg: bool = True  # concepts never mix foreground (things) and background (stuff) parts
     resolution: float = 1.0  # Louvain resolution: higher -> more, finer concepts
     edge_threshold: float = 0.0  # keep edge (i, j) when both co-occurrences reach this
-    louvain: str = "networkx"  # networkx | python-louvain
+    louvain: Louvain = "networkx"
     louvain_seeds: int = 5  # Louvain runs; the best modularity wins
     min_area: int = 64  # instance minimum area in pixels (smaller regions join their neighbours)
     mask_size: int = 1024  # long side of the score upsampling before the argmax (maps are saved at full size); 0: original
@@ -148,55 +166,147 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _coerce(value: Any, target_type: Any, where: str) -> Any:
-    """Coerce a YAML/CLI value to the field's declared type, or raise InputError."""
-    t = str(target_type)
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """The evaluated field types of a config dataclass (the annotations are strings here)."""
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Coerce a YAML/CLI value to the field's declared type (closed sets included), or raise InputError."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise InputError(f"config {where}: null is not allowed")
+        tp = next(a for a in args if a is not type(None))
+        origin, args = get_origin(tp), get_args(tp)
     if value is None:
-        if "None" in t:
-            return None
         raise InputError(f"config {where}: null is not allowed")
+    if origin is Literal:
+        if isinstance(value, bool) or str(value) not in args:
+            raise InputError(f"config {where}: {value!r} is not allowed (choose {', '.join(args)})")
+        return str(value)
     try:
-        if t.startswith("list") or t.startswith("typing.List"):
+        if origin is list:
             if isinstance(value, str):
                 value = [v for v in value.replace(" ", "").split(",") if v]
             if not isinstance(value, (list, tuple)):
                 raise ValueError("expected a list")
-            inner = float if "float" in t else int if "int" in t else str
-            return [inner(v) for v in value]
-        if t.startswith("bool"):
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in {"1", "true", "yes", "on"}:
-                return True
-            if str(value).lower() in {"0", "false", "no", "off"}:
-                return False
-            raise ValueError("expected true/false")
-        if t.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError("expected an integer")
-            return int(value)
-        if t.startswith("float"):
-            return float(value)
-        if t.startswith("str"):
-            return str(value)
+            return [_scalar(v, args[0]) for v in value]
+        return _scalar(value, tp)
     except (TypeError, ValueError) as exc:
         raise InputError(f"config {where}: {value!r} is not valid ({exc})") from None
+
+
+def _scalar(value: Any, tp: Any) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in {"1", "true", "yes", "on"}:
+            return True
+        if str(value).lower() in {"0", "false", "no", "off"}:
+            return False
+        raise ValueError("expected true/false")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError("expected an integer")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        return float(value)
+    if tp is str:
+        return str(value)
     return value
 
 
 def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
     if not isinstance(data, dict):
         raise InputError(f"config {prefix or 'root'}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = _hints(type(obj))
     for key, value in data.items():
         where = f"{prefix}{key}"
-        if key not in fields:
-            raise InputError(f"config: unknown key '{where}' (known: {', '.join(sorted(fields))})")
+        if key not in hints:
+            raise InputError(f"config: unknown key '{where}' (known: {', '.join(sorted(hints))})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _apply(current, value, prefix=f"{where}.")
         else:
-            setattr(obj, key, _coerce(value, fields[key].type, where))
+            setattr(obj, key, _coerce(value, hints[key], where))
+
+
+# ----------------------------------------------------------------------------- value checks
+# Lower bounds of numeric settings (inclusive). Floats marked "> 0" must be strictly positive.
+_AT_LEAST: dict[str, float] = {
+    "cluster.iters": 1, "backbone.batch_size": 1, "backbone.flush_every": 1, "backbone.num_workers": -1,
+    "ingest.max_pixels": 1,
+    "sela.epochs": 1, "sela.label_updates": 1, "sela.batch_size": 1, "sela.hidden_dim": 1, "sela.finetune_epochs": 0,
+    "sela.cpu_threads": 0, "sela.weight_decay": 0, "sela.finetune_lr": 0, "sela.feature_noise": 0,
+    "swav.epochs": 1, "swav.batch_size": 1, "swav.sinkhorn_iters": 1, "swav.hidden_dim": 1, "swav.proj_dim": 1,
+    "swav.queue_length": 0, "swav.queue_start_epoch": 0, "swav.freeze_prototypes_iters": 0, "swav.finetune_epochs": 0,
+    "swav.cpu_threads": 0, "swav.weight_decay": 0, "swav.finetune_lr": 0, "swav.feature_noise": 0, "swav.small_noise": 0,
+    "dense.image_size": 16, "dense.shift_stitch": 1, "dense.pca_dim": 0, "dense.k_parts": 2, "dense.epochs": 1,
+    "dense.max_patches": 1, "dense.louvain_seeds": 1, "dense.min_area": 0, "dense.mask_size": 0, "dense.n_overlays": 0,
+    "dense.edge_threshold": 0,
+}
+_POSITIVE = ("cluster.eps", "cluster.temperature", "sela.lamb", "sela.lr", "sela.temperature", "sela.init_temperature",
+             "swav.lr", "swav.eps", "swav.temperature", "dense.eps", "dense.resolution")
+_FRACTION = ("sela.feature_dropout", "swav.feature_dropout", "swav.small_dropout", "dense.fg_threshold")  # in [0, 1]
+
+
+def _get(cfg: RunConfig, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check every value against its allowed set or range (the closed sets again, for a config built in
+    Python); raises InputError naming the key, the value and what is allowed. Returns `cfg`."""
+    def bad(key: str, value: Any, allowed: str) -> InputError:
+        return InputError(f"config {key}: {value!r} is not allowed ({allowed})")
+
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(obj):
+            continue
+        for name, tp in _hints(type(obj)).items():
+            value = getattr(obj, name)
+            tp = next((a for a in get_args(tp) if get_origin(a) is Literal), tp)
+            if get_origin(tp) is Literal and value not in get_args(tp):
+                raise bad(f"{section.name}.{name}", value, "choose " + ", ".join(get_args(tp)))
+    for key, low in _AT_LEAST.items():
+        value = _get(cfg, key)
+        if value < low:
+            raise bad(key, value, f"at least {low:g}")
+    for key in _POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise bad(key, _get(cfg, key), "a number above 0")
+    for key in _FRACTION:
+        if not 0 <= _get(cfg, key) <= 1:
+            raise bad(key, _get(cfg, key), "between 0 and 1")
+    c = cfg.cluster
+    if c.k is not None and c.k < 2:
+        raise bad("cluster.k", c.k, "at least 2; leave it unset to choose K from the data")
+    for h in c.heads:
+        if h < 2:
+            raise bad("cluster.heads", c.heads, "every head's K at least 2")
+    if c.prior is not None:
+        if any(not p > 0 for p in c.prior):
+            raise bad("cluster.prior", c.prior, "positive cluster shares")
+        if c.k is not None and len(c.prior) != c.k:
+            raise bad("cluster.prior", c.prior, f"{c.k} entries, one per cluster (k = {c.k})")
+    if not 0 < cfg.dense.fg_mass <= 1:
+        raise bad("dense.fg_mass", cfg.dense.fg_mass, "above 0, at most 1")
+    crops = cfg.swav.nmb_crops
+    if not 1 <= len(crops) <= 2 or crops[0] < 2 or min(crops) < 0:
+        raise bad("swav.nmb_crops", crops, "[large, small]: at least 2 large views, small views 0 or more")
+    if cfg.backbone.image_size is not None and cfg.backbone.image_size < 16:
+        raise bad("backbone.image_size", cfg.backbone.image_size, "at least 16, or null for the backbone's own")
+    if not _DEVICE_RE.fullmatch(str(cfg.backbone.device)):
+        raise bad("backbone.device", cfg.backbone.device, DEVICES)
+    return cfg
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str] | dict[str, Any]) -> RunConfig:
@@ -220,7 +330,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | dict[str, Any]) -> Ru
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the YAML file (if any), then dotted overrides."""
+    """Defaults, then the YAML file (if any), then dotted overrides; every value checked (`validate`)."""
     cfg = RunConfig()
     if path is not None:
         p = Path(path)
@@ -230,10 +340,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise InputError(f"{p}: not valid YAML ({exc})") from None
-        _apply(cfg, data)
+        try:
+            _apply(cfg, data)
+        except InputError as exc:
+            raise InputError(f"{p}: {exc}") from None
     if overrides:
         apply_overrides(cfg, overrides)
-    return cfg
+    return validate(cfg)
 
 
 def from_dict(data: dict[str, Any]) -> RunConfig:

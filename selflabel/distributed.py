@@ -2,8 +2,11 @@
 
 Backend nccl on GPUs (with gloo beside it for the CPU tensors some steps reduce: "cpu:gloo,cuda:nccl"),
 gloo on CPUs; collectives time out (SELFLABEL_DIST_TIMEOUT seconds, default
-600) so a failed rank stops the job with an error instead of hanging it. Rows are split in
-contiguous blocks, so rank r of a row-distributed Sinkhorn holds rows [start:end).
+600) so a failed rank stops the job with an error instead of hanging it. The one exception is
+`wait_for_main`: the other ranks wait for a stage only rank 0 runs (the dense stage), however long it
+takes, on a gloo group of its own with no practical deadline (a dead rank 0 still ends the job:
+torchrun stops the others). Rows are split in contiguous blocks, so rank r of a row-distributed
+Sinkhorn holds rows [start:end).
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from .errors import SelflabelError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+NO_DEADLINE = datetime.timedelta(days=365)  # the wait group's timeout: a rank-0-only stage of any length
+_wait_group: Any = None  # created with the default group, on every rank (new_group is collective)
 
 
 @dataclass
@@ -89,6 +94,8 @@ def init_from_env(device: str = "auto", timeout_s: float | None = None) -> DistC
     except Exception as exc:  # rendezvous failure: say which settings to check
         raise SelflabelError(f"distributed set-up failed ({backend}, MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
                              f"MASTER_PORT={os.environ.get('MASTER_PORT')}): {exc}") from None
+    global _wait_group
+    _wait_group = dist.new_group(backend="gloo", timeout=NO_DEADLINE)
     ctx = context()
     log.info("distributed: rank %d/%d backend %s", ctx.rank, ctx.world_size, backend)
     if os.environ.get("SELFLABEL_TEST_FAIL_RANK") == str(ctx.rank):  # testing hook: one rank dies after set-up
@@ -154,6 +161,13 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
+def wait_for_main(ctx: DistContext) -> None:
+    """Every rank waits here until rank 0 arrives, without the collectives' deadline: for a stage only
+    rank 0 runs, which may take longer than SELFLABEL_DIST_TIMEOUT."""
+    if ctx.enabled:
+        dist.barrier(group=_wait_group)
+
+
 def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """In-place sum over ranks (no-op in a single process)."""
     if ctx.enabled:
@@ -165,6 +179,8 @@ def shutdown(ctx: DistContext) -> None:
     """Destroy the process group after collecting garbage: a DDP module still alive in a reference
     cycle when the group goes away aborts the process at exit (C++ terminate)."""
     if ctx.enabled and dist.is_initialized():
+        global _wait_group
         gc.collect()
         dist.barrier()
+        _wait_group = None
         dist.destroy_process_group()

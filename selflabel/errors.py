@@ -1,6 +1,8 @@
 """Typed errors. The CLI turns each into one line and its exit code."""
 from __future__ import annotations
 
+import errno
+
 
 class SelflabelError(Exception):
     """Base error with a message a user can act on."""
@@ -27,3 +29,31 @@ class ImageLoadError(SelflabelError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+class StorageError(SelflabelError):
+    """A file could not be written: the disk is full or the folder is not writable. Finished work
+    (cache shards, checkpoints, completed outputs) is kept, so the same command resumes once fixed."""
+
+    exit_code = 4
+
+
+class RunBusy(SelflabelError):
+    """Another `selflabel label` process holds the run folder's lock."""
+
+    exit_code = 5
+
+
+# errno values that mean "this storage cannot take the write", not a bug: one line and exit code 4
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def storage_error(exc: OSError, path: object = None) -> StorageError:
+    """The one-line error for an OSError of STORAGE_ERRNOS, naming the file it happened on."""
+    where = exc.filename if exc.filename is not None else path
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free some space, then run the same command again (finished work is kept)"
+    else:
+        hint = "make it writable or choose another --out / --cache-dir, then run the command again"
+    return StorageError(f"cannot write {where}: {reason} [{errno.errorcode.get(exc.errno, exc.errno)}]; {hint}")

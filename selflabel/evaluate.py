@@ -42,7 +42,7 @@ def evaluate_run(run_dir: str | Path, gt_csv: str | None = None, reviewed: bool 
         if heads:
             out["heads"] = heads
     dense_dir = run / DENSE
-    if dense_dir.is_dir():
+    if dense_dir.is_dir() and manifest.get("dense"):  # a dense/ the run did not write (an older run's) is not read
         from .dense.evaluate import evaluate_dense
 
         try:

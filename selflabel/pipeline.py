@@ -1,6 +1,7 @@
 """`selflabel label`: ingest -> features -> clustering -> run folder, timed per stage."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import sys
@@ -12,15 +13,19 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .atomic import atomic_save_npy
-from .backbones import create_backbone
-from .cluster import LabelResult, cluster_features, default_k
-from .config import RunConfig, to_dict
+from .backbones import create_backbone, list_backbones
+from .cluster import LabelResult, default_k
+from .config import RunConfig, to_dict, validate
 from .data import scan_folder
+from .dense.pipeline import segment
 from .errors import InputError
-from .distributed import all_gather_objects, device_for, init_from_env, shard, shutdown
+from .distributed import all_gather_objects, device_for, init_from_env, shard, shutdown, wait_for_main
 from .features import extract_features
-from .runfiles import FEATURES, LABELS, PROTOTYPES, SKIPPED, LabelRow, write_labels, write_manifest, write_skipped
+from .geometry_io import save_geometry
+from .methods import cluster_features
+from .progress import progress_enabled, progress_shown
+from .rundir import open_run
+from .runfiles import FEATURES, LABELS, SKIPPED, LabelRow, write_labels, write_manifest, write_skipped
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +64,51 @@ def versions() -> dict[str, str]:
     return out
 
 
-def label_folder(cfg: RunConfig, show_progress: bool = True) -> RunSummary:
-    """Label every image under cfg.data and write the run folder cfg.out."""
+def check_runnable(cfg: RunConfig) -> None:
+    """What can be checked before any work, beyond the config's own values: the backbone name and
+    the device. Raises InputError naming the setting, the value and what is allowed."""
+    validate(cfg)
+    if cfg.backbone.name not in list_backbones():
+        raise InputError(f"config backbone.name: {cfg.backbone.name!r} is not allowed "
+                         f"(choose {', '.join(sorted(list_backbones()))}; see `selflabel backbones`)")
+    dev = str(cfg.backbone.device)
+    if dev.startswith("cuda"):
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(dev.split(":")[1]) if ":" in dev else 0
+        if index >= n:
+            raise InputError(f"config backbone.device: {dev!r} is not available ({n} CUDA device(s) visible); "
+                             "use --device auto or cpu")
+
+
+def label_folder(cfg: RunConfig, show_progress: bool = True, overwrite: bool = False) -> RunSummary:
+    """Label every image under cfg.data and write the run folder cfg.out.
+
+    Rerunning the same configuration into the same folder resumes (cached features, checkpoints); a
+    folder holding another run is refused unless `overwrite` (see selflabel/rundir.py), and a folder
+    another process is writing raises RunBusy."""
+    check_runnable(cfg)
+    ctx = init_from_env(cfg.backbone.device)
+    owner = open_run(cfg, overwrite) if ctx.is_main else contextlib.nullcontext()  # rank 0 writes the folder
+    with progress_enabled(show_progress), owner:
+        return _label_folder(cfg, ctx)
+
+
+def _label_folder(cfg: RunConfig, ctx) -> RunSummary:
     import torch
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     out = Path(cfg.out)
     timings: dict[str, float] = {}
+    show_progress = progress_shown()
 
     t = time.perf_counter()
     scan = scan_folder(cfg.data, follow_symlinks=cfg.ingest.follow_symlinks, gt_csv=cfg.ingest.gt_csv)
     timings["ingest"] = time.perf_counter() - t
-    out.mkdir(parents=True, exist_ok=True)
 
     t = time.perf_counter()
-    ctx = init_from_env(cfg.backbone.device)
     device = device_for(ctx, cfg.backbone.device)
     backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.image_size)
     timings["load_backbone"] = time.perf_counter() - t
@@ -112,21 +146,20 @@ def label_folder(cfg: RunConfig, show_progress: bool = True) -> RunSummary:
     t = time.perf_counter()
     result = cluster_features(feats.features, k, cfg, out_dir=out, device=device, records=feats.records,
                               backbone=backbone, ctx=ctx)
-    result.info.pop("plan", None)
     timings["cluster"] = time.perf_counter() - t
 
     t = time.perf_counter()
     if ctx.is_main:  # only rank 0 writes outputs
         write_labels(out / LABELS, _rows(feats.records, result))
-        atomic_save_npy(out / PROTOTYPES, result.prototypes)
+        save_geometry(out, result.geometry)  # prototypes.npy, feature_mean.npy, geometry.json
     timings["write"] = time.perf_counter() - t
 
     dense_summary = None
-    if cfg.dense.enabled and ctx.is_main:
-        from .dense.pipeline import segment
-
+    if cfg.dense.enabled:
         t = time.perf_counter()
-        dense_summary = segment(feats.records, backbone, cfg, out, device)
+        if ctx.is_main:
+            dense_summary = segment(feats.records, backbone, cfg, out, device, show_progress=show_progress)
+        wait_for_main(ctx)  # the other ranks wait for the dense stage however long it takes
         timings["dense"] = time.perf_counter() - t
 
     sizes = np.bincount(result.labels, minlength=k)

@@ -20,6 +20,11 @@ CHECKPOINTS = "checkpoints"
 DENSE = "dense"
 REVIEW_DB = "review.sqlite"
 EXPORTS = "exports"
+THUMBS = "thumbs"  # the review app's thumbnail cache
+RUN_JSON = "run.json"  # the configuration this folder's run was started with (written first)
+LOCK = ".lock"  # held (flock) by the `selflabel label` writing the folder; holds its pid
+# everything a run writes; `--overwrite` removes these (the review database is kept aside instead)
+RUN_OUTPUTS = (LABELS, SKIPPED, MANIFEST, FEATURES, PROTOTYPES, CHECKPOINTS, DENSE, EXPORTS, THUMBS, RUN_JSON)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 import numpy as np
 import torch
 
-from selflabel.dense.parts import fit_part_prototypes, kmeanspp_init, part_scores
+from selflabel.dense.parts import fit_part_prototypes, part_scores
+from selflabel.kmeans import kmeanspp_init
 from selflabel.metrics import hungarian_accuracy
 
 

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -126,19 +126,17 @@ def test_exif_and_16bit_decode_values(tmp_path):
     assert im.dtype == np.uint8 and im.max() > 200 and im[0, 0, 0] == 0
 
 
-def _wait_for(pred, proc, timeout=120):
-    t = time.time()
-    while time.time() - t < timeout:
-        if pred():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.01)
-    return False
+KILLER = Path(__file__).resolve().parent / "killer.py"
 
 
 def _label_cmd(data, out, cache, *extra):
     return [sys.executable, "-m", "selflabel", "label", str(data), "--out", str(out), "--cache-dir", str(cache), "-q", *extra]
+
+
+def _killed_at(event: str, n: int, cmd: list[str]) -> None:
+    """Run the CLI command `cmd` (after its `-m selflabel`) and kill -9 it at the n-th `event` (tests/killer.py)."""
+    proc = subprocess.run([sys.executable, str(KILLER), event, str(n), *cmd[3:]], timeout=600)
+    assert proc.returncode == -signal.SIGKILL, f"the process was not killed at {event} {n} (exit {proc.returncode})"
 
 
 @pytest.fixture
@@ -155,16 +153,14 @@ def test_kill_during_extraction_then_resume_equals_uninterrupted(many_images, tm
     args = ["--backbone", "tiny", "--k", "3", "--set", "backbone.flush_every=16", "--set", "backbone.batch_size=8",
             "--set", "backbone.image_size=160", "--set", "backbone.num_workers=0"]
     cache = tmp_path / "cache"
-    proc = subprocess.Popen(_label_cmd(many_images, tmp_path / "run", cache, *args))
-    first_shard = lambda: any(cache.rglob("*.keys"))
-    assert _wait_for(first_shard, proc), "extraction never wrote a shard"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _killed_at("shard", 2, _label_cmd(many_images, tmp_path / "run", cache, *args))  # right after the 2nd shard
     done = sum(len(k.read_text().split()) for k in cache.rglob("*.keys"))
-    assert 0 < done < 300, done  # killed in the middle
+    assert done == 32  # two shards of 16 committed, nothing of the batch in flight
     assert not (tmp_path / "run" / "labels.csv").exists()
     subprocess.run(_label_cmd(many_images, tmp_path / "run", cache, *args), check=True, timeout=300)
     subprocess.run(_label_cmd(many_images, tmp_path / "ref", tmp_path / "cache_ref", *args), check=True, timeout=300)
+    man = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert man["features"]["computed"] == 300 - 32 and man["features"]["cached"] == 32  # resumed, not redone
     a, b = read_labels(tmp_path / "run"), read_labels(tmp_path / "ref")
     assert [(r.path, r.cluster) for r in a] == [(r.path, r.cluster) for r in b]
     np.testing.assert_allclose(np.load(tmp_path / "run" / "features.npy"), np.load(tmp_path / "ref" / "features.npy"), rtol=1e-5)
@@ -174,21 +170,21 @@ def test_kill_during_extraction_then_resume_equals_uninterrupted(many_images, tm
 def test_kill_during_training_then_resume_equals_uninterrupted(tmp_path):
     from selflabel.sample import sample_dir
 
-    args = ["--backbone", "tiny", "--k", "10", "--method", "sela", "--set", "sela.epochs=400", "--set", "sela.label_updates=40"]
+    args = ["--backbone", "tiny", "--k", "10", "--method", "sela", "--set", "sela.epochs=12", "--set", "sela.label_updates=6"]
     cache = tmp_path / "cache"
-    subprocess.run(_label_cmd(sample_dir(), tmp_path / "warm", cache, "--backbone", "tiny", "--k", "10", "--method", "kmeans"), check=True)
-    proc = subprocess.Popen(_label_cmd(sample_dir(), tmp_path / "run", cache, *args))
-    ckpt = tmp_path / "run" / "checkpoints" / "sela.pt"
-    assert _wait_for(ckpt.exists, proc), "training never wrote a checkpoint"
-    time.sleep(0.3)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "run" / "labels.csv").exists(), "training finished before the kill: raise sela.epochs"
-    epoch = torch.load(ckpt, weights_only=True)["epoch"]
-    assert 1 <= epoch < 400
-    subprocess.run(_label_cmd(sample_dir(), tmp_path / "run", cache, *args), check=True, timeout=600)
+    run = tmp_path / "run"
+    # killed inside the 4th checkpoint write: its temp file is complete, the rename never happens
+    _killed_at("checkpoint-mid", 4, _label_cmd(sample_dir(), run, cache, *args))
+    ckpt = run / "checkpoints" / "sela.pt"
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 3
+    assert len(list(ckpt.parent.glob(".sela.pt.*.tmp"))) == 1  # what the kill left behind
+    assert not (run / "labels.csv").exists()
+    subprocess.run(_label_cmd(sample_dir(), run, cache, *args, "-v"), check=True, timeout=600)
+    assert not list(ckpt.parent.glob(".*.tmp"))  # the killed writer's temp file was removed by the rerun
+    man = json.loads((run / "manifest.json").read_text())
+    assert man["method_info"]["resumed_from_epoch"] == 3
     subprocess.run(_label_cmd(sample_dir(), tmp_path / "ref", cache, *args), check=True, timeout=600)
-    a, b = read_labels(tmp_path / "run"), read_labels(tmp_path / "ref")
+    a, b = read_labels(run), read_labels(tmp_path / "ref")
     assert [(r.path, r.cluster) for r in a] == [(r.path, r.cluster) for r in b]
 
 
@@ -200,18 +196,15 @@ def test_kill_during_export_leaves_no_partial_tree(many_images, tmp_path):
     export = [sys.executable, "-m", "selflabel", "export", str(tmp_path / "run"), "--format", "imagefolder", "--out", str(out)]
     subprocess.run(export, check=True, timeout=300)
     before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    for attempt in range(20):  # kill while the temporary tree is being filled
-        proc = subprocess.Popen(export)
-        saw_tmp = _wait_for(lambda: any(p.name.startswith(".tree.tmp") for p in tmp_path.iterdir()), proc, timeout=60)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        if saw_tmp:
-            break
+    _killed_at("export", 150, export)  # half of the new tree copied
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".tree.tmp-")]
+    assert len(stale) == 1 and sum(1 for p in stale[0].rglob("*") if p.is_file()) == 150
     after_kill = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert after_kill == before  # the old complete export is untouched
     subprocess.run(export, check=True, timeout=300)
     again = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert again == before and len(again) == 300
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tree.")]  # the killed export's copy is gone
 
 
 def test_malicious_checkpoint_is_refused(tmp_path):

@@ -2,17 +2,11 @@
 
 Leopart clusters patch tokens into many parts (K ~ 100-300) with prototypes whose assignments are
 balanced by Sinkhorn-Knopp, so no prototype is left empty and none swallows the data set (SwAV / SeLa
-self-labelling applied to patches). On CPU we train that head on frozen features, alternating
-
-  E-step  Q = Sinkhorn(exp(Z C^T / eps))   the balanced assignment of a patch sample (each prototype
-                                           receives 1/K of the patches); labels y_i = argmax_k Q_ik,
-  M-step  c_k = normalise(sum_{y_i = k} z_i) the prototypes maximising sum_i <z_i, c_{y_i}> on the
-                                           unit sphere (the exact optimum of the linear cosine head),
-
-i.e. balanced spherical k-means with entropic transport (SeLa's label step, Asano et al. 2020).
-The M-step uses the hard labels: with soft weights, prototypes that share one dense region get
-nearly the same weights and collapse onto its mean, which defeats overclustering.
-New patches are assigned by the nearest prototype (argmax cosine), without the balance constraint.
+self-labelling applied to patches). On CPU we fit that head on frozen features with the package's one
+balanced spherical k-means (`selflabel.kmeans.balanced_kmeans`, hard M-step: soft weights let
+prototypes that share a dense region collapse onto its mean, which defeats overclustering;
+benchmarks/kmeans_mstep.py). New patches are assigned by the nearest prototype (argmax cosine),
+without the balance constraint.
 """
 from __future__ import annotations
 
@@ -24,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cluster import kmeanspp_init
+from ..kmeans import balanced_kmeans
 
 log = logging.getLogger(__name__)
 
@@ -50,35 +44,18 @@ def fit_part_prototypes(z: np.ndarray | torch.Tensor, k: int, *, eps: float = 0.
     the M-step needs balance, not digits. Stops early when fewer than 0.1% of the patches change
     their (argmax-plan) cluster.
     """
-    from ..ot import sinkhorn
-
     x = F.normalize(torch.as_tensor(np.asarray(z), dtype=torch.float32), dim=1)
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"fit_part_prototypes: k={k} must be between 1 and the number of patches ({n})")
-    gen = torch.Generator().manual_seed(seed)
-    protos = kmeanspp_init(x, k, gen)
-    labels = torch.full((n,), -1, dtype=torch.long)
-    history: list[dict[str, float]] = []
-    for it in range(max(1, iters)):
-        res = sinkhorn(x @ protos.T, eps=eps, tol=rel_tol / k ** 0.5, max_iters=max_sinkhorn_iters)
-        plan = res.plan
-        new = plan.argmax(1)
-        changed = float((new != labels).float().mean())
-        labels = new
-        sums = torch.zeros_like(protos).index_add_(0, new, x)
-        empty = torch.bincount(new, minlength=k) == 0
-        if empty.any():  # a prototype without patches keeps its soft (plan-weighted) mean
-            sums[empty] = (plan[:, empty].T @ x)
-        protos = F.normalize(sums, dim=1)
-        history.append({"changed": changed, "sinkhorn_iters": int(res.n_iters), "marginal_err": float(res.marginal_err)})
-        if changed < 1e-3:
-            break
+    fit = balanced_kmeans(x, k, eps=eps, iters=iters, seed=seed, rel_tol=rel_tol, max_sinkhorn_iters=max_sinkhorn_iters,
+                          m_step="hard", stop_changed=1e-3)
+    protos = fit.prototypes
     hard = (x @ protos.T).argmax(1)
     sizes = torch.bincount(hard, minlength=k).numpy()
-    info = {"alternations": len(history), "history": history, "n_patches": n, "eps": eps,
+    info = {"alternations": fit.alternations, "history": fit.history, "n_patches": n, "eps": eps,
             "empty_clusters": int((sizes == 0).sum()), "largest_share": float(sizes.max() / n)}
-    log.info("part prototypes: K=%d on %d patches, %d alternations, %d empty", k, n, len(history), info["empty_clusters"])
+    log.info("part prototypes: K=%d on %d patches, %d alternations, %d empty", k, n, fit.alternations, info["empty_clusters"])
     return PartModel(prototypes=protos.numpy().astype(np.float32), info=info)
 
 

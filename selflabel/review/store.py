@@ -27,9 +27,14 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import torch
+from sklearn.cluster import KMeans
 
 from ..errors import InputError, SelflabelError
 from ..export.names import default_name
+from ..geometry import feature_mean, mean_prototypes, prepare
+from ..geometry_io import GEOMETRY, load_geometry
+from ..kmeans import balanced_kmeans
 from ..runfiles import FEATURES, LABELS, REVIEW_DB, LabelRow, read_labels
 
 log = logging.getLogger(__name__)
@@ -402,7 +407,8 @@ class ReviewStore:
         if k < 2 or k > len(members):
             raise InputError(f"cannot split a cluster of {len(members)} image(s) into {k}")
         feats = self._features([m.idx for m in members])
-        labels, conf = split_labels(feats, k, method=method, seed=seed)
+        mean, temperature = split_geometry(self.run_dir, self._all_features())
+        labels, conf = split_labels(feats, k, method=method, seed=seed, mean=mean, temperature=temperature)
         part_of = {m.path: (int(lab), float(cf)) for m, lab, cf in zip(members, labels, conf)}
         with self._lock, self._tx() as conn:
             now = conn.execute("SELECT path, confidence, status FROM images WHERE cluster = ?", (cluster,)).fetchall()
@@ -495,42 +501,50 @@ class ReviewStore:
         return list(range(start, start + n))
 
     def _features(self, idx: list[int]) -> np.ndarray:
+        return np.asarray(self._all_features()[np.asarray(idx, dtype=np.int64)], dtype=np.float32)
+
+    def _all_features(self) -> np.ndarray:
+        """features.npy, memory-mapped and checked against labels.csv."""
         path = self.run_dir / FEATURES
         if not path.is_file():
             raise InputError(f"{path}: missing; splitting needs the run's features")
         feats = np.load(path, mmap_mode="r", allow_pickle=False)
         if feats.shape[0] != len(self.base_rows):
             raise InputError(f"{path}: {feats.shape[0]} rows for {len(self.base_rows)} labels")
-        return np.asarray(feats[np.asarray(idx, dtype=np.int64)], dtype=np.float32)
+        return feats
 
 
 SPLIT_METHODS = ("kmeans", "sinkhorn")
 
 
-def split_labels(features: np.ndarray, k: int, *, method: str = "kmeans", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster L2-normalised features into k parts; confidence = softmax(cosine / T) of the chosen part.
+def split_labels(features: np.ndarray, k: int, *, method: str = "kmeans", seed: int = 0, mean: np.ndarray | None = None,
+                 temperature: float = SPLIT_TEMPERATURE) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster rows into k parts in the run's geometry; confidence = softmax(cosine / T) of the chosen part.
 
-    `kmeans`: scikit-learn's k-means; `sinkhorn`: our balanced clustering (`cluster.sinkhorn_cluster`),
-    which gives parts of equal size.
+    Rows are centred on `mean` (the run's stored centring mean; default their own mean) and
+    L2-normalised, as the clustering saw them. `kmeans`: scikit-learn's k-means; `sinkhorn`: the
+    package's balanced spherical k-means (`selflabel.kmeans`), which gives parts of equal size.
     """
-    x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    x = prepare(features, feature_mean(features) if mean is None else mean)
     if method == "kmeans":
-        from sklearn.cluster import KMeans
-
-        labels = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(x)
+        labels = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(x.numpy())
     elif method == "sinkhorn":
-        from ..cluster import sinkhorn_cluster
-
-        labels = np.asarray(sinkhorn_cluster(x, k, temperature=SPLIT_TEMPERATURE, seed=seed).labels)
+        labels = balanced_kmeans(x, k, seed=seed).labels.numpy()
     else:
         raise InputError(f"unknown split method {method!r}; choose from {', '.join(SPLIT_METHODS)}")
     labels = np.unique(labels, return_inverse=True)[1].astype(np.int64).reshape(-1)  # parts numbered 0..k'-1
-    centres = np.stack([x[labels == j].mean(0) for j in range(labels.max() + 1)])
-    centres /= np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
-    logits = x @ centres.T / SPLIT_TEMPERATURE
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    return labels, p[np.arange(len(x)), labels].astype(np.float32)
+    lab = torch.from_numpy(labels)
+    probs = torch.softmax(x @ mean_prototypes(x, lab, int(labels.max()) + 1).T / temperature, dim=1)
+    return labels, probs.gather(1, lab[:, None])[:, 0].numpy().astype(np.float32)
+
+
+def split_geometry(run_dir: Path, features: np.ndarray) -> tuple[np.ndarray, float]:
+    """(centring mean, temperature) of a run: its stored geometry, or for a run that stores none the
+    mean of all its features and the default temperature."""
+    if (run_dir / GEOMETRY).is_file():
+        g = load_geometry(run_dir)
+        return g.mean, g.temperature
+    return feature_mean(features), SPLIT_TEMPERATURE
 
 
 def effective_labels(run_dir: str | Path) -> tuple[list[LabelRow], dict[int, str], set[str], set[str]]:

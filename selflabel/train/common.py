@@ -5,11 +5,12 @@ Nothing here knows about a particular algorithm; the loops in `sela.py` and `swa
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..cluster import LabelResult
 from ..distributed import barrier, mean_over_ranks
 from ..errors import InputError, SelflabelError
+from ..progress import progress_bar
 from .augment import ImageViews, make_generator, norm_stats
 from .checkpoint import save_checkpoint
 
@@ -265,6 +267,49 @@ def sgd_optimizer(head_params: Sequence[torch.nn.Parameter], backbone: torch.nn.
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 
+class _EpochBar:
+    """The per-epoch bar of one trainer call, opened by its first `end_epoch` (which knows the total)."""
+
+    def __init__(self) -> None:
+        self.stack = contextlib.ExitStack()
+        self.advance: Callable[..., None] | None = None
+
+
+_epoch_bar: contextvars.ContextVar[_EpochBar | None] = contextvars.ContextVar("epoch_bar", default=None)
+
+
+@contextlib.contextmanager
+def epoch_progress() -> Iterator[None]:
+    """Scope of a trainer's progress bar: one step per epoch with its loss and label changes, drawn by
+    `end_epoch` on rank 0 (silenced by `selflabel.progress.progress_enabled(False)`, i.e. `-q`)."""
+    bar = _EpochBar()
+    token = _epoch_bar.set(bar)
+    try:
+        with bar.stack:
+            yield
+    finally:
+        _epoch_bar.reset(token)
+
+
+def _epoch_info(epoch: int, history: dict[str, list]) -> str:
+    """'loss 1.234' plus, after a label update this epoch, the share of labels it changed (first head)."""
+    info = f"loss {history['loss'][-1]:.4f}"
+    updates = history.get("label_updates") or []
+    if updates and updates[-1].get("epoch") == epoch and updates[-1].get("changed"):
+        info += f"  labels changed {100 * updates[-1]['changed'][0]:.1f}%"
+    return info
+
+
+def _advance_epoch_bar(method: str, epoch: int, total_epochs: int, history: dict[str, list]) -> None:
+    bar = _epoch_bar.get()
+    if bar is None:
+        return
+    if bar.advance is None:  # first epoch of this call: a resumed run starts at its checkpoint
+        bar.advance = bar.stack.enter_context(progress_bar(method, total=total_epochs))
+        bar.advance(epoch)
+    bar.advance(1, description=method, info=_epoch_info(epoch, history))
+
+
 def end_epoch(method: str, epoch: int, total_epochs: int, losses: Sequence[float], t0: float, history: dict[str, list],
               ctx, ckpt_file: Path | None, state: Callable[[], dict | None], stop_after_epoch: int | None) -> None:
     """After an epoch: record its loss (mean over ranks) and time, log them, checkpoint, honour the test hook.
@@ -276,6 +321,8 @@ def end_epoch(method: str, epoch: int, total_epochs: int, losses: Sequence[float
     history["epoch_time_s"].append(time.perf_counter() - t0)
     log.info("%s epoch %d/%d: loss %.4f (%.1fs)", method, epoch + 1, total_epochs, history["loss"][-1],
              history["epoch_time_s"][-1])
+    if ctx.is_main:
+        _advance_epoch_bar(method, epoch, total_epochs, history)
     if ckpt_file is not None:
         st = state()
         if ctx.is_main:

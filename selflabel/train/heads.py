@@ -28,7 +28,7 @@ class InputNorm(nn.Module):
     """Centre by the data set's mean feature, then L2-normalise (cosine geometry).
 
     Post-ReLU CNN features share a large mean direction; removing it makes cosines discriminative
-    (the same preparation as `selflabel.cluster.prepare_features`). `mean` is a buffer, set once from
+    (the same preparation as `selflabel.geometry.prepare_features`). `mean` is a buffer, set once from
     the cached features and saved with the model, so the finetune stage prepares features the same way.
     """
 

@@ -29,13 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..cluster import LabelResult, kmeanspp_init, prepare_features, prior_marginal, sinkhorn_cluster_prepared
+from ..cluster import sinkhorn_cluster_prepared
+from ..geometry import prepare_features
+from ..kmeans import kmeanspp_init, prior_marginal
+from ..result import LabelResult
 from ..config import RunConfig, SelaConfig
 from ..errors import InputError
 from ..ot import sinkhorn
 from .augment import feature_view, make_generator, pick_cached_views
 from .checkpoint import checkpoint_path, fingerprint, load_checkpoint
-from .common import (FeatureSource, check_distributed, check_features, check_finetune, cpu_threads,
+from .common import (FeatureSource, epoch_progress, check_distributed, check_features, check_finetune, cpu_threads,
                      data_digest, end_epoch, epoch_batches, head_ks, image_loader, image_views_for, label_result, num_workers,
                      seeded_init, set_lr, sgd_optimizer, update_epochs,
                      wrap_stage)
@@ -133,7 +136,7 @@ def train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
     every epoch and a new call with the same arguments resumes from it and gives the same result.
     `stop_after_epoch` (testing hook) raises TrainingInterrupted after that many epochs, like a kill.
     """
-    with cpu_threads(cfg.sela.cpu_threads, device, cfg.cluster.finetune):
+    with cpu_threads(cfg.sela.cpu_threads, device, cfg.cluster.finetune), epoch_progress():
         return _train_sela(features, k, cfg, heads=heads, out_dir=out_dir, device=device, records=records,
                            backbone=backbone, views=views, stop_after_epoch=stop_after_epoch)
 
@@ -239,7 +242,7 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
             optimizer.step()
             losses.append(loss.item())
 
-        end_epoch("SeLa", epoch, total_epochs, losses, t0, history, ctx, ckpt_file, lambda: {
+        end_epoch("SeLa fine-tune" if in_finetune else "SeLa", epoch, total_epochs, losses, t0, history, ctx, ckpt_file, lambda: {
             "fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "stage_finetune": stage_finetune, "labels": labels, "history": history}, stop_after_epoch)
 

@@ -26,12 +26,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..cluster import LabelResult, prior_marginal
+from ..kmeans import prior_marginal
+from ..result import LabelResult
 from ..config import RunConfig, SwavConfig
 from ..ot import sinkhorn, sinkhorn_codes
 from .augment import feature_view, make_generator
 from .checkpoint import checkpoint_path, fingerprint, load_checkpoint
-from .common import (FeatureSource, check_distributed, check_features, check_finetune, cpu_threads,
+from .common import (FeatureSource, epoch_progress, check_distributed, check_features, check_finetune, cpu_threads,
                      data_digest, end_epoch, epoch_batches, head_ks, image_loader, image_views_for, label_result, num_workers,
                      seeded_init, set_lr, sgd_optimizer, wrap_stage)
 from ..distributed import DistContext, all_gather_blocks, all_gather_objects, context
@@ -147,7 +148,7 @@ def train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[
     Same contract as `train_sela`: checkpoints in out_dir/checkpoints/swav.pt after every epoch, resume
     to the same result, `stop_after_epoch` testing hook.
     """
-    with cpu_threads(cfg.swav.cpu_threads, device, cfg.cluster.finetune):
+    with cpu_threads(cfg.swav.cpu_threads, device, cfg.cluster.finetune), epoch_progress():
         return _train_swav(features, k, cfg, heads=heads, out_dir=out_dir, device=device, records=records,
                            backbone=backbone, stop_after_epoch=stop_after_epoch)
 
@@ -243,7 +244,7 @@ def _train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
             optimizer.step()
             losses.append(loss.item())
 
-        end_epoch("SwAV", epoch, total_epochs, losses, t0, history, ctx, ckpt_file, lambda: {
+        end_epoch("SwAV fine-tune" if in_finetune else "SwAV", epoch, total_epochs, losses, t0, history, ctx, ckpt_file, lambda: {
             "fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "stage_finetune": stage_finetune, "history": history,
             "queue": None if queue is None else queue_state_global(queue, ctx, batch_size)}, stop_after_epoch)

@@ -1,0 +1,140 @@
+"""The clustering methods, looked up by name (as timm's `create_model`): `cluster.method` in a config.
+
+A method is a function `(MethodInput) -> LabelResult` registered with `@register_method(name, ...)`.
+`cluster_features` runs the configured one and gives its result the run's `Geometry`: the centring
+mean, the normalised prototypes of the final clusters in that space and the method's temperature,
+the same for every method, so that `selflabel assign` can place new images later.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .cluster import kmeans_cluster_prepared, sinkhorn_cluster_prepared
+from .config import RunConfig
+from .distributed import DistContext
+from .errors import InputError
+from .geometry import Geometry, feature_mean, prepare
+from .result import LabelResult
+from .train.sela import train_sela
+from .train.swav import train_swav
+
+
+@dataclass
+class MethodInput:
+    """What a method gets: the raw features [N, D] (maybe a memmap), K, the extra heads' Ks, the run
+    config, and for trainers the run folder (checkpoints), device, image records and backbone."""
+
+    features: np.ndarray
+    k: int
+    cfg: RunConfig
+    heads: Sequence[int] = ()
+    out_dir: Path | None = None
+    device: str | torch.device = "cpu"
+    records: Any = None
+    backbone: Any = None
+    ctx: DistContext | None = None
+
+    @cached_property
+    def mean(self) -> np.ndarray:
+        return feature_mean(self.features)
+
+    @cached_property
+    def prepared(self) -> torch.Tensor:
+        """normalise(features - mean), computed once on first use (one N x D float32 tensor)."""
+        return prepare(self.features, self.mean, self.device)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    run: Callable[[MethodInput], LabelResult]
+    temperature: Callable[[RunConfig], float]  # the softmax temperature of its confidences
+    description: str = ""
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, temperature: Callable[[RunConfig], float], description: str = ""):
+    """Decorator: register `fn(MethodInput) -> LabelResult` as method `name`."""
+    def wrap(fn: Callable[[MethodInput], LabelResult]) -> Callable[[MethodInput], LabelResult]:
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} is already registered")
+        _METHODS[name] = Method(name, fn, temperature, description or (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+    return wrap
+
+
+def list_methods() -> dict[str, str]:
+    """name -> one-line description of every registered method."""
+    return {name: m.description for name, m in _METHODS.items()}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise InputError(f"unknown method '{name}' (choose {', '.join(_METHODS)})") from None
+
+
+@register_method("sinkhorn", lambda cfg: cfg.cluster.temperature)
+def _sinkhorn(inp: MethodInput) -> LabelResult:
+    """Balanced spherical k-means, the assignment an optimal transport problem (SeLa's label step)."""
+    c = inp.cfg.cluster
+    res = sinkhorn_cluster_prepared(inp.prepared, inp.k, eps=c.eps, temperature=c.temperature, iters=c.iters,
+                                    seed=inp.cfg.seed, prior=c.prior, ctx=inp.ctx)
+    for h in inp.heads:
+        res.head_labels[h] = sinkhorn_cluster_prepared(inp.prepared, h, eps=c.eps, iters=c.iters, seed=inp.cfg.seed,
+                                                       ctx=inp.ctx).labels
+    return res
+
+
+@register_method("kmeans", lambda cfg: cfg.cluster.temperature)
+def _kmeans(inp: MethodInput) -> LabelResult:
+    """scikit-learn k-means on the same prepared features (the baseline)."""
+    x = inp.prepared.cpu()
+    res = kmeans_cluster_prepared(x, inp.k, seed=inp.cfg.seed, temperature=inp.cfg.cluster.temperature)
+    for h in inp.heads:
+        res.head_labels[h] = kmeans_cluster_prepared(x, h, seed=inp.cfg.seed).labels
+    return res
+
+
+@register_method("sela", lambda cfg: cfg.sela.temperature)
+def _sela(inp: MethodInput) -> LabelResult:
+    """SeLa (Asano et al., ICLR 2020): heads trained on Sinkhorn pseudo-labels."""
+    return train_sela(inp.features, inp.k, inp.cfg, heads=inp.heads, out_dir=inp.out_dir, device=str(inp.device),
+                      records=inp.records, backbone=inp.backbone)
+
+
+@register_method("swav", lambda cfg: cfg.swav.temperature)
+def _swav(inp: MethodInput) -> LabelResult:
+    """SwAV (Caron et al., NeurIPS 2020): swapped prediction of Sinkhorn codes."""
+    return train_swav(inp.features, inp.k, inp.cfg, heads=inp.heads, out_dir=inp.out_dir, device=str(inp.device),
+                      records=inp.records, backbone=inp.backbone)
+
+
+def run_geometry(inp: MethodInput, result: LabelResult, method: Method) -> Geometry:
+    """The geometry of a method's final clusters: normalised cluster means of the prepared features."""
+    return Geometry.from_labels(inp.prepared.cpu(), inp.mean, result.labels, inp.k, method.temperature(inp.cfg),
+                                method.name)
+
+
+def cluster_features(features: np.ndarray, k: int, cfg: RunConfig, *, out_dir=None, device="cpu", records=None,
+                     backbone=None, ctx: DistContext | None = None) -> LabelResult:
+    """Run `cfg.cluster.method`; extra heads (`cfg.cluster.heads`) go to `head_labels`. The result's
+    `geometry` is set and its `prototypes` are the geometry's (prepared space, every method)."""
+    method = get_method(cfg.cluster.method)
+    inp = MethodInput(features, k, cfg, [h for h in cfg.cluster.heads if h != k], out_dir, device, records, backbone, ctx)
+    result = method.run(inp)
+    result.geometry = run_geometry(inp, result, method)
+    result.prototypes = result.geometry.prototypes
+    return result
+
+
+__all__ = ["Method", "MethodInput", "register_method", "list_methods", "get_method", "cluster_features"]
