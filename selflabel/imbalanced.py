@@ -25,15 +25,18 @@ import torch.nn.functional as F
 from scipy.cluster.hierarchy import fcluster, linkage
 from torch import Tensor
 
-from .cluster import kmeanspp_init
-from .distributed import DistContext, all_reduce_sum
+from .distributed import DistContext, all_gather_blocks, all_reduce_sum
 from .errors import InputError
+from .geometry import mean_prototypes
+from .kmeans import kmeanspp_init
 from .marginals import estimate_marginal, floor_marginal
 from .ot import sinkhorn
+from .result import LabelResult
 
 Marginal = Literal["estimated", "uniform"]
 
-__all__ = ["Marginal", "TransportFit", "transport_kmeans", "merge_clusters", "estimated_marginal_cluster"]
+__all__ = ["Marginal", "TransportFit", "transport_kmeans", "merge_clusters", "estimated_marginal_cluster",
+           "estimated_cluster_prepared"]
 
 
 @dataclass
@@ -153,3 +156,27 @@ def estimated_marginal_cluster(x: Tensor, k: int, *, eps: float = 0.05, iters: i
     fit.info.update(info)
     return fit
 
+
+
+@torch.no_grad()
+def estimated_cluster_prepared(x: Tensor, k: int, *, eps: float = 0.05, temperature: float = 0.1, iters: int = 30,
+                               seed: int = 0, min_mass: float = 0.1, overcluster: int = 6,
+                               ctx: DistContext | None = None) -> LabelResult:
+    """:func:`estimated_marginal_cluster` as a run's `LabelResult` (the default clustering): labels
+    gathered from every rank, prototypes the normalised cluster means, confidences
+    softmax(cos / temperature) of the chosen cluster, and the estimated sizes in ``info``."""
+    ctx = ctx or DistContext()
+    fit = estimated_marginal_cluster(x, k, eps=eps, iters=iters, seed=seed, min_mass=min_mass,
+                                     overcluster=overcluster, ctx=ctx)
+    labels = all_gather_blocks(fit.labels, ctx)
+    protos = mean_prototypes(x, labels, k)
+    probs = torch.softmax(x @ protos.T / temperature, dim=1)
+    conf = probs.gather(1, labels[:, None])[:, 0]
+    return LabelResult(
+        labels=labels.cpu().numpy().astype(np.int64),
+        confidence=conf.cpu().numpy().astype(np.float32),
+        prototypes=protos.cpu().numpy().astype(np.float32),
+        probs=probs.cpu().numpy().astype(np.float32),
+        info={"method": "sinkhorn", "marginal": "estimated",
+              "estimated_sizes": [round(float(v), 6) for v in fit.marginal], **fit.info},
+    )

@@ -26,8 +26,8 @@ import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from torch import Tensor
 
-from .cluster import kmeanspp_init
 from .imbalanced import OVERCLUSTER_ITERS, OVERCLUSTER_SIZE_TOL, cluster_sums, transport_kmeans
+from .kmeans import kmeanspp_init
 
 __all__ = ["KSelection", "choose_k", "knn_indices", "affinity_graph", "modularity"]
 
