@@ -14,16 +14,8 @@ from .geometry import mean_prototypes, prepare_features
 from .kmeans import balanced_kmeans, kmeanspp_init, prior_marginal
 from .result import LabelResult
 
-__all__ = ["LabelResult", "default_k", "prepare_features", "kmeanspp_init", "prior_marginal", "sinkhorn_cluster",
+__all__ = ["LabelResult", "prepare_features", "kmeanspp_init", "prior_marginal", "sinkhorn_cluster",
            "sinkhorn_cluster_prepared", "kmeans_cluster", "kmeans_cluster_prepared"]
-
-
-def default_k(n: int, n_classes: int | None = None) -> int:
-    """K when the user gives none: the number of ground-truth class folders if there are any
-    (the user already told us the granularity), else sqrt(N / 2) clipped to [2, 100]."""
-    if n_classes and n_classes >= 2:
-        return min(n_classes, n)
-    return int(max(2, min(100, round((n / 2) ** 0.5), n)))
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ Criterion (measured in ``benchmarks/longtail.py``): **the cut of the cluster tre
 modularity on the image-neighbour graph.**
 
 1. Over-cluster the prepared features into K0 small clusters with the balanced label step
-   (K0 = ``min(n_small, N // 10)``, 40 by default), as the dense path does for parts.
+   (K0 = ``min(n_small, N // 3)``, 40 by default), as the dense path does for parts.
 2. Build the cluster-affinity graph: edge (a, b) weighs how many of the ``knn`` nearest neighbours
    (cosine) of the images of cluster a lie in cluster b, symmetrised (Leopart's co-occurrence graph
    at image level; self-loops kept).
@@ -90,7 +90,7 @@ def choose_k(x: Tensor, *, seed: int = 0, eps: float = 0.05, n_small: int = 40, 
     distinct = int(torch.unique(torch.round(x[: min(n, 4096)] * 1e4), dim=0).shape[0]) if n else 0
     if n < 4 or distinct < 2:
         return KSelection(1, f"{n} images with {distinct} distinct feature vector(s): one cluster", [], 0, n)
-    k0 = max(2, min(n_small, n // 10, distinct))
+    k0 = max(2, min(n_small, n // 3, distinct))
     fine = transport_kmeans(x, kmeanspp_init(x, k0, gen), eps=eps, iters=OVERCLUSTER_ITERS, size_tol=OVERCLUSTER_SIZE_TOL)
     labels = fine.labels.cpu().numpy()
     sums, counts = cluster_sums(x, fine.labels, k0)
