@@ -26,11 +26,12 @@ LAYERS = {
     "selflabel.review": 5, "selflabel.export": 5, "selflabel.dense.pipeline": 5, "selflabel.dense.evaluate": 5,
     "selflabel.methods": 4, "selflabel.train": 4,
     "selflabel.data": 3, "selflabel.backbones": 3, "selflabel.features": 3, "selflabel.digests": 3,
-    "selflabel.dense": 3, "selflabel.geometry_io": 3, "selflabel.sample": 3,
+    "selflabel.dense": 3, "selflabel.geometry_io": 3, "selflabel.sample": 3, "selflabel.kselect_io": 3,
     "selflabel.ot": 2, "selflabel.ot_triton": 2, "selflabel.kmeans": 2, "selflabel.cluster": 2,
     "selflabel.estimators": 2, "selflabel.geometry": 2, "selflabel.metrics": 2,
+    "selflabel.marginals": 2, "selflabel.imbalanced": 2, "selflabel.kselect": 2,
     "selflabel.errors": 1, "selflabel.atomic": 1, "selflabel.result": 1, "selflabel.config": 1,
-    "selflabel.runfiles": 1, "selflabel.distributed": 1, "selflabel.progress": 1,
+    "selflabel.runfiles": 1, "selflabel.distributed": 1, "selflabel.progress": 1, "selflabel.rundir": 1,
 }
 
 
