@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .errors import InputError
 
-__all__ = ["validate_prior", "floor_marginal", "estimate_marginal", "total_variation"]
+__all__ = ["validate_prior", "floor_marginal", "estimate_marginal", "fixed_point_marginal", "total_variation"]
 
 
 def validate_prior(prior: Sequence[float], k: int, name: str = "cluster.prior") -> Tensor:
@@ -89,6 +89,22 @@ def estimate_marginal(scores: Tensor, b: Tensor, eps: float, *, distributed: boo
         raise ValueError("estimate_marginal: no rows")
     est = total[:-1] / total[-1]
     return est / est.sum()
+
+
+def fixed_point_marginal(scores: Tensor, eps: float, min_mass: float, *, steps: int = 100, tol: float = 1e-6,
+                         distributed: bool = False) -> Tensor:
+    """The cluster sizes of fixed scores: EM steps from uniform, each floored at ``min_mass / K``,
+    until the sizes move by at most ``tol`` (max abs) or ``steps`` (for a last label step on a
+    trained model, where nothing else changes between steps)."""
+    k = scores.shape[1]
+    b = torch.full((k,), 1.0 / k, dtype=torch.float64)
+    for _ in range(steps):
+        new = floor_marginal(estimate_marginal(scores, b, eps, distributed=distributed), min_mass).cpu()
+        done = float((new - b).abs().max()) <= tol
+        b = new
+        if done:
+            break
+    return b
 
 
 def total_variation(p: Sequence[float] | Tensor, q: Sequence[float] | Tensor) -> float:

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from selflabel.errors import InputError
 from selflabel.imbalanced import estimated_marginal_cluster, merge_clusters, transport_kmeans
-from selflabel.marginals import estimate_marginal, floor_marginal, total_variation, validate_prior
+from selflabel.marginals import (estimate_marginal, fixed_point_marginal, floor_marginal, total_variation,
+                                 validate_prior)
 from selflabel.ot import sinkhorn
 
 PROPS = [0.42, 0.22, 0.14, 0.09, 0.06, 0.04, 0.03]  # long tail, ratio 14
@@ -192,3 +193,30 @@ def test_identical_rows_do_not_crash():
     fit = estimated_marginal_cluster(x, 3, seed=0)
     assert fit.labels.shape == (50,)
     assert torch.isfinite(fit.marginal).all()
+
+
+def test_fixed_point_marginal_of_fixed_scores():
+    """Scores that point every row to its class: the EM fixed point is the class histogram."""
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    scores = F.one_hot(labels, 3).float() * 0.5
+    b = fixed_point_marginal(scores, 0.05, 0.0)
+    np.testing.assert_allclose(b.numpy(), [0.5, 0.3, 0.2], atol=1e-3)
+    assert float(fixed_point_marginal(scores, 0.05, 0.9).min()) >= 0.3 - 1e-12  # the floor holds
+
+
+# ---------------------------------------------------------------- SeLa's label step
+
+
+def test_sela_label_steps_estimate_the_sizes():
+    from selflabel.config import RunConfig
+    from selflabel.train.sela import train_sela
+
+    x, y = mixture(PROPS)
+    cfg = RunConfig()
+    cfg.sela.epochs = 5
+    res = train_sela(x.numpy(), len(PROPS), cfg)
+    assert res.info["marginal"] == "estimated"
+    sizes, acc = matched_sizes(y, res.labels, len(PROPS))
+    assert acc > 0.95 and total_variation(sizes, true_props(y, len(PROPS))) < 0.05
+    est = sorted(res.info["estimated_sizes"][len(PROPS)], reverse=True)
+    assert total_variation(est, sorted(true_props(y, len(PROPS)), reverse=True)) < 0.05
