@@ -181,11 +181,12 @@ def demo(
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = "sinkhorn",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run --out holds (see `label --help`).")] = False,
 ) -> None:
-    """Label the small sample of real photos shipped in the package, then evaluate (offline)."""
+    """Label the small sample of real photos shipped in the package (K chosen from the data), then
+    evaluate against its class folders (offline)."""
     from .sample import sample_dir
 
-    label(sample_dir(), out=out, method=method, overwrite=overwrite)
-    eval_(out, gt_csv=None, reviewed=False, as_json=False)
+    label(sample_dir(), out=out, method=method, overwrite=overwrite, gt="folders")
+    eval_(out, gt_csv=None, gt="folders", reviewed=False, as_json=False)
 
 
 @app.command()

@@ -34,8 +34,8 @@ def runs(tmp_path_factory):
     src = shared("imagenette-val")
     tmp = tmp_path_factory.mktemp("assign")
     split_by_file_name(src, tmp)
-    full = selflabel.label(src, out=tmp / "full", k=10)
-    first = selflabel.label(tmp / "A", out=tmp / "first", k=10)
+    full = selflabel.label(src, out=tmp / "full", k=10, gt="folders")
+    first = selflabel.label(tmp / "A", out=tmp / "first", k=10, gt="folders")
     df = first.labels
     cluster_of = {cls: int(df[df.path.str.startswith(cls + "/")].cluster.mode()[0]) for cls in ("tench", "golf_ball")}
     with ReviewStore(first.path) as store:
