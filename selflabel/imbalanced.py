@@ -119,7 +119,7 @@ def merge_clusters(sums: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
 
 @torch.no_grad()
 def estimated_marginal_cluster(x: Tensor, k: int, *, eps: float = 0.05, iters: int = 30, seed: int = 0,
-                               min_mass: float = 0.1, overcluster: int = 6, refine_eps: float | None = None,
+                               min_mass: float = 0.1, overcluster: int = 6,
                                init: Tensor | None = None, ctx: DistContext | None = None) -> TransportFit:
     """K clusters of the prepared features ``x`` (every rank holds all rows, as in
     ``cluster.sinkhorn_cluster``) with sizes estimated from the data: over-cluster, merge, refine
@@ -152,7 +152,7 @@ def estimated_marginal_cluster(x: Tensor, k: int, *, eps: float = 0.05, iters: i
         protos = F.normalize(msums, dim=1).to(x.dtype)
         b0 = floor_marginal(mcounts / mcounts.sum(), min_mass).cpu()
         info["overcluster_alternations"] = fine.info["alternations"]
-    fit = transport_kmeans(xl, protos, eps=refine_eps or eps, iters=iters, estimate=True, b=b0, min_mass=min_mass, ctx=ctx)
+    fit = transport_kmeans(xl, protos, eps=eps, iters=iters, estimate=True, b=b0, min_mass=min_mass, ctx=ctx)
     fit.info.update(info)
     return fit
 

@@ -220,3 +220,20 @@ def test_sela_label_steps_estimate_the_sizes():
     assert acc > 0.95 and total_variation(sizes, true_props(y, len(PROPS))) < 0.05
     est = sorted(res.info["estimated_sizes"][len(PROPS)], reverse=True)
     assert total_variation(est, sorted(true_props(y, len(PROPS)), reverse=True)) < 0.05
+
+
+# ---------------------------------------------------------------- the benchmark's long-tailed draws
+
+
+def test_benchmark_longtail_subset_profile_and_size_tv():
+    from benchmarks.longtail import longtail_subset, proportion_tv
+
+    y = np.repeat(np.arange(10), 100)
+    keep = longtail_subset(y, 100, seed=0)
+    counts = np.sort(np.bincount(y[keep], minlength=10))[::-1]
+    np.testing.assert_array_equal(counts, np.round(100 * 100.0 ** (-np.arange(10) / 9)).astype(int))
+    large = lambda s: int(np.bincount(y[longtail_subset(y, 10, seed=s)]).argmax())  # noqa: E731
+    assert len({large(s) for s in range(6)}) > 1  # the seed chooses which class is large
+    assert np.array_equal(longtail_subset(y, 1, seed=3), np.arange(1000))
+    assert proportion_tv(y[keep], y[keep]) == 0.0
+    assert abs(proportion_tv(np.array([0, 0, 0, 1]), np.array([0, 1, 0, 1])) - 0.25) < 1e-12
