@@ -17,7 +17,7 @@ sums and the marginal estimate are all-reduced, so every rank holds the one-proc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,9 +33,7 @@ from .marginals import estimate_marginal, floor_marginal
 from .ot import sinkhorn
 from .result import LabelResult
 
-Marginal = Literal["estimated", "uniform"]
-
-__all__ = ["Marginal", "TransportFit", "transport_kmeans", "merge_clusters", "estimated_marginal_cluster",
+__all__ = ["TransportFit", "transport_kmeans", "merge_clusters", "estimated_marginal_cluster",
            "estimated_cluster_prepared"]
 
 
@@ -102,8 +100,8 @@ def cluster_sums(xl: Tensor, labels: Tensor, k: int, ctx: DistContext | None = N
 
 def merge_clusters(sums: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
     """Group index in [0, k) for each of K0 small clusters: average linkage on the cosine distance
-    of their means, cut at k groups. Empty clusters join the group of the nearest non-empty one
-    (by the mean's index order; they carry no images). Deterministic: every rank cuts alike."""
+    of their means, cut at k groups. Empty clusters go to group 0: with no images they add nothing
+    to its sums or size. Deterministic: every rank cuts alike."""
     k0 = len(counts)
     full = np.flatnonzero(counts > 0)
     if len(full) <= k:
