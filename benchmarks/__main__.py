@@ -23,7 +23,8 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `selflabel
 
 from benchmarks.common import RESULTS_DIR  # noqa: E402
 
-BENCHMARKS = ("features", "sinkhorn", "end_to_end", "distributed", "quality", "dense", "community", "memory", "plots")
+BENCHMARKS = ("features", "sinkhorn", "end_to_end", "distributed", "quality", "longtail", "dense", "community", "memory",
+              "plots")
 
 
 def parse_only(values: list[str] | None) -> list[str]:

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> str:
             work = Path(tmp)
             data = src
             if subset is not None:
-                scan = scan_folder(src)
+                scan = scan_folder(src, gt="folders")  # the classes only stratify the subset
                 data = link_subset(stratified(scan.records, subset), scan.root, work / "data")
             runs = first_and_cached(data, work, k=args.k, device=args.device, backbone=args.backbone)
         rows += rows_for(label, note, runs)

@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> str:
     bs = args.batch_size
     bare_batches = 1 if device.type == "cpu" else 20
 
-    records = stratified(scan_folder(shared_data("imagenette-val")).records, n)
+    records = stratified(scan_folder(shared_data("imagenette-val"), gt="folders").records, n)
     spec = library_spec(device)
     _log(f"CPU: {cpu_summary()}; default engine {spec.tag}")
     rows, missed, agree = [], [], []

@@ -49,7 +49,7 @@ def imagenette_features(n: int | None, cache_dir: str | None, device: str) -> tu
     from selflabel.data import scan_folder
     from selflabel.features import extract_features
 
-    records = stratified(scan_folder(shared_data("imagenette-val")).records, n)
+    records = stratified(scan_folder(shared_data("imagenette-val"), gt="folders").records, n)
     res = extract_features(records, create_backbone("mobilenet_v2"), device=device, cache_dir=cache_dir, show_progress=False)
     print(f"[plots: {len(res.records)} imagenette features, {res.n_cached} from cache, {res.n_computed} computed]", flush=True)
     return np.asarray(res.features), np.array([r.gt for r in res.records])

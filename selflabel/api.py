@@ -25,7 +25,8 @@ def run_config(folder: str | Path, out: str | Path = "runs/latest", *, k: int | 
                backbone: str | None = None, weights: str | Path | None = None, config: str | Path | None = None,
                overrides: Sequence[str] | dict[str, Any] | None = None, seed: int | None = None,
                batch_size: int | None = None, device: str | None = None, amp: str | None = None,
-               engine: str | None = None, cache_dir: str | Path | None = None, gt_csv: str | Path | None = None) -> RunConfig:
+               engine: str | None = None, cache_dir: str | Path | None = None, gt_csv: str | Path | None = None,
+               gt: str | None = None) -> RunConfig:
     """The resolved config of a label run: defaults < YAML `config` < `overrides` ("sela.epochs=10" strings
     or a nested dict) < the named options, each checked by the config's own parsing (as the CLI does)."""
     cfg = load_config(config)
@@ -38,7 +39,7 @@ def run_config(folder: str | Path, out: str | Path = "runs/latest", *, k: int | 
         "dense": {"enabled": dense or None},
         "backbone": {"name": backbone, "weights": weights, "batch_size": batch_size, "device": device, "amp": amp,
                      "engine": engine, "cache_dir": cache_dir},
-        "ingest": {"gt_csv": gt_csv}}))
+        "ingest": {"gt_csv": gt_csv, "gt": gt}}))
     return cfg
 
 
@@ -46,8 +47,8 @@ def label(folder: str | Path, out: str | Path = "runs/latest", *, progress: bool
     """Label every image under `folder` and write the run folder `out`; returns it opened as a `Run`.
 
     `options` are those of `selflabel label` (k, method, heads, finetune, dense, backbone, weights, config,
-    overrides, seed, batch_size, device, amp, engine, cache_dir, gt_csv), with the same defaults; `progress=False`
-    is the CLI's `--quiet`.
+    overrides, seed, batch_size, device, amp, engine, cache_dir, gt_csv, gt="folders"), with the same defaults:
+    no `k` chooses K from the data, and folder names are ground truth only with gt="folders".
     """
     summary = label_folder(run_config(folder, out, **options), show_progress=progress)
     return Run(summary.out)

@@ -135,7 +135,8 @@ def assign_folder(run_dir: str | Path, folder: str | Path, out: str | Path, *, u
     manifest = read_manifest(run_dir)
     cfg = from_dict(manifest["config"])
     clusters = reviewed_clusters(run_dir, unsure_quantile)  # checks the run before any long work
-    scan = scan_folder(folder, follow_symlinks=cfg.ingest.follow_symlinks)
+    scan = scan_folder(folder, follow_symlinks=cfg.ingest.follow_symlinks,
+                       gt=None if cfg.ingest.gt == "none" else cfg.ingest.gt)  # as the labelling run was asked
     b = cfg.backbone
     backbone = create_backbone(b.name, b.weights, b.image_size)
     if backbone.cache_key() != manifest["backbone"]["cache_key"]:

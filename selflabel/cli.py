@@ -50,7 +50,8 @@ def _setup_logging(verbose: bool) -> None:
 def label(
     data: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path("runs/latest"),
-    k: Annotated[Optional[int], typer.Option(help="Number of clusters, at least 2 (default: class folders if any, else sqrt(N/2)).")] = None,
+    k: Annotated[Optional[int], typer.Option(help="Number of clusters, at least 2 (default: chosen from the data, "
+                                             "see k_selection.png; folder names never set it).")] = None,
     method: Annotated[Optional[str], typer.Option(help=f"{METHOD_HELP} (default sinkhorn).")] = None,
     heads: Annotated[Optional[str], typer.Option(help="Extra heads, e.g. 10,50,100 (SeLa hierarchy).")] = None,
     finetune: Annotated[bool, typer.Option("--finetune", help="Train the backbone end to end (SeLa/SwAV).")] = False,
@@ -66,6 +67,8 @@ def label(
     engine: Annotated[Optional[str], typer.Option(help=" | ".join(ENGINES) + " (CPU inference engine)")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder (default ~/.cache/selflabel).")] = None,
     gt_csv: Annotated[Optional[Path], typer.Option(help="Ground truth CSV (path,label) for `eval`.")] = None,
+    gt: Annotated[Optional[str], typer.Option("--gt", help="folders: the first-level folder names are ground truth "
+                                              "(for `eval`; never used to set K). Default: none.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or table.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run --out holds (its review edits are moved "
@@ -84,7 +87,7 @@ def label(
                  "dense": {"enabled": dense or None},
                  "backbone": {"name": backbone, "weights": weights, "batch_size": batch_size, "device": device,
                               "amp": amp, "engine": engine, "cache_dir": cache_dir},
-                 "ingest": {"gt_csv": gt_csv}}
+                 "ingest": {"gt_csv": gt_csv, "gt": gt}}
         validate(apply_overrides(cfg, _given(flags)))
         summary = label_folder(cfg, show_progress=not quiet, overwrite=overwrite)
     if not quiet:
@@ -103,6 +106,8 @@ def _given(flags: dict) -> dict:
 
 
 def _print_summary(s) -> None:
+    if s.k_selection:
+        console.print(f"chosen {s.k_selection['reason']} (plot: {s.out / 'k_selection.png'}; --k N forces N)")
     t = Table(title=f"selflabel: {s.n_images} images -> {s.k} clusters ({s.out})")
     t.add_column("cluster", justify="right")
     t.add_column("images", justify="right")
@@ -129,6 +134,8 @@ def _print_summary(s) -> None:
 def eval_(
     run: Annotated[Path, typer.Argument(help="Run folder written by `selflabel label`.")],
     gt_csv: Annotated[Optional[Path], typer.Option(help="Ground truth CSV with columns path,label.")] = None,
+    gt: Annotated[Optional[str], typer.Option("--gt", help="folders: score against the first-level folder names "
+                                              "of the image paths.")] = None,
     reviewed: Annotated[bool, typer.Option("--reviewed", help="Score the labels after review edits.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -136,7 +143,7 @@ def eval_(
     from .evaluate import evaluate_run
 
     with _errors_as_lines():
-        res = evaluate_run(run, str(gt_csv) if gt_csv else None, reviewed=reviewed)
+        res = evaluate_run(run, str(gt_csv) if gt_csv else None, reviewed=reviewed, gt=gt)
     if as_json:
         print(json.dumps(res, indent=2, default=float))
         return
@@ -182,11 +189,12 @@ def demo(
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = "sinkhorn",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run --out holds (see `label --help`).")] = False,
 ) -> None:
-    """Label the small sample of real photos shipped in the package, then evaluate (offline)."""
+    """Label the small sample of real photos shipped in the package (K chosen from the data), then
+    evaluate against its class folders (offline)."""
     from .sample import sample_dir
 
-    label(sample_dir(), out=out, method=method, overwrite=overwrite)
-    eval_(out, gt_csv=None, reviewed=False, as_json=False)
+    label(sample_dir(), out=out, method=method, overwrite=overwrite, gt="folders")
+    eval_(out, gt_csv=None, gt="folders", reviewed=False, as_json=False)
 
 
 @app.command()

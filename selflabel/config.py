@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import types
 import typing
@@ -29,7 +30,8 @@ HeadInit = Literal["sinkhorn", "kmeans++", "random"]
 FinalAssign = Literal["argmax", "sinkhorn"]
 Louvain = Literal["networkx", "python-louvain"]
 NeighborObjective = Literal["scan", "temi"]
-Marginal = Literal["uniform", "estimated"]
+Marginal = Literal["estimated", "uniform"]  # cluster sizes: estimated from the data (selflabel.imbalanced) | equal
+GtSource = Literal["none", "folders"]  # ground truth from class folder names only when asked
 METHODS: tuple[str, ...] = get_args(Method)
 AMPS: tuple[str, ...] = get_args(Amp)
 ENGINES: tuple[str, ...] = get_args(Engine)
@@ -44,6 +46,7 @@ class IngestConfig:
     follow_symlinks: bool = True
     max_pixels: int = 100_000_000  # decompression-bomb limit (width * height)
     gt_csv: str | None = None  # optional CSV path,label of ground truth
+    gt: GtSource = "none"  # "folders": the first-level folder names are ground truth (`--gt folders`)
 
 
 @dataclass
@@ -68,13 +71,16 @@ class ClusterConfig:
     """Image-level pseudo-labelling."""
 
     method: Method = "sinkhorn"
-    k: int | None = None  # None: chosen from N (see cluster.default_k); else at least 2
+    k: int | None = None  # None: chosen from the data (selflabel.kselect), or len(prior); else at least 2
     heads: list[int] = field(default_factory=list)  # extra heads (SeLa hierarchy), e.g. [50, 100]
     eps: float = 0.05  # Sinkhorn entropic regularisation on cosine scores
     temperature: float = 0.1  # softmax temperature for confidences
     iters: int = 30  # alternations of assignment and prototype update
     finetune: bool = False  # end-to-end training of the backbone (SeLa/SwAV)
-    prior: list[float] | None = None  # optional cluster-size prior (sums to 1), length k
+    prior: list[float] | None = None  # optional cluster-size prior (sums to 1), length k: fixed sizes
+    marginal: Marginal = "uniform"  # without a prior: uniform (balanced) | estimated from the data (long-tailed folders)
+    min_mass: float = 0.1  # estimated sizes: every cluster keeps at least min_mass / K (guard against collapse)
+    overcluster: int = 6  # estimated sizes: over-cluster into overcluster * K balanced clusters, then merge
 
 
 @dataclass
@@ -271,7 +277,7 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
 # ----------------------------------------------------------------------------- value checks
 # Lower bounds of numeric settings (inclusive). Floats marked "> 0" must be strictly positive.
 _AT_LEAST: dict[str, float] = {
-    "cluster.iters": 1, "backbone.batch_size": 1, "backbone.flush_every": 1, "backbone.num_workers": -1,
+    "cluster.iters": 1, "cluster.overcluster": 1, "backbone.batch_size": 1, "backbone.flush_every": 1, "backbone.num_workers": -1,
     "ingest.max_pixels": 1,
     "sela.epochs": 1, "sela.label_updates": 1, "sela.batch_size": 1, "sela.hidden_dim": 1, "sela.finetune_epochs": 0,
     "sela.cpu_threads": 0, "sela.weight_decay": 0, "sela.finetune_lr": 0, "sela.feature_noise": 0,
@@ -323,7 +329,15 @@ def validate(cfg: RunConfig) -> RunConfig:
     for h in c.heads:
         if h < 2:
             raise bad("cluster.heads", c.heads, "every head's K at least 2")
+    if not 0 <= c.min_mass < 1:
+        raise bad("cluster.min_mass", c.min_mass, "at least 0 and below 1 (a share of 1/K)")
     if c.prior is not None:
+        if not c.prior:
+            raise bad("cluster.prior", c.prior, "one positive share per cluster")
+        if any(not math.isfinite(p) for p in c.prior):
+            raise bad("cluster.prior", c.prior, "finite numbers, no NaN or inf")
+        if all(p == 0 for p in c.prior):
+            raise bad("cluster.prior", c.prior, "positive cluster shares, not all zero")
         if any(not p > 0 for p in c.prior):
             raise bad("cluster.prior", c.prior, "positive cluster shares")
         if c.k is not None and len(c.prior) != c.k:

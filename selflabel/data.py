@@ -84,12 +84,21 @@ def resolve_id(root: str | os.PathLike, image_id: str) -> Path:
     return p
 
 
-def scan_folder(root: str | os.PathLike, *, follow_symlinks: bool = True, gt_csv: str | None = None) -> ScanResult:
+GT_SOURCES = ("folders",)  # the values of `scan_folder(gt=...)` / `--gt`
+
+
+def scan_folder(root: str | os.PathLike, *, follow_symlinks: bool = True, gt_csv: str | None = None,
+                gt: str | None = None) -> ScanResult:
     """Walk `root` recursively (sorted, case-insensitive extensions), following symlinks safely.
 
-    Ground truth: the first-level folder name when every image lies in a class subfolder,
-    or the `gt_csv` file (columns path,label). Raises InputError for a missing or empty root.
+    Ground truth only when asked: the `gt_csv` file (columns path,label), or with ``gt="folders"``
+    the first-level folder name of each image (images directly in `root` get none, with a warning). Folder
+    names are never labels by themselves: `photos/2019/`, `photos/2020/` are not two classes.
+    Raises InputError for a missing or empty root or an unknown `gt`.
     """
+    if gt is not None and gt not in GT_SOURCES:
+        raise InputError(f"--gt {gt!r}: unknown ground-truth source (allowed: {', '.join(GT_SOURCES)}; "
+                         "or give --gt-csv FILE)")
     root_path = Path(root).expanduser()
     if not root_path.exists():
         raise InputError(f"{root}: no such file or directory")
@@ -155,20 +164,24 @@ def scan_folder(root: str | os.PathLike, *, follow_symlinks: bool = True, gt_csv
     result.records = sorted(keep.values(), key=lambda r: r.id)
     if not result.records:
         raise InputError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    _attach_gt(result, gt_csv)
+    _attach_gt(result, gt_csv, gt)
     return result
 
 
-def _attach_gt(result: ScanResult, gt_csv: str | None) -> None:
+def _attach_gt(result: ScanResult, gt_csv: str | None, gt: str | None) -> None:
     if gt_csv:
         table = read_gt_csv(gt_csv)
         for r in result.records:
             r.gt = table.get(r.id)
         return
-    parts = [r.id.split("/") for r in result.records]
-    if all(len(p) >= 2 for p in parts) and len({p[0] for p in parts}) >= 2:
+    if gt == "folders":
+        parts = [r.id.split("/") for r in result.records]
+        loose = [r.id for r, p in zip(result.records, parts) if len(p) < 2]
+        if loose:  # e.g. images assigned later to a run labelled with --gt folders
+            log.warning("--gt folders: %d image(s) lie directly in %s, not in a class folder (first: %s): no "
+                        "ground truth for them", len(loose), result.root, loose[0])
         for r, p in zip(result.records, parts):
-            r.gt = p[0]
+            r.gt = p[0] if len(p) >= 2 else None
 
 
 def read_gt_csv(path: str | os.PathLike) -> dict[str, str]:

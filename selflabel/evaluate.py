@@ -6,14 +6,18 @@ from typing import Any
 
 import numpy as np
 
-from .data import read_gt_csv
+from .data import GT_SOURCES, read_gt_csv
 from .errors import InputError
 from .metrics import cluster_metrics
 from .runfiles import DENSE, read_labels, read_manifest
 
 
-def evaluate_run(run_dir: str | Path, gt_csv: str | None = None, reviewed: bool = False) -> dict[str, Any]:
+def evaluate_run(run_dir: str | Path, gt_csv: str | None = None, reviewed: bool = False,
+                 gt: str | None = None) -> dict[str, Any]:
     """NMI / ARI / Hungarian accuracy of the main labels and of every extra head.
+
+    Ground truth: `gt_csv`, else with ``gt="folders"`` the first-level folder of each image path,
+    else the gt column the labelling run wrote (only when it was asked for ground truth).
 
     `reviewed=True` scores the labels after the review app's edits (rejected images left out).
     Dense runs also get mIoU from `selflabel.dense` when label maps are found."""
@@ -26,8 +30,16 @@ def evaluate_run(run_dir: str | Path, gt_csv: str | None = None, reviewed: bool 
         rows = [r for r in rows if r.path not in rejected]
     else:
         rows = read_labels(run)
+    if gt not in (None, "none", *GT_SOURCES):
+        raise InputError(f"--gt {gt!r}: unknown ground-truth source (allowed: {', '.join(GT_SOURCES)}; or --gt-csv FILE)")
     gt_table = read_gt_csv(gt_csv) if gt_csv else None
-    gt = [gt_table.get(r.path) if gt_table is not None else r.gt for r in rows]
+    if gt_table is not None:
+        truth = [gt_table.get(r.path) for r in rows]
+    elif gt == "folders":
+        truth = [r.path.split("/", 1)[0] if "/" in r.path else None for r in rows]
+    else:
+        truth = [r.gt for r in rows]
+    gt = truth
     keep = [i for i, g in enumerate(gt) if g is not None]
     out: dict[str, Any] = {"run": str(run), "n_images": len(rows)}
     if keep:
@@ -52,6 +64,6 @@ def evaluate_run(run_dir: str | Path, gt_csv: str | None = None, reviewed: bool 
                 raise
             out["dense_note"] = str(exc)
     if "image" not in out and "dense" not in out:
-        raise InputError(f"{run}: no ground truth found: the images were not in class folders "
-                         f"(data root {manifest.get('data_root')}); pass --gt-csv FILE with columns path,label")
+        raise InputError(f"{run}: no ground truth: pass --gt folders (class folder names, data root "
+                         f"{manifest.get('data_root')}) or --gt-csv FILE with columns path,label")
     return out

@@ -20,6 +20,7 @@ from .config import RunConfig
 from .distributed import DistContext
 from .errors import InputError
 from .geometry import Geometry, feature_mean, prepare
+from .imbalanced import estimated_cluster_prepared
 from .result import LabelResult
 from .train.neighbors import train_neighbors
 from .train.sela import train_sela
@@ -84,15 +85,24 @@ def get_method(name: str) -> Method:
         raise InputError(f"unknown method '{name}' (choose {', '.join(_METHODS)})") from None
 
 
+def _transport_clustering(inp: MethodInput, k: int, prior) -> LabelResult:
+    """One K: fixed sizes (the user's prior, or equal with cluster.marginal=uniform) or sizes estimated
+    from the data (cluster.marginal=estimated, the default; selflabel.imbalanced)."""
+    c = inp.cfg.cluster
+    if prior is None and c.marginal == "estimated":
+        return estimated_cluster_prepared(inp.prepared, k, eps=c.eps, temperature=c.temperature, iters=c.iters,
+                                          seed=inp.cfg.seed, min_mass=c.min_mass, overcluster=c.overcluster, ctx=inp.ctx)
+    return sinkhorn_cluster_prepared(inp.prepared, k, eps=c.eps, temperature=c.temperature, iters=c.iters,
+                                     seed=inp.cfg.seed, prior=prior, ctx=inp.ctx)
+
+
 @register_method("sinkhorn", lambda cfg: cfg.cluster.temperature)
 def _sinkhorn(inp: MethodInput) -> LabelResult:
-    """Balanced spherical k-means, the assignment an optimal transport problem (SeLa's label step)."""
-    c = inp.cfg.cluster
-    res = sinkhorn_cluster_prepared(inp.prepared, inp.k, eps=c.eps, temperature=c.temperature, iters=c.iters,
-                                    seed=inp.cfg.seed, prior=c.prior, ctx=inp.ctx)
-    for h in inp.heads:
-        res.head_labels[h] = sinkhorn_cluster_prepared(inp.prepared, h, eps=c.eps, iters=c.iters, seed=inp.cfg.seed,
-                                                       ctx=inp.ctx).labels
+    """Spherical k-means, the assignment an optimal transport problem (SeLa's label step); cluster
+    sizes estimated from the data unless a prior or cluster.marginal=uniform fixes them."""
+    res = _transport_clustering(inp, inp.k, inp.cfg.cluster.prior)
+    for h in inp.heads:  # the prior is the main K's; extra heads follow cluster.marginal
+        res.head_labels[h] = _transport_clustering(inp, h, None).labels
     return res
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import __version__
 from .backbones import create_backbone, list_backbones
-from .cluster import LabelResult, default_k
+from .cluster import LabelResult
 from .config import RunConfig, to_dict, validate
 from .data import scan_folder
 from .dense.pipeline import segment
@@ -22,7 +22,10 @@ from .errors import InputError
 from .distributed import all_gather_objects, device_for, init_from_env, shard, shutdown, wait_for_main
 from .features import extract_features
 from .curate.run import curate_run
+from .geometry import prepare_features
 from .geometry_io import save_geometry
+from .kselect import KSelection, choose_k
+from .kselect_io import save_k_selection_plot
 from .methods import cluster_features
 from .progress import progress_enabled, progress_shown
 from .rundir import open_run
@@ -44,6 +47,7 @@ class RunSummary:
     n_cached: int
     metrics: dict[str, float] = field(default_factory=dict)
     dense: dict[str, Any] | None = None
+    k_selection: dict[str, Any] | None = None  # KSelection.to_dict() when K was chosen from the data
 
 
 def versions() -> dict[str, str]:
@@ -112,7 +116,8 @@ def _label_folder(cfg: RunConfig, ctx) -> RunSummary:
     show_progress = progress_shown()
 
     t = time.perf_counter()
-    scan = scan_folder(cfg.data, follow_symlinks=cfg.ingest.follow_symlinks, gt_csv=cfg.ingest.gt_csv)
+    scan = scan_folder(cfg.data, follow_symlinks=cfg.ingest.follow_symlinks, gt_csv=cfg.ingest.gt_csv,
+                       gt=None if cfg.ingest.gt == "none" else cfg.ingest.gt)
     timings["ingest"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -144,10 +149,12 @@ def _label_folder(cfg: RunConfig, ctx) -> RunSummary:
     n = len(feats.records)
     if n == 0:
         raise InputError(f"{cfg.data}: none of the {len(scan.records)} images could be read (see {out / SKIPPED})")
-    n_classes = len({r.gt for r in feats.records if r.gt is not None}) or None
-    k = cfg.cluster.k or default_k(n, n_classes)
-    if k > n:
-        raise InputError(f"k={k} is larger than the number of readable images ({n})")
+    t = time.perf_counter()
+    k, selection = choose_run_k(cfg, feats.features, n, device)
+    if selection is not None:
+        timings["choose_k"] = time.perf_counter() - t
+        if ctx.is_main:
+            save_k_selection_plot(out, selection)
     cfg.cluster.k = k
 
     t = time.perf_counter()
@@ -175,7 +182,8 @@ def _label_folder(cfg: RunConfig, ctx) -> RunSummary:
     sizes = np.bincount(result.labels, minlength=k)
     summary = RunSummary(out=out, n_images=n, n_skipped=len(skipped), k=k,
                          cluster_sizes={i: int(s) for i, s in enumerate(sizes)}, timings=timings,
-                         n_computed=feats.n_computed, n_cached=feats.n_cached, dense=dense_summary)
+                         n_computed=feats.n_computed, n_cached=feats.n_cached, dense=dense_summary,
+                         k_selection=selection.to_dict() if selection is not None else None)
     if ctx.is_main:
         write_manifest(out, {
             "selflabel_version": __version__,
@@ -186,6 +194,7 @@ def _label_folder(cfg: RunConfig, ctx) -> RunSummary:
             "device": str(device),
             "seed": cfg.seed,
             "k": k,
+            "k_selection": summary.k_selection,  # how K was chosen when none was given (selflabel.kselect)
             "n_images": n,
             "n_skipped": len(skipped),
             "has_gt": any(r.gt is not None for r in feats.records),
@@ -201,6 +210,25 @@ def _label_folder(cfg: RunConfig, ctx) -> RunSummary:
         })
     shutdown(ctx)  # (its barrier: no rank exits before rank 0 has written)
     return summary
+
+
+def choose_run_k(cfg: RunConfig, features: np.ndarray, n: int, device) -> tuple[int, KSelection | None]:
+    """K for the run: `cluster.k` when given, else the length of `cluster.prior`, else chosen from the
+    data (`selflabel.kselect`, returned with its curve). Folder names never set K. Every rank computes
+    the same choice (deterministic on the same features)."""
+    if cfg.cluster.k is not None:
+        if cfg.cluster.k > n:
+            raise InputError(f"--k {cfg.cluster.k} is larger than the number of readable images ({n}); "
+                             f"give at most {n} or leave --k out to choose K from the data")
+        return cfg.cluster.k, None
+    if cfg.cluster.prior is not None:
+        k = len(cfg.cluster.prior)
+        if k > n:
+            raise InputError(f"cluster.prior has {k} entries but only {n} images could be read (at most {n} clusters)")
+        return k, None
+    selection = choose_k(prepare_features(features, device), seed=cfg.seed, eps=cfg.cluster.eps)
+    log.info("choosing K: %s", selection.reason)
+    return selection.k, selection
 
 
 def _rows(records, result: LabelResult, suggested: dict[int, str]) -> list[LabelRow]:

@@ -53,7 +53,8 @@ def test_label_api_defaults_are_the_cli_defaults():
 
 @pytest.fixture
 def run(color_folder, cache_dir, tmp_path) -> selflabel.Run:
-    return selflabel.label(color_folder, out=tmp_path / "run", backbone="tiny", k=3, seed=0, cache_dir=cache_dir)
+    return selflabel.label(color_folder, out=tmp_path / "run", backbone="tiny", k=3, seed=0, cache_dir=cache_dir,
+                           gt="folders")
 
 
 def test_run_labels_reflect_review_edits(run):

@@ -110,10 +110,10 @@ def test_shared_data_honours_the_env_override(tmp_path: Path, monkeypatch):
 
 
 def test_link_subset_keeps_class_folders(color_folder: Path, tmp_path: Path):
-    scan = scan_folder(color_folder)
+    scan = scan_folder(color_folder, gt="folders")
     sub = features.stratified(scan.records, 6)
     dst = end_to_end.link_subset(sub, scan.root, tmp_path / "subset")
-    again = scan_folder(dst)
+    again = scan_folder(dst, gt="folders")
     assert sorted(r.id for r in again.records) == sorted(r.id for r in sub)
     assert {r.gt for r in again.records} == {"red", "green", "blue"}
     assert all((dst / r.id).is_symlink() for r in sub)

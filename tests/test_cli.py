@@ -19,7 +19,8 @@ def _label(args, cache_dir):
 def test_label_writes_run_and_eval_scores(color_folder, cache_dir, tmp_path):
     out = tmp_path / "run"
     (color_folder / "green" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    res = _label([str(color_folder), "--out", str(out), "--method", "kmeans", "--k", "3", "--seed", "1"], cache_dir)
+    res = _label([str(color_folder), "--out", str(out), "--method", "kmeans", "--k", "3", "--seed", "1",
+                  "--gt", "folders"], cache_dir)
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(open(out / "labels.csv")))
     assert len(rows) == 24 and set(rows[0]) == {"path", "cluster", "confidence", "gt", "duplicate_of", "outlier"}
@@ -62,7 +63,67 @@ def test_bad_config_override_exit_2(color_folder, tmp_path, cache_dir):
 
 def test_k_larger_than_images_exit_2(color_folder, tmp_path, cache_dir):
     res = _label([str(color_folder), "--out", str(tmp_path / "o"), "--k", "500"], cache_dir)
-    assert res.exit_code == 2 and "k=500" in res.output
+    assert res.exit_code == 2 and "--k 500 is larger than the number of readable images (24)" in res.output
+    res = _label([str(color_folder), "--out", str(tmp_path / "o"), "--k", "0"], cache_dir)
+    assert res.exit_code == 2 and "cluster.k: 0" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("prior, words", [
+    ("[0.5,0.5]", "3 entries, one per cluster (k = 3)"),
+    ("[0.5,-0.2,0.7]", "positive cluster shares"),
+    ("[0,0,0]", "not all zero"),
+    ("[0.5,.nan,0.5]", "no NaN"),
+])
+def test_bad_prior_exit_2(color_folder, tmp_path, cache_dir, prior, words):
+    res = _label([str(color_folder), "--out", str(tmp_path / "o"), "--k", "3", "--set", f"cluster.prior={prior}"],
+                 cache_dir)
+    assert res.exit_code == 2 and "cluster.prior" in res.output and words in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_class_folders_without_gt_flag_are_not_ground_truth(color_folder, cache_dir, tmp_path):
+    """No --gt folders: no gt column, no K from the folders; eval asks for ground truth, --gt folders gives it."""
+    out = tmp_path / "run"
+    res = _label([str(color_folder), "--out", str(out), "--method", "kmeans", "--k", "3"], cache_dir)
+    assert res.exit_code == 0, res.output
+    assert set(next(csv.DictReader(open(out / "labels.csv")))) == {"path", "cluster", "confidence"}
+    assert json.loads((out / "manifest.json").read_text())["has_gt"] is False
+    res = runner.invoke(app, ["eval", str(out)])
+    assert res.exit_code == 2 and "--gt folders" in res.output
+    ev = runner.invoke(app, ["eval", str(out), "--gt", "folders", "--json"])
+    assert ev.exit_code == 0, ev.output
+    assert json.loads(ev.output)["image"]["accuracy"] == pytest.approx(1.0)
+    res = runner.invoke(app, ["eval", str(out), "--gt", "names"])
+    assert res.exit_code == 2 and "unknown ground-truth source" in res.output
+    res = _label([str(color_folder), "--out", str(tmp_path / "o2"), "--gt", "names"], cache_dir)
+    assert res.exit_code == 2 and "ingest.gt" in res.output
+
+
+def test_k_chosen_from_the_data_is_printed_plotted_and_recorded(color_folder, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["label", str(color_folder), "--out", str(out), "--backbone", "tiny",
+                              "--cache-dir", str(cache_dir)])
+    assert res.exit_code == 0, res.output
+    man = json.loads((out / "manifest.json").read_text())
+    sel = man["k_selection"]
+    assert man["k"] == sel["k"] == 3  # three colours
+    assert "chosen K = 3: highest modularity" in " ".join(res.output.split())
+    assert [c["k"] for c in sel["candidates"]][0] == 2 and sel["criterion"].startswith("max modularity")
+    assert (out / "k_selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(set(r["cluster"] for r in csv.DictReader(open(out / "labels.csv")))) == 3
+
+
+def test_folder_of_identical_images_gives_one_cluster(tmp_path, cache_dir):
+    from conftest import make_image
+
+    for i in range(12):
+        make_image(tmp_path / "same" / f"{i}.png", (90, 90, 90), seed=0, noise=0)
+    out = tmp_path / "run"
+    res = _label([str(tmp_path / "same"), "--out", str(out)], cache_dir)
+    assert res.exit_code == 0, res.output
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["k"] == 1 and "distinct" in man["k_selection"]["reason"]
+    assert {r["cluster"] for r in csv.DictReader(open(out / "labels.csv"))} == {"0"}
 
 
 def test_eval_without_gt_and_not_a_run(tmp_path, cache_dir):

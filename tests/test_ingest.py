@@ -12,7 +12,7 @@ from conftest import make_image
 
 
 def test_scan_finds_images_recursively_case_insensitive_with_gt(color_folder):
-    scan = scan_folder(color_folder)
+    scan = scan_folder(color_folder, gt="folders")
     assert len(scan.records) == 24
     assert {r.gt for r in scan.records} == {"red", "green", "blue"}
     assert all("/" in r.id and not r.id.startswith("/") for r in scan.records)
@@ -168,3 +168,27 @@ def test_jpeg_draft_decoding_keeps_enough_pixels(tmp_path):
     assert full.size == (1600, 1200)
     assert min(small.size) >= 256 and small.size[0] < 1600  # decoded at a reduced scale
     assert abs(np.asarray(small).mean() - 128) < 3
+
+
+def test_class_folders_are_not_ground_truth_unless_asked(color_folder):
+    """A class-folder tree without gt="folders" (`--gt folders`) has no ground truth."""
+    scan = scan_folder(color_folder)
+    assert len(scan.records) == 24 and not scan.has_gt
+    assert all(r.gt is None for r in scan.records)
+
+
+def test_year_folders_are_not_classes(tmp_path):
+    for year in ("2019", "2020"):
+        for i in range(2):
+            make_image(tmp_path / "photos" / year / f"{i}.png", (10, 10, 10), seed=i)
+    assert not scan_folder(tmp_path / "photos").has_gt
+
+
+def test_gt_folders_leaves_loose_images_without_gt(tmp_path, caplog):
+    make_image(tmp_path / "a" / "0.png", (1, 1, 1))
+    make_image(tmp_path / "loose.png", (2, 2, 2))
+    scan = scan_folder(tmp_path, gt="folders")
+    assert [(r.id, r.gt) for r in scan.records] == [("a/0.png", "a"), ("loose.png", None)]
+    assert "1 image(s) lie directly in" in caplog.text and "loose.png" in caplog.text
+    with pytest.raises(InputError, match="unknown ground-truth source"):
+        scan_folder(tmp_path, gt="names")

@@ -60,8 +60,10 @@ def test_other_configuration_is_refused_then_overwrite_replaces_it(color_folder,
     res = _label(color_folder, out, cache_dir, "--k", "4", "--overwrite")
     assert res.exit_code == 0, res.output
     assert not (out / "dense").exists()  # the old run's dense stage is gone, so eval / export cannot read it
-    assert len({r.cluster for r in read_labels(out)}) == 4
-    ev = runner.invoke(app, ["eval", str(out), "--json"])
+    assert json.loads((out / "manifest.json").read_text())["k"] == 4
+    # 3 colours in 4 clusters: estimated sizes may leave the 4th without an image's argmax (floor mass only)
+    assert 3 <= len({r.cluster for r in read_labels(out)}) <= 4
+    ev = runner.invoke(app, ["eval", str(out), "--gt", "folders", "--json"])
     assert ev.exit_code == 0 and "dense" not in json.loads(ev.output)
 
 
@@ -83,7 +85,7 @@ def test_stale_dense_of_an_older_run_is_not_read(color_folder, cache_dir, tmp_pa
     assert _label(color_folder, out, cache_dir, "--k", "3").exit_code == 0
     (out / "dense").mkdir()
     (out / "dense" / "dense.json").write_text("{}")  # e.g. copied in, or left by a tool version before run.json
-    ev = runner.invoke(app, ["eval", str(out), "--json"])
+    ev = runner.invoke(app, ["eval", str(out), "--gt", "folders", "--json"])
     assert ev.exit_code == 0, ev.output
     assert "dense" not in json.loads(ev.output) and "dense_note" not in json.loads(ev.output)
 

@@ -58,7 +58,9 @@ def test_label_step_prior_sets_cluster_sizes():
 
 def test_recovers_balanced_blobs_with_balanced_labels_and_heads():
     x, y = blobs([100] * 5)
-    res = train_sela(x, 5, small_cfg(final_assign="sinkhorn"), heads=[3, 10])
+    cfg = small_cfg(final_assign="sinkhorn")
+    cfg.cluster.marginal = "uniform"  # the paper's equipartition (the default estimates the sizes)
+    res = train_sela(x, 5, cfg, heads=[3, 10])
     assert nmi(y, res.labels) > 0.95
     assert np.bincount(res.labels, minlength=5).tolist() == [100] * 5  # SeLa's equipartition
     assert set(res.head_labels) == {3, 10}
@@ -137,6 +139,7 @@ def test_finetune_mode_trains_the_backbone_on_cpu(tmp_path):
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     cfg = small_cfg(epochs=1, batch_size=8, finetune_epochs=1, finetune_lr=0.05)
     cfg.cluster.finetune = True
+    cfg.cluster.marginal = "uniform"  # equal sizes asserted below
     cfg.backbone.num_workers = 0
     res = train_sela(feats, 3, cfg, out_dir=tmp_path, records=images, backbone=backbone)
     assert res.info["mode"] == "finetune" and res.info["epochs"] == 2

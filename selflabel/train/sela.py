@@ -5,7 +5,10 @@ Two steps alternate (paper sec. 3):
          min_Q <Q, -log P> - (1/lambda) H(Q)   s.t.  Q 1 = 1/N,  Q^T 1 = 1/K
      i.e. Sinkhorn-Knopp on P ** lambda (`sinkhorn(log P, eps=1/lambda)`); label_i = argmax_k Q_ik.
   2. representation: train the network with cross-entropy on those labels, under augmentation.
-The labels are re-optimised `label_updates` times, spread over the epochs.
+The labels are re-optimised `label_updates` times, spread over the epochs. Long-tailed data
+(`cluster.marginal=estimated`, the default): the column marginal 1/K becomes the cluster sizes estimated
+from the data, one EM step per label step (`estimate_sizes`, `selflabel.marginals`); a `cluster.prior`
+fixes the main head's sizes instead, `cluster.marginal=uniform` is the paper's equipartition.
 
 Frozen mode (default): the network is a head on cached, centred + L2-normalised features and the
 augmentation is feature noise / channel dropout (or cached features of augmented views, `views=`).
@@ -31,7 +34,9 @@ from torch import Tensor
 
 from ..cluster import sinkhorn_cluster_prepared
 from ..geometry import prepare_features
+from ..imbalanced import estimated_cluster_prepared
 from ..kmeans import kmeanspp_init, prior_marginal
+from ..marginals import estimate_marginal, floor_marginal
 from ..result import LabelResult
 from ..config import RunConfig, SelaConfig
 from ..errors import InputError
@@ -68,6 +73,17 @@ def optimize_labels(log_probs: Tensor, lamb: float, prior: Tensor | None = None,
     return res.plan.argmax(dim=1), res
 
 
+@torch.no_grad()
+def estimate_sizes(log_probs: Tensor, sizes: Tensor | None, lamb: float, min_mass: float,
+                   distributed: bool = False) -> Tensor:
+    """The label step's column marginal estimated from the data (`selflabel.marginals`): one EM step
+    of the cluster sizes under the posterior ``P ** lambda * b`` (uniform ``b`` at first), floored at
+    ``min_mass / K``; all-reduced under torch.distributed (every rank holds the same sizes)."""
+    k = log_probs.shape[1]
+    start = torch.full((k,), 1.0 / k, dtype=torch.float64) if sizes is None else sizes
+    return floor_marginal(estimate_marginal(log_probs, start, 1.0 / lamb, distributed=distributed), min_mass).cpu()
+
+
 # ----------------------------------------------------------------------------- model and optimiser
 def build_model(in_dim: int, ks: Sequence[int], scfg: SelaConfig, seed: int, backbone=None) -> SelaNet:
     """Trunk + one linear head per K, initialised from `seed` (small function: DDP wraps its result)."""
@@ -76,11 +92,13 @@ def build_model(in_dim: int, ks: Sequence[int], scfg: SelaConfig, seed: int, bac
 
 @torch.no_grad()
 def init_heads(model: SelaNet, src: FeatureSource, features: np.ndarray, how: str, seed: int,
-               temperature: float = 1.0, max_rows: int = 20_000) -> None:
+               temperature: float = 1.0, max_rows: int = 20_000, estimated: bool = False,
+               min_mass: float = 0.1) -> None:
     """Start each linear/cosine head as a prototype classifier (weights = prototypes / temperature):
       * "kmeans++": k-means++ seeds of the prepared features (a subsample of `max_rows`);
       * "sinkhorn": the prototypes of `selflabel.cluster.sinkhorn_cluster` (balanced spherical k-means,
-        i.e. SeLa's label step with fixed features), which SeLa then refines;
+        i.e. SeLa's label step with fixed features), which SeLa then refines; with ``estimated`` the
+        clustering with sizes estimated from the data (`selflabel.imbalanced`), as the label steps;
       * "random": the paper's random initialisation (nothing to do).
     A random linear head gives a random hyperplane partition that a linear head fits and keeps."""
     if model.trunk.kind == "mlp" or how == "random":
@@ -89,7 +107,9 @@ def init_heads(model: SelaNet, src: FeatureSource, features: np.ndarray, how: st
     for head in model.heads.heads:
         k = head.out_features
         if how == "sinkhorn":
-            protos = torch.from_numpy(sinkhorn_cluster_prepared(prepared, k, seed=seed).prototypes)
+            fit = estimated_cluster_prepared(prepared, k, seed=seed, min_mass=min_mass) if estimated \
+                else sinkhorn_cluster_prepared(prepared, k, seed=seed)
+            protos = torch.from_numpy(fit.prototypes)
         elif how == "kmeans++":
             gen = make_generator(seed, 3, k)
             idx = torch.randperm(src.n, generator=gen)[:max_rows].sort().values
@@ -156,6 +176,9 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
         raise InputError(f"views must be [V, {n}, {d}] (features of augmented images), got {tuple(views.shape)}")
     cached_views = None if views is None else torch.from_numpy(np.array(views, dtype=np.float32))
     priors = [prior_marginal(cfg.cluster.prior, k)] + [None] * (len(ks) - 1)
+    # heads without a fixed prior: sizes estimated from the data at each label step (cluster.marginal)
+    estimated = [p is None and cfg.cluster.marginal == "estimated" for p in priors]
+    sizes: list[Tensor | None] = [None] * len(ks)  # the current estimate per head (None: uniform)
     ctx = context()  # under torchrun: DDP training, row-distributed label steps, rank 0 writes
     distributed = ctx.enabled
     workers = num_workers(cfg.backbone.num_workers)
@@ -179,12 +202,13 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
 
     # ---- resume
     fp = fingerprint(method="sela", data=data_digest(features), ks=ks, seed=seed, sela=dataclasses.asdict(scfg),
-                     prior=cfg.cluster.prior, finetune=finetune, views=None if views is None else list(views.shape))
+                     prior=cfg.cluster.prior, marginal=cfg.cluster.marginal, min_mass=cfg.cluster.min_mass, finetune=finetune, views=None if views is None else list(views.shape))
     ckpt_file = checkpoint_path(out_dir, "sela") if out_dir is not None else None
     start_epoch = 0
     state = load_checkpoint(ckpt_file, fp) if ckpt_file is not None else None
     if state is None:
-        init_heads(model, src, features, scfg.init, seed, scfg.init_temperature)
+        init_heads(model, src, features, scfg.init, seed, scfg.init_temperature, estimated=any(estimated),
+                   min_mass=cfg.cluster.min_mass)
     else:
         start_epoch = int(state["epoch"])
         model.load_state_dict(state["model"])
@@ -192,6 +216,7 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
         optimizer = build_optimizer(model, scfg, finetune=stage_finetune)
         optimizer.load_state_dict(state["optimizer"])
         labels = [t.clone() for t in state["labels"]]
+        sizes = list(state.get("sizes", sizes))
         history = state["history"]
         log.info("SeLa: resuming from %s after epoch %d/%d", ckpt_file, start_epoch, total_epochs)
     ddp = wrap_stage(model, ctx, device, stage_finetune)  # `model` itself in a single process
@@ -211,8 +236,10 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
                                       views=image_views, workers=workers, rows=row_block if distributed else None)
             stats = {"epoch": epoch, "sinkhorn_iters": [], "marginal_err": [], "changed": []}
             for h in range(len(ks)):  # each rank solves for its rows (marginals all-reduced), then shares its labels
-                new, res = optimize_labels(log_p[h], scfg.lamb, priors[h], tol=0.1 / n, distributed=distributed,
-                                           init=warm.get(h))
+                if estimated[h]:
+                    sizes[h] = estimate_sizes(log_p[h], sizes[h], scfg.lamb, cfg.cluster.min_mass, distributed)
+                new, res = optimize_labels(log_p[h], scfg.lamb, sizes[h] if estimated[h] else priors[h], tol=0.1 / n,
+                                           distributed=distributed, init=warm.get(h))
                 warm[h] = res  # the next label step starts from these potentials
                 new = all_gather_blocks(new, ctx)
                 stats["sinkhorn_iters"].append(int(res.n_iters))
@@ -249,7 +276,7 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
 
         end_epoch("SeLa fine-tune" if in_finetune else "SeLa", epoch, total_epochs, losses, t0, history, ctx, ckpt_file, lambda: {
             "fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "stage_finetune": stage_finetune, "labels": labels, "history": history}, stop_after_epoch)
+            "stage_finetune": stage_finetune, "labels": labels, "sizes": sizes, "history": history}, stop_after_epoch)
 
     # ---- final labels: one more label step, to tolerance, with the trained network
     log_p = predict_log_probs(model, src, 4 * batch_size, records=records if finetune else None,
@@ -261,8 +288,11 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
             lab = log_p[h].argmax(1)
         else:
             r0, r1 = row_block if distributed else (0, n)
-            lab, res = optimize_labels(log_p[h][r0:r1], scfg.lamb, priors[h], tol=0.1 / n, distributed=distributed,
-                                       init=warm.get(h))
+            rows = log_p[h][r0:r1]
+            if estimated[h]:
+                sizes[h] = estimate_sizes(rows, sizes[h], scfg.lamb, cfg.cluster.min_mass, distributed)
+            lab, res = optimize_labels(rows, scfg.lamb, sizes[h] if estimated[h] else priors[h], tol=0.1 / n,
+                                       distributed=distributed, init=warm.get(h))
             lab = all_gather_blocks(lab, ctx)
             final_stats["sinkhorn_iters"].append(int(res.n_iters))
             final_stats["marginal_err"].append(float(res.marginal_err))
@@ -270,7 +300,8 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
         final[kk] = lab.numpy().astype(np.int64)
 
     probs = log_p[0].exp().numpy().astype(np.float32)
-    info = {"method": "sela", "mode": "finetune" if finetune else "frozen", "ks": ks, "epochs": total_epochs,
+    info = {"method": "sela", "mode": "finetune" if finetune else "frozen", "ks": ks, "marginal": cfg.cluster.marginal,
+            "estimated_sizes": {kk: [round(float(v), 6) for v in b] for kk, b in zip(ks, sizes) if b is not None}, "epochs": total_epochs,
             "label_update_epochs": updates, "final_assign": scfg.final_assign, "final": final_stats,
             "resumed_from_epoch": start_epoch, "time_s": time.perf_counter() - t_start, **history}
     return label_result(final, k, probs, src, info)

@@ -12,7 +12,11 @@ real image multi-crop through the backbone.
 
 Final labels (documented choice): `final_assign="argmax"` (default) gives each image its nearest
 prototype (argmax of the codes' scores), so cluster sizes follow the data; `"sinkhorn"` gives the
-balanced assignment of all images with a full Sinkhorn run to tolerance.
+assignment of all images with a full Sinkhorn run to tolerance, its column marginal the cluster sizes
+estimated from the scores (`cluster.marginal=estimated`, the EM fixed point of
+`selflabel.marginals`), equal sizes (`uniform`) or the main head's `cluster.prior`. The codes of the
+swapped prediction stay equipartitioned per batch (SwAV's guard against collapse: sizes estimated on
+a batch of 256 and a queue would be noise, and the equal split is what keeps prototypes apart).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..kmeans import prior_marginal
+from ..marginals import fixed_point_marginal
 from ..result import LabelResult
 from ..config import RunConfig, SwavConfig
 from ..ot import sinkhorn, sinkhorn_codes
@@ -261,7 +266,11 @@ def _train_swav(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
             probs = torch.softmax(scores / sw.temperature, dim=1).numpy().astype(np.float32)
         if sw.final_assign == "sinkhorn":
             r0, r1 = ctx.block(n)  # each rank its rows, marginals all-reduced, labels shared
-            res = sinkhorn(scores[r0:r1].double(), b=prior if h == 0 else None,
+            b = prior if h == 0 and prior is not None else None
+            if b is None and cfg.cluster.marginal == "estimated":
+                b = fixed_point_marginal(scores[r0:r1], sw.eps, cfg.cluster.min_mass, distributed=distributed)
+                final_stats.setdefault("estimated_sizes", {})[kk] = [round(float(v), 6) for v in b]
+            res = sinkhorn(scores[r0:r1].double(), b=b,
                            eps=sw.eps, tol=1e-6, max_iters=1000, distributed=distributed)
             lab = all_gather_blocks(res.plan.argmax(1), ctx)
             final_stats["sinkhorn_iters"].append(int(res.n_iters))

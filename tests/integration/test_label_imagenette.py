@@ -21,6 +21,7 @@ def imagenette_runs(tmp_path_factory):
     for i in range(2):
         cfg = RunConfig(data=str(data), out=str(tmp / f"run{i}"), seed=0)
         cfg.cluster.k = 10
+        cfg.ingest.gt = "folders"  # class folders are ground truth only when asked
         cfg.backbone.cache_dir = str(tmp / "cache")  # a fresh cache: run 0 computes, run 1 must not
         runs.append((cfg, label_folder(cfg, show_progress=False)))
     # hand the computed shards to the default cache, so later integration tests do not recompute them
@@ -32,10 +33,10 @@ def test_accuracy_and_nmi_floor(imagenette_runs):
     cfg, summary = imagenette_runs[0]
     assert summary.n_images == 3925 and summary.n_skipped == 0
     m = evaluate_run(cfg.out)["image"]
-    assert m["accuracy"] >= 0.93, m
-    assert m["nmi"] >= 0.88, m
+    assert m["accuracy"] >= 0.93, m  # the default balanced step: 0.963 at seed 0
+    assert m["nmi"] >= 0.88, m  # balanced: 0.914 at seed 0
     sizes = sorted(summary.cluster_sizes.values())
-    assert sizes[0] > 0.5 * 3925 / 10  # balanced by construction, no empty cluster
+    assert sizes[0] > 0.5 * 3925 / 10  # balanced classes: estimated sizes stay near 1/K, no empty cluster
 
 
 def test_second_run_does_no_forward_passes(imagenette_runs):

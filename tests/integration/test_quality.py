@@ -38,7 +38,7 @@ def load_subset():
     except BackboneUnavailable as exc:
         pytest.skip(str(exc))
     by_class = defaultdict(list)
-    for rec in scan_folder(root).records:
+    for rec in scan_folder(root, gt="folders").records:
         by_class[rec.gt].append(rec)
     records = [r for c in sorted(by_class) for r in sorted(by_class[c], key=lambda r: r.id)[:PER_CLASS]]
     fr = features.extract_features(records, backbone, device="cpu", show_progress=False)
