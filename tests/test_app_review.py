@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from benchmarks.sample_run import make_sample_run
 from selflabel.annotations import rle_to_mask
-from selflabel.export import FORMATS, export_run
+from selflabel.export import export_run, formats_for
 from selflabel.review.store import ReviewStore
 from selflabel.runfiles import LabelRow, read_labels, write_labels
 
@@ -66,7 +66,8 @@ def test_every_view_renders(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     show(at, "Map")
     assert len(at.get("vega_lite_chart")) == 2  # size bars and the feature map
     show(at, "Export")
-    assert [b.key for b in at.button if b.key.startswith("export|")] == [f"export|{f}" for f in FORMATS]
+    assert [b.key for b in at.button if b.key.startswith("export|")] == [f"export|{f}" for f in formats_for(run)]
+    assert "export|yolo-seg" not in [b.key for b in at.button]  # not a dense run: no instance masks to export
 
 
 def test_open_card_shows_its_cluster(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
