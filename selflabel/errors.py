@@ -37,6 +37,10 @@ class StorageError(SelflabelError):
 
     exit_code = 4
 
+    def __init__(self, message: str, errno_: int | None = None, filename: object = None) -> None:
+        super().__init__(message)
+        self.errno, self.filename = errno_, filename  # what the OSError said, for callers that re-word it
+
 
 class RunBusy(SelflabelError):
     """Another `selflabel label` process holds the run folder's lock."""
@@ -56,4 +60,5 @@ def storage_error(exc: OSError, path: object = None) -> StorageError:
         hint = "free some space, then run the same command again (finished work is kept)"
     else:
         hint = "make it writable or choose another --out / --cache-dir, then run the command again"
-    return StorageError(f"cannot write {where}: {reason} [{errno.errorcode.get(exc.errno, exc.errno)}]; {hint}")
+    return StorageError(f"cannot write {where}: {reason} [{errno.errorcode.get(exc.errno, exc.errno)}]; {hint}",
+                        exc.errno, where)

@@ -30,7 +30,7 @@ from .devices import autocast_dtype, default_cache_root, default_num_workers, pr
 from .digests import DigestMemo
 from .engine import EngineSpec, make_runner, plan_engine
 from .engine.runners import PARITY_IMAGES
-from .errors import SelflabelError
+from .errors import StorageError
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -42,13 +42,15 @@ __all__ = ["CacheWriteError", "FeatureCache", "FeatureResult", "autocast_dtype",
            "default_num_workers", "extract_features", "feature_cache_key", "resolve_device"]
 
 
-class CacheWriteError(SelflabelError):
+class CacheWriteError(StorageError):
     """The feature cache cannot be written (disk full, no permission): one line naming the path."""
 
 
-def _cache_write_error(exc: OSError, where: Path, n_cached: int) -> CacheWriteError:
+def _cache_write_error(exc: OSError | StorageError, where: Path, n_cached: int) -> CacheWriteError:
+    """`exc`: the OSError itself, or the StorageError `atomic_path` made of it (same errno and file)."""
     reason = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-              errno.EACCES: "permission denied", errno.EROFS: "read-only file system"}.get(exc.errno, exc.strerror or str(exc))
+              errno.EACCES: "permission denied", errno.EROFS: "read-only file system"}.get(
+        exc.errno, getattr(exc, "strerror", None) or str(exc))
     return CacheWriteError(f"{exc.filename or where}: cannot write the feature cache ({reason}); free space or fix "
                            f"the permissions (or pass --cache-dir) and rerun: the {n_cached} images cached so far are kept "
                            "and not computed again")
@@ -114,7 +116,7 @@ class FeatureCache:
         try:
             atomic_save_npy(npy, feats.astype(np.float32, copy=False))
             atomic_write_text(self.dir / f"{stem}.keys", "\n".join(digests) + "\n")
-        except OSError as exc:
+        except (OSError, StorageError) as exc:
             with contextlib.suppress(OSError):
                 npy.unlink(missing_ok=True)
             raise _cache_write_error(exc, self.dir, len(self._index)) from None
