@@ -187,13 +187,15 @@ def export(
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/demo"),
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = "sinkhorn",
+    k: Annotated[Optional[int], typer.Option(help="Clusters (the sample holds 10 ImageNet classes).")] = 10,
+    choose_k: Annotated[bool, typer.Option("--choose-k", help="Choose K from the data instead of 10.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run --out holds (see `label --help`).")] = False,
 ) -> None:
-    """Label the small sample of real photos shipped in the package (K chosen from the data), then
-    evaluate against its class folders (offline)."""
+    """Label the small sample of real photos shipped in the package (10 classes, 10 photos each; or K
+    chosen from the data with --choose-k), then evaluate against its class folders (offline)."""
     from .sample import sample_dir
 
-    label(sample_dir(), out=out, method=method, overwrite=overwrite, gt="folders")
+    label(sample_dir(), out=out, method=method, k=None if choose_k else k, overwrite=overwrite, gt="folders")
     eval_(out, gt_csv=None, gt="folders", reviewed=False, as_json=False)
 
 

@@ -118,7 +118,7 @@ def reviewed_run(color_folder, cache_dir, tmp_path):
     """A k-means run on the colour folders (perfect labels), then review edits: 4 red images moved to the
     green cluster, 2 blue ones rejected."""
     out = tmp_path / "run"
-    assert _label(color_folder, out, cache_dir, "--k", "3", "--method", "kmeans").exit_code == 0
+    assert _label(color_folder, out, cache_dir, "--k", "3", "--method", "kmeans", "--gt", "folders").exit_code == 0
     rows = read_labels(out)
     cluster_of = {r.gt: r.cluster for r in rows}
     reds = [r.path for r in rows if r.gt == "red"][:4]
