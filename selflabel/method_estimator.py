@@ -63,7 +63,7 @@ class SelfLabelClustering(ClusterMixin, TransformerMixin, BaseEstimator):
         if X.shape[0] < self.n_clusters:
             raise ValueError(f"n_samples={X.shape[0]} should be >= n_clusters={self.n_clusters}")
         cfg.cluster.k = k = int(self.n_clusters)
-        x = np.ascontiguousarray(X, dtype=np.float32)
+        x = np.array(X, dtype=np.float32, order="C", copy=True)  # our own writable copy (X may be a read-only memmap)
         if k == 1:  # one cluster holds every row (the trainers need two heads' worth of classes)
             res = trivial_result(x, cfg)
         else:
