@@ -213,6 +213,7 @@ def test_sela_label_steps_estimate_the_sizes():
 
     x, y = mixture(PROPS)
     cfg = RunConfig()
+    cfg.cluster.marginal = "estimated"  # the option (the balanced step is the default)
     cfg.sela.epochs = 5
     res = train_sela(x.numpy(), len(PROPS), cfg)
     assert res.info["marginal"] == "estimated"
