@@ -29,7 +29,7 @@ def test_label_writes_suggested_names_from_the_imagenet_head(tmp_path: Path):
     for cls in ("parachute", "golf_ball", "tench"):
         shutil.copytree(sample_dir() / cls, data / cls)
     out = tmp_path / "run"
-    res = CliRunner().invoke(app, ["label", str(data), "--out", str(out), "--k", "3", "--backbone", "mobilenet_v2",
+    res = CliRunner().invoke(app, ["label", str(data), "--out", str(out), "--k", "3", "--gt", "folders", "--backbone", "mobilenet_v2",
                                    "--cache-dir", str(tmp_path / "cache"), "-q"])
     assert res.exit_code == 0, res.output
     rows = read_labels(out)
