@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .distributed import DistContext, all_gather_blocks
-from .geometry import mean_prototypes, prepare_features
+from .geometry import hard_label_result, mean_prototypes, prepare_features
 from .kmeans import balanced_kmeans, kmeanspp_init, prior_marginal
 from .result import LabelResult
 
@@ -46,17 +46,8 @@ def sinkhorn_cluster_prepared(x: torch.Tensor, k: int, *, eps: float = 0.05, tem
     ctx = ctx or DistContext()
     fit = balanced_kmeans(x, k, eps=eps, iters=iters, seed=seed, prior=prior, m_step=IMAGE_M_STEP, ctx=ctx)
     labels = all_gather_blocks(fit.labels, ctx)  # N integers: every rank gets the whole labelling
-    protos = mean_prototypes(x, labels, k)
-    probs = torch.softmax(x @ protos.T / temperature, dim=1)
-    conf = probs.gather(1, labels[:, None])[:, 0]
-    return LabelResult(
-        labels=labels.cpu().numpy().astype(np.int64),
-        confidence=conf.cpu().numpy().astype(np.float32),
-        prototypes=protos.cpu().numpy().astype(np.float32),
-        probs=probs.cpu().numpy().astype(np.float32),
-        info={"method": "sinkhorn", "alternations": fit.alternations,
-              "sinkhorn_iters": [h["sinkhorn_iters"] for h in fit.history]},
-    )
+    return hard_label_result(x, labels, k, temperature, {
+        "method": "sinkhorn", "alternations": fit.alternations, "sinkhorn_iters": [h["sinkhorn_iters"] for h in fit.history]})
 
 
 def kmeans_cluster(features: np.ndarray, k: int, *, seed: int = 0, temperature: float = 0.1) -> LabelResult:

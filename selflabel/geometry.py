@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .result import LabelResult
+
 NORMALISATION = "centre-l2"  # the only one: subtract `mean`, then divide by the L2 norm
 
 
@@ -117,3 +119,14 @@ class Geometry:
         p = torch.softmax(s / self.temperature, dim=1)
         return (self.cluster_ids[best.numpy()], p.gather(1, best[:, None])[:, 0].numpy().astype(np.float32),
                 s.gather(1, best[:, None])[:, 0].numpy().astype(np.float32))
+
+
+def hard_label_result(x: torch.Tensor, labels: torch.Tensor, k: int, temperature: float, info: dict) -> LabelResult:
+    """A clustering's result from its hard labels on prepared rows `x`: prototypes the normalised cluster
+    means, confidences softmax(cos / temperature) of the chosen cluster (what the run's Geometry gives)."""
+    protos = mean_prototypes(x, labels, k)
+    probs = torch.softmax(x @ protos.T / temperature, dim=1)
+    conf = probs.gather(1, labels[:, None])[:, 0]
+    return LabelResult(labels=labels.cpu().numpy().astype(np.int64), confidence=conf.cpu().numpy().astype(np.float32),
+                       prototypes=protos.cpu().numpy().astype(np.float32), probs=probs.cpu().numpy().astype(np.float32),
+                       info=info)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .distributed import DistContext, all_gather_blocks, all_reduce_sum
 from .errors import InputError
-from .geometry import mean_prototypes
+from .geometry import hard_label_result
 from .kmeans import kmeanspp_init
 from .marginals import estimate_marginal, floor_marginal
 from .ot import sinkhorn
@@ -167,14 +167,6 @@ def estimated_cluster_prepared(x: Tensor, k: int, *, eps: float = 0.05, temperat
     fit = estimated_marginal_cluster(x, k, eps=eps, iters=iters, seed=seed, min_mass=min_mass,
                                      overcluster=overcluster, ctx=ctx)
     labels = all_gather_blocks(fit.labels, ctx)
-    protos = mean_prototypes(x, labels, k)
-    probs = torch.softmax(x @ protos.T / temperature, dim=1)
-    conf = probs.gather(1, labels[:, None])[:, 0]
-    return LabelResult(
-        labels=labels.cpu().numpy().astype(np.int64),
-        confidence=conf.cpu().numpy().astype(np.float32),
-        prototypes=protos.cpu().numpy().astype(np.float32),
-        probs=probs.cpu().numpy().astype(np.float32),
-        info={"method": "sinkhorn", "marginal": "estimated",
-              "estimated_sizes": [round(float(v), 6) for v in fit.marginal], **fit.info},
-    )
+    return hard_label_result(x, labels, k, temperature, {
+        "method": "sinkhorn", "marginal": "estimated", "estimated_sizes": [round(float(v), 6) for v in fit.marginal],
+        **fit.info})
