@@ -39,7 +39,7 @@ GPU_DECODE_ENV = "SELFLABEL_GPU_DECODE"
 
 # re-exported for callers that still import them from here (they live in selflabel/devices.py)
 __all__ = ["CacheWriteError", "FeatureCache", "FeatureResult", "autocast_dtype", "default_cache_root",
-           "default_num_workers", "extract_features", "feature_cache_key", "resolve_device"]
+           "default_num_workers", "extract_features", "feature_cache_key", "plan_features", "resolve_device"]
 
 
 class CacheWriteError(StorageError):
@@ -178,6 +178,7 @@ def extract_features(
     show_progress: bool = True,
     rehash: bool = False,
     engine: str | None = None,
+    spec: EngineSpec | None = None,
 ) -> FeatureResult:
     """Global features for `records`, computing only what the cache lacks.
 
@@ -188,11 +189,12 @@ def extract_features(
 
     `engine` (None: $SELFLABEL_ENGINE, else 'auto'): on a CPU the forward runs in OpenVINO or ONNX
     Runtime when installed (selflabel/engine), torch otherwise or when the engine fails; the engine and
-    the precision (`amp`, chosen by the hardware for 'auto') are part of the cache key.
+    the precision (`amp`, chosen by the hardware for 'auto') are part of the cache key. `spec` (from
+    `plan_features`) replaces that choice: the ranks of a torchrun job all run what rank 0 planned.
     """
     t0 = time.perf_counter()
     dev = resolve_device(str(device))
-    spec = plan_engine(engine, dev, precision_name(amp, dev))
+    spec = spec or plan_engine(engine, dev, precision_name(amp, dev))
     root = Path(cache_dir or default_cache_root())
     cache = FeatureCache(root, feature_cache_key(backbone, spec))
     skipped: list[Skipped] = []
@@ -258,6 +260,22 @@ def _missing(pairs: Sequence[tuple[ImageRecord, str]], cache: FeatureCache) -> d
         if d not in cache and d not in todo:
             todo[d] = r
     return todo
+
+
+def plan_features(records: Sequence[ImageRecord], backbone: Backbone, *, device: str | torch.device = "auto",
+                  amp: str = "auto", engine: str | None = None, cache_dir: str | Path | None = None,
+                  max_pixels: int = 100_000_000) -> EngineSpec:
+    """The engine and precision `extract_features` will run, decided once: precision resolved (the probe
+    runs here if it must), the engine exported, compiled and checked against torch on the first images of
+    `records` (torch after a failed check). Rank 0 of a torchrun job calls it and sends the answer to the
+    others, so no two ranks store their blocks under different engines or precisions."""
+    dev = resolve_device(str(device))
+    spec = plan_engine(engine, dev, precision_name(amp, dev))
+    if spec.engine == "torch" or not records:
+        return spec
+    runner = make_runner(backbone, dev, spec, Path(cache_dir or default_cache_root()))
+    _warm_up(runner, {str(i): r for i, r in enumerate(records[:64])}, backbone, max_pixels)
+    return runner.active
 
 
 def _warm_up(runner, todo: dict[str, ImageRecord], backbone: Backbone, max_pixels: int) -> bool:

@@ -20,7 +20,7 @@ from .data import scan_folder
 from .dense.pipeline import segment
 from .errors import InputError
 from .distributed import all_gather_objects, device_for, init_from_env, shard, shutdown, wait_for_main
-from .features import extract_features
+from .features import extract_features, plan_features
 from .curate.run import curate_run
 from .geometry import prepare_features
 from .geometry_io import save_geometry
@@ -131,10 +131,19 @@ def _label_folder(cfg: RunConfig, ctx) -> RunSummary:
                    flush_every=cfg.backbone.flush_every, rehash=cfg.backbone.rehash)
     n_sharded = 0
     if ctx.enabled:
+        # rank 0 settles the engine and precision (probe, export, parity check) and every rank runs that:
+        # ranks deciding alone can disagree (a timed probe, a check on other images) and then store their
+        # blocks under different cache keys, computing everything twice
+        plan = plan_features(scan.records, backbone, device=device, amp=cfg.backbone.amp, engine=engine_choice(cfg),
+                             cache_dir=cfg.backbone.cache_dir, max_pixels=cfg.ingest.max_pixels) if ctx.is_main else None
+        extract["spec"] = all_gather_objects(plan, ctx)[0]
         # each rank computes a disjoint block into the (shared) cache, then all read the whole store
-        n_sharded = extract_features(shard(scan.records, ctx), backbone, show_progress=show_progress and ctx.is_main,
-                                     **extract).n_computed
-        n_sharded = int(sum(all_gather_objects(n_sharded, ctx)))  # (a collective: every rank is done)
+        part = extract_features(shard(scan.records, ctx), backbone, show_progress=show_progress and ctx.is_main, **extract)
+        ran = all_gather_objects((part.n_computed, part.computed_on.get("engine")), ctx)  # (a collective: every rank is done)
+        n_sharded = int(sum(n for n, _ in ran))
+        if ctx.is_main and any(n and e != extract["spec"].engine for n, e in ran):
+            log.warning("a rank's engine fell back to torch during the sharded pass (ranks ran %s): rank 0 computes "
+                        "the blocks it cannot read", sorted({e for _, e in ran}))
     feats = extract_features(scan.records, backbone, out_path=out / FEATURES if ctx.is_main else None,
                              show_progress=show_progress and not ctx.enabled, **extract)
     if ctx.enabled:

@@ -31,9 +31,10 @@ def test_torchrun_two_processes_equal_single_process(tmp_path):
     _run([sys.executable, "-m", "selflabel", "label", str(sample_dir()), "--out", str(tmp_path / "one"), *common])
     (tmp_path / "cache2").mkdir()
     common[5] = str(tmp_path / "cache2")  # a fresh cache: the sharded extraction really runs
+    # the ranks would pick different precisions on their own (tests/split_precision.py): rank 0's plan must hold
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-          "--master_port", str(_free_port()), "-m", "selflabel", "label", str(sample_dir()), "--out", str(tmp_path / "two"),
-          *common], env={"OMP_NUM_THREADS": "1"})
+          "--master_port", str(_free_port()), os.path.join(os.path.dirname(__file__), "split_precision.py"), "label",
+          str(sample_dir()), "--out", str(tmp_path / "two"), *common], env={"OMP_NUM_THREADS": "1"})
     one, two = read_labels(tmp_path / "one"), read_labels(tmp_path / "two")
     assert [r.path for r in one] == [r.path for r in two]
     assert [r.cluster for r in one] == [r.cluster for r in two]
@@ -42,7 +43,8 @@ def test_torchrun_two_processes_equal_single_process(tmp_path):
     # the two ranks split the extraction: every image computed exactly once, into the shared cache
     shards = list((tmp_path / "cache2").rglob("*.keys"))
     keys = [k for s in shards for k in s.read_text().split()]
-    assert len(keys) == len(set(keys)) == 100 and len(shards) == 2
+    assert len(keys) == len(set(keys)) == 100 and len(shards) == 2, sorted(str(s.relative_to(tmp_path)) for s in shards)
+    assert len({s.parent for s in shards}) == 1  # one engine and precision: one cache folder
     assert not any((tmp_path / "two").glob(".*tmp*"))
 
 
