@@ -100,7 +100,10 @@ def test_gathered_rows_equal_single_process(ranks, single, name):
         if len(r) > 1:
             assert abs(r[1] - one[1]) <= (2 if f32 else 0)  # float32: the tol may be crossed 1 later
             assert r[3:] == one[3:]
-            assert r[2] == pytest.approx(one[2], rel=0.2 if f32 else 1e-6, abs=1e-14)
+            if f32 and one[3]:  # stopped at tol 1e-7: both errors are float32 rounding noise, both below it
+                assert r[2] <= 1e-7 and one[2] <= 1e-7
+            else:
+                assert r[2] == pytest.approx(one[2], rel=0.2 if f32 else 1e-6, abs=1e-14)
 
 
 def test_scenarios_exercise_both_domains(single):
