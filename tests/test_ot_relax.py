@@ -9,8 +9,10 @@ import warnings
 import numpy as np
 import ot
 import pytest
+import scipy.sparse
 import torch
 
+from selflabel.ot import kernel
 from selflabel.ot import relax as ot_relax
 from selflabel.ot import sinkhorn, sinkhorn_reference
 from selflabel.ot.relax import AdaptiveRelaxation, omega_from_rate, plain_rate
@@ -208,3 +210,16 @@ def test_sparse_kernel_equals_the_dense_one(monkeypatch, relax):
     np.testing.assert_allclose(sparse.plan.numpy(), dense.plan.numpy(), rtol=1e-4, atol=1e-10)
     np.testing.assert_allclose(fixed.plan.numpy(), dense_fixed.plan.numpy(), rtol=1e-4, atol=1e-10)
     np.testing.assert_allclose(sparse.plan.double().numpy().sum(1), 1 / 3000, rtol=1e-5)
+
+
+def test_dense_to_csr_equals_scipy_conversion():
+    rng = np.random.default_rng(0)
+    block = rng.random((50, 30)).astype(np.float32)
+    block[block < 0.9] = 0
+    block[7] = 0  # an empty row
+    block[3, 5] = 1e-42  # a subnormal is a nonzero
+    ours, ref = kernel.dense_to_csr(block), scipy.sparse.csr_matrix(block)
+    assert ours.nnz == ref.nnz and (ours != ref).nnz == 0
+    np.testing.assert_array_equal(ours.indptr, ref.indptr)
+    np.testing.assert_array_equal(ours.toarray(), block)
+    assert kernel.dense_to_csr(np.zeros((4, 3), np.float32)).nnz == 0

