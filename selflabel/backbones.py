@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torchvision import transforms as T
+from torchvision.transforms.v2 import functional as TF2
 
 from .atomic import atomic_path
 from .errors import BackboneUnavailable, InputError
@@ -55,27 +57,26 @@ class Backbone(nn.Module):
         """PIL -> normalised tensor. crop=True: resize short side to size/0.875 then centre-crop
         (ImageNet eval); crop=False: resize the whole image to size x size (dense maps)."""
         size = size or self.image_size
-        norm = [T.ToTensor(), T.Normalize(self.mean, self.std)]
-        if crop:
-            return T.Compose([T.Resize(self.decode_size(size), antialias=True), T.CenterCrop(size), *norm])
-        return T.Compose([T.Resize((size, size), antialias=True), *norm])
+        if crop:  # the uint8 pixels of `make_pixels`, normalised: both paths give the same tensor
+            return CropPixels(self.decode_size(size), size, tuple(self.mean), tuple(self.std))
+        return T.Compose([T.Resize((size, size), antialias=True), T.ToTensor(), T.Normalize(self.mean, self.std)])
 
     @property
     def transform(self) -> Callable:
         return self.make_transform()
 
     def make_pixels(self, size: int | None = None) -> Callable:
-        """PIL -> uint8 [3, size, size] tensor: `make_transform(size, crop=True)` before its float
-        conversion. Feature extraction ships these (4x smaller than floats) from the decoding workers and
-        normalises whole batches with `normalize_pixels`; the result is bit-identical to `make_transform`."""
+        """PIL -> uint8 [3, size, size] tensor: short side to `decode_size` (bilinear, antialiased), centre
+        crop. Feature extraction ships these (4x smaller than floats) from the decoding workers and
+        normalises whole batches with `normalize_pixels`; `make_transform` is the same, normalised. The
+        resize runs on the uint8 tensor (torchvision's vectorised kernel, 4x faster than PIL's on this
+        project's CPU; within 1 of PIL's value on 1.4 % of the pixels, hence the `-tv` in the cache key)."""
         size = size or self.image_size
-        return T.Compose([T.Resize(self.decode_size(size), antialias=True), T.CenterCrop(size), T.PILToTensor()])
+        return CropPixels(self.decode_size(size), size)
 
     def normalize_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] -> the normalised float batch (ToTensor's /255, then Normalize's mean and std)."""
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        return x.float().div_(255).sub_(mean).div_(std)
+        return normalize_pixels(x, self.mean, self.std)
 
     def decode_size(self, size: int | None = None) -> int:
         """Smallest side the decoder must deliver for `make_transform(size, crop=True)` (JPEG draft mode)."""
@@ -83,13 +84,38 @@ class Backbone(nn.Module):
 
     def cache_key(self, size: int | None = None, crop: bool = True) -> str:
         """Identifies weights + preprocessing (JPEG draft decoding included), so cached features are reused only when valid."""
-        return f"{self.name}-{self.weights_id}-s{size or self.image_size}-{'crop' if crop else 'full'}-draft"
+        return f"{self.name}-{self.weights_id}-s{size or self.image_size}-{'crop' if crop else 'full'}-draft{'-tv' if crop else ''}"
 
     def forward(self, x: torch.Tensor) -> BackboneOutput:
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> BackboneOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def normalize_pixels(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float: ToTensor's /255, then Normalize's mean and std."""
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return x.float().div_(255).sub_(m).div_(s)
+
+
+@dataclass(frozen=True)
+class CropPixels:
+    """PIL image -> uint8 [3, size, size] (or, with mean and std, the normalised float tensor): short
+    side to `short` (bilinear, antialiased) on a channels-last view of the pixels, centre crop. A class,
+    not a closure, so DataLoader workers started by 'spawn' can receive it."""
+
+    short: int
+    size: int
+    mean: tuple | None = None
+    std: tuple | None = None
+
+    def __call__(self, img) -> torch.Tensor:
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
+        x = torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+        x = TF2.center_crop(TF2.resize(x, [self.short], antialias=True), [self.size, self.size]).contiguous()
+        return x if self.mean is None else normalize_pixels(x[None], self.mean, self.std)[0]
 
 
 def _cnn_output(fmap: torch.Tensor) -> BackboneOutput:

@@ -144,3 +144,20 @@ def test_cache_key_changes_with_precision_and_engine(color_folder, cache_dir):
         assert extract_features(recs, bb, amp=amp, engine=engine, **kw).n_cached == 24
     keys = {feature_cache_key(bb, EngineSpec(e, a)) for a, e in runs}
     assert len(keys) == len(runs) and all(k.startswith(bb.cache_key()) for k in keys)
+
+
+@pytest.mark.skipif(not runners.engine_installed("openvino"), reason="openvino not installed")
+def test_openvino_streams_split_the_batch_and_keep_its_order(tmp_path, monkeypatch):
+    """Two one-thread streams each run part of the batch: the outputs are the single request's, in order."""
+    bb = create_backbone("tiny")
+    x = _photos(bb, n=5)  # an odd batch: unequal parts
+    out = {}
+    for streams in ("1", "2"):
+        monkeypatch.setenv(runners.STREAMS_ENV, streams)
+        runner = make_runner(bb, CPU, EngineSpec("openvino", "fp32"), tmp_path, threads=2)
+        out[streams] = runner(x)
+        assert runner.active == EngineSpec("openvino", "fp32")
+    for name in ("global_feat", "dense", "saliency"):
+        torch.testing.assert_close(getattr(out["2"], name), getattr(out["1"], name), rtol=1e-4, atol=1e-5)
+    monkeypatch.delenv(runners.STREAMS_ENV)
+    assert runners.openvino_streams(2) == 2 and runners.openvino_streams(1) == 1

@@ -159,3 +159,24 @@ def test_unwritable_cache_folder_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "mkdir", denied)
     with pytest.raises(CacheWriteError, match=r"^.*/cache/k: cannot write the feature cache \(permission denied\)"):
         FeatureCache(tmp_path / "cache", "k")
+
+
+def test_pixel_path_equals_the_transform_and_stays_within_one_of_pil():
+    """Workers ship uint8 crops normalised per batch: the same tensors as `transform`; the uint8 resize
+    (torchvision's kernel) is within 1 grey level of PIL's resize-then-crop."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from selflabel.data import load_rgb, scan_folder
+    from selflabel.sample import sample_dir
+
+    bb = create_backbone("mobilenet_v2")
+    pixels, tf = bb.make_pixels(), bb.transform
+    pil = T.Compose([T.Resize(bb.decode_size(), antialias=True), T.CenterCrop(bb.image_size), T.PILToTensor()])
+    for rec in scan_folder(sample_dir()).records[::25]:
+        img = load_rgb(rec.path)
+        for im in (img, img.resize((640, 480), Image.Resampling.BICUBIC), img.convert("L")):
+            x = pixels(im)
+            assert x.dtype == torch.uint8 and x.shape == (3, 224, 224) and x.is_contiguous()
+            assert torch.equal(bb.normalize_pixels(x[None])[0], tf(im))
+            assert (x.int() - pil(im.convert("RGB")).int()).abs().max() <= 1
