@@ -281,7 +281,7 @@ def plan_features(records: Sequence[ImageRecord], backbone: Backbone, *, device:
 def _warm_up(runner, todo: dict[str, ImageRecord], backbone: Backbone, max_pixels: int) -> bool:
     """Export, compile and check the engine on the first few decodable images of `todo` before any
     shard is written; False when it fell back to torch."""
-    ds = ImageDataset(list(todo.values())[:64], backbone.transform, max_pixels=max_pixels,
+    ds = ImageDataset(list(todo.values())[:64], backbone.make_pixels(), max_pixels=max_pixels,
                       draft_size=backbone.decode_size())
     sample = []
     for i in range(len(ds)):
@@ -291,7 +291,7 @@ def _warm_up(runner, todo: dict[str, ImageRecord], backbone: Backbone, max_pixel
         if len(sample) == PARITY_IMAGES:
             break
     if sample:
-        runner(torch.stack(sample))
+        runner.pixels(torch.stack(sample))  # the path the extraction runs: uint8 pixels in
     return runner.active == runner.spec
 
 
@@ -327,9 +327,9 @@ def _compute_missing(todo, runner, backbone, cache, dev, batch_size, num_workers
             for i, reason in bad:
                 failed[digests[i]] = reason
                 log.warning("skipped %s: %s", ds.records[i].id, reason)
-            if x is not None:
-                x = x if gpu_decode else backbone.normalize_pixels(x)
-                buf_feats.append(runner(x).global_feat.cpu().numpy())
+            if x is not None:  # normalised floats from the GPU decoder, else uint8 pixels
+                out = runner(x) if gpu_decode else runner.pixels(x)
+                buf_feats.append(out.global_feat.cpu().numpy())
                 buf_keys += [digests[i] for i in idx.tolist()]
             if len(buf_keys) >= flush_every:
                 cache.add(buf_keys, np.concatenate(buf_feats))

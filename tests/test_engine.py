@@ -114,8 +114,8 @@ def test_wrong_engine_output_is_caught_and_not_cached(color_folder, cache_dir, m
     """An engine whose numbers disagree with torch is dropped before any shard is written."""
     real = runners.EngineRunner._compile
 
-    def skewed(self, path):
-        run = real(self, path)
+    def skewed(self, path, pixels=False):
+        run = real(self, path, pixels)
         return lambda x: [o * (1.0 + np.arange(o.size).reshape(o.shape) % 3) for o in run(x)]
 
     monkeypatch.setattr(runners.EngineRunner, "_compile", skewed)
@@ -161,3 +161,18 @@ def test_openvino_streams_split_the_batch_and_keep_its_order(tmp_path, monkeypat
         torch.testing.assert_close(getattr(out["2"], name), getattr(out["1"], name), rtol=1e-4, atol=1e-5)
     monkeypatch.delenv(runners.STREAMS_ENV)
     assert runners.openvino_streams(2) == 2 and runners.openvino_streams(1) == 1
+
+
+@pytest.mark.skipif(not runners.engine_installed("openvino"), reason="openvino not installed")
+def test_openvino_takes_uint8_pixels_and_normalises_them_in_the_graph(tmp_path):
+    """`runner.pixels(uint8)` equals torch on the normalised batch; the check is recorded per input kind."""
+    bb = create_backbone("mobilenet_v2")
+    recs = scan_folder(sample_dir()).records[::10][:6]
+    ds = ImageDataset(recs, bb.make_pixels())
+    x = torch.stack([ds[i][0] for i in range(len(recs))])
+    assert x.dtype == torch.uint8
+    runner = make_runner(bb, CPU, EngineSpec("openvino", "fp32"), tmp_path)
+    _assert_parity(runner.pixels(x), TorchRunner(bb, CPU, "fp32")(bb.normalize_pixels(x)))
+    assert runner.active == EngineSpec("openvino", "fp32")
+    assert len(list((tmp_path / "engines").glob("*-u8.checked.json"))) == 1
+    _assert_parity(TorchRunner(bb, CPU, "fp32").pixels(x), TorchRunner(bb, CPU, "fp32")(bb.normalize_pixels(x)), 0.99999)

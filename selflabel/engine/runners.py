@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write_json
-from ..backbones import Backbone, BackboneOutput
+from ..backbones import Backbone, BackboneOutput, normalize_pixels
 from ..devices import engine_threads
 from .export import OUTPUTS, export_onnx
 
@@ -101,6 +101,11 @@ class TorchRunner:
         return BackboneOutput(out.global_feat.float(), out.dense.float(), out.saliency.float())
 
 
+    def pixels(self, x: torch.Tensor) -> BackboneOutput:
+        """uint8 [B, 3, H, W] pixels -> outputs (normalised here with the backbone's mean and std)."""
+        return self(normalize_pixels(x, self.backbone.mean, self.backbone.std))
+
+
 class EngineRunner:
     """An exported backbone in OpenVINO or ONNX Runtime, with torch as the fallback (see module docstring)."""
 
@@ -109,7 +114,7 @@ class EngineRunner:
         self.spec = spec
         self.cache_root = Path(cache_root)
         self.threads = threads or engine_threads()
-        self._compiled: dict[tuple[int, int], Any] = {}
+        self._compiled: dict[tuple[int, int, bool], Any] = {}  # (H, W, takes uint8 pixels)
         self._fallback: TorchRunner | None = None
         self._torch_fp32 = TorchRunner(self.backbone, torch.device("cpu"), "fp32")
 
@@ -123,7 +128,7 @@ class EngineRunner:
             log.warning("engine %s failed for %s (%s): using torch instead", self.spec.engine, self.backbone.name, why)
             self._fallback = TorchRunner(self.backbone, torch.device("cpu"), self.spec.precision)
 
-    def _compile(self, path: Path):
+    def _compile(self, path: Path, pixels: bool = False):
         if self.spec.engine == "openvino":
             import openvino as ov
 
@@ -131,7 +136,8 @@ class EngineRunner:
             core.set_property({"CACHE_DIR": str(path.parent / "openvino-cache")})  # compiled blobs: faster next time
             hint = {"bf16": "bf16", "fp16": "f16"}.get(self.spec.precision, "f32")
             streams = openvino_streams(self.threads)
-            compiled = core.compile_model(str(path), "CPU", {
+            model = pixel_input(core.read_model(str(path)), self.backbone.mean, self.backbone.std) if pixels else str(path)
+            compiled = core.compile_model(model, "CPU", {
                 "INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": self.threads,
                 **({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams} if streams > 1 else
                    {"PERFORMANCE_HINT": "LATENCY"})})
@@ -165,25 +171,27 @@ class EngineRunner:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         return lambda x: session.run(list(OUTPUTS), {"x": x})
 
-    def _check_file(self, path: Path) -> Path:
-        """Where a passed parity check of this export, engine version and precision is recorded."""
+    def _check_file(self, path: Path, pixels: bool = False) -> Path:
+        """Where a passed parity check of this export, engine version, precision and input kind is recorded."""
         version = importlib.metadata.version(self.spec.engine)
-        return path.with_name(f"{path.stem}.{self.spec.engine}-{version}-{self.spec.precision}.checked.json")
+        kind = "-u8" if pixels else ""
+        return path.with_name(f"{path.stem}.{self.spec.engine}-{version}-{self.spec.precision}{kind}.checked.json")
 
-    def _prepare(self, hw: tuple[int, int], x: torch.Tensor) -> bool:
-        """Export, compile and check the engine for inputs of size `hw` on the real batch `x`. A passed
-        check is recorded beside the export, so later runs on this machine skip the torch reference."""
+    def _prepare(self, hw: tuple[int, int], x: torch.Tensor, pixels: bool = False) -> bool:
+        """Export, compile and check the engine for inputs of size `hw` on the real batch `x` (uint8
+        pixels with `pixels`). A passed check is recorded beside the export, so later runs on this machine
+        skip the torch reference."""
         try:
             path = export_onnx(self.backbone, hw[0], hw[1], self.cache_root)
-            run = self._compile(path)
-            checked = self._check_file(path)
+            run = self._compile(path, pixels)
+            checked = self._check_file(path, pixels)
             sample = x[:PARITY_IMAGES].contiguous()
             got = None if checked.is_file() else run(sample.numpy())
         except Exception as exc:  # engine-specific errors of every kind: the fallback is the point
             self.fall_back(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip())
             return False
         if got is not None:
-            ref = self._torch_fp32(sample)
+            ref = self._torch_fp32(normalize_pixels(sample, self.backbone.mean, self.backbone.std) if pixels else sample)
             need = PARITY_FP32 if self.spec.precision == "fp32" else PARITY_BF16
             cosines = {}
             for name, g, r in zip(OUTPUTS, got, (ref.global_feat, ref.dense, ref.saliency)):
@@ -196,22 +204,54 @@ class EngineRunner:
                     return False
             with contextlib.suppress(OSError):  # unrecorded only means checking again next time
                 atomic_write_json(checked, {"min_cosine": cosines, "images": len(sample), "threshold": need})
-        self._compiled[hw] = run
+        self._compiled[(*hw, pixels)] = run
         return True
 
     def __call__(self, x: torch.Tensor) -> BackboneOutput:
         x = x.to("cpu").float().contiguous()
         hw = (int(x.shape[2]), int(x.shape[3]))
-        if self._fallback is None and hw not in self._compiled:
+        if self._fallback is None and (*hw, False) not in self._compiled:
             self._prepare(hw, x)
         if self._fallback is not None:
             return self._fallback(x)
         try:
-            g, d, s = self._compiled[hw](x.numpy())
+            g, d, s = self._compiled[(*hw, False)](x.numpy())
         except Exception as exc:
             self.fall_back(f"{type(exc).__name__}: {exc}")
             return self._fallback(x)
         return BackboneOutput(torch.from_numpy(g), torch.from_numpy(d), torch.from_numpy(s))
+
+    def pixels(self, x: torch.Tensor) -> BackboneOutput:
+        """uint8 [B, 3, H, W] pixels -> outputs. OpenVINO takes them as they are and normalises inside the
+        graph (its preprocessing folds into the first layer: no float batch built here, a quarter of the
+        bytes copied in); ONNX Runtime and torch get the batch normalised here."""
+        if self.spec.engine != "openvino" or self._fallback is not None:
+            return self(normalize_pixels(x, self.backbone.mean, self.backbone.std))
+        x = x.to("cpu").contiguous()
+        hw = (int(x.shape[2]), int(x.shape[3]))
+        if (*hw, True) not in self._compiled:
+            self._prepare(hw, x, pixels=True)
+        if self._fallback is not None:
+            return self._fallback(normalize_pixels(x, self.backbone.mean, self.backbone.std))
+        try:
+            g, d, s = self._compiled[(*hw, True)](x.numpy())
+        except Exception as exc:
+            self.fall_back(f"{type(exc).__name__}: {exc}")
+            return self._fallback(normalize_pixels(x, self.backbone.mean, self.backbone.std))
+        return BackboneOutput(torch.from_numpy(g), torch.from_numpy(d), torch.from_numpy(s))
+
+
+def pixel_input(model, mean, std):
+    """The OpenVINO model taking uint8 NCHW pixels: (x / 255 - mean) / std as its own first step."""
+    from openvino import Layout, Type
+    from openvino.preprocess import PrePostProcessor
+
+    ppp = PrePostProcessor(model)
+    ppp.input(0).tensor().set_element_type(Type.u8).set_layout(Layout("NCHW"))
+    ppp.input(0).model().set_layout(Layout("NCHW"))
+    ppp.input(0).preprocess().convert_element_type(Type.f32).mean([255.0 * m for m in mean]).scale(
+        [255.0 * s for s in std])
+    return ppp.build()
 
 
 STREAMS_ENV = "SELFLABEL_OPENVINO_STREAMS"
