@@ -139,9 +139,13 @@ def assign_folder(run_dir: str | Path, folder: str | Path, out: str | Path, *, u
                        gt=None if cfg.ingest.gt == "none" else cfg.ingest.gt)  # as the labelling run was asked
     b = cfg.backbone
     backbone = create_backbone(b.name, b.weights, b.image_size)
-    if backbone.cache_key() != manifest["backbone"]["cache_key"]:
+    labelled_with = str(manifest["backbone"]["cache_key"])
+    if not labelled_with.startswith(f"{backbone.name}-{backbone.weights_id}-"):  # the weights, not the preprocessing
         raise InputError(f"backbone {b.name}: its weights differ from the ones {run_dir} was labelled with "
-                         f"({backbone.cache_key()} != {manifest['backbone']['cache_key']})")
+                         f"({backbone.cache_key()} != {labelled_with})")
+    if labelled_with != backbone.cache_key():
+        log.warning("%s was labelled with an earlier preprocessing (%s); the new images get today's (%s), whose "
+                    "features differ by resize rounding only", run_dir, labelled_with, backbone.cache_key())
     timings["prepare"] = time.perf_counter() - t
 
     t = time.perf_counter()

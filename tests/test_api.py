@@ -167,3 +167,20 @@ def test_assign_places_old_images_where_the_clustering_placed_them(run, color_fo
     # the confidence the clustering gave (cluster.py's own preparation) is the one the stored geometry gives
     np.testing.assert_allclose(new.confidence[same], old.confidence[same], atol=1e-5)
     assert json.loads((again.path / "manifest.json").read_text())["features"]["computed"] == 0
+
+
+def test_assign_checks_the_weights_not_the_preprocessing_version(run, color_folder, cache_dir, tmp_path, caplog):
+    """A run labelled before a preprocessing change still takes new images (with a warning); other
+    weights are refused before any work."""
+    man_path = run.path / "manifest.json"
+    man = json.loads(man_path.read_text())
+    key = man["backbone"]["cache_key"]
+    man["backbone"]["cache_key"] = key.removesuffix("-tv")  # as an earlier version wrote it
+    man_path.write_text(json.dumps(man))
+    with caplog.at_level("WARNING"):
+        again = run.assign(color_folder, tmp_path / "again", cache_dir=cache_dir)
+    assert len(again.labels) == len(run.labels) and "earlier preprocessing" in caplog.text
+    man["backbone"]["cache_key"] = key.replace(key.split("-")[1], "otherweights", 1)
+    man_path.write_text(json.dumps(man))
+    res = runner.invoke(app, ["assign", str(run.path), str(color_folder), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "weights differ" in res.output
