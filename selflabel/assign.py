@@ -153,7 +153,7 @@ def assign_folder(run_dir: str | Path, folder: str | Path, out: str | Path, *, u
     feats = extract_features(scan.records, backbone, batch_size=batch_size or b.batch_size, num_workers=b.num_workers,
                              device=device or b.device, amp=b.amp, cache_dir=cache_dir or b.cache_dir,
                              max_pixels=cfg.ingest.max_pixels, flush_every=b.flush_every, out_path=out / FEATURES,
-                             engine=None if b.engine == "auto" else b.engine,
+                             engine=None if b.engine == "auto" else b.engine, tta=b.tta,
                              show_progress=show_progress)
     timings["features"] = time.perf_counter() - t
     skipped = scan.skipped + feats.skipped

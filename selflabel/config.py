@@ -25,6 +25,7 @@ from .errors import InputError
 Method = Literal["sinkhorn", "sela", "swav", "kmeans", "neighbors"]
 Amp = Literal["auto", "bf16", "fp32"]
 Engine = Literal["auto", "openvino", "onnxruntime", "torch"]
+Tta = Literal["none", "flip"]  # test-time averaging of the global features
 HeadKind = Literal["cosine", "linear", "mlp"]
 HeadInit = Literal["sinkhorn", "kmeans++", "random"]
 FinalAssign = Literal["argmax", "sinkhorn"]
@@ -60,6 +61,7 @@ class BackboneConfig:
     num_workers: int = -1  # -1: min(4, cpu count)
     amp: Amp = "auto"
     engine: Engine = "auto"  # CPU inference engine; auto: $SELFLABEL_ENGINE, else OpenVINO > ONNX Runtime > torch
+    tta: Tta = "none"  # flip: average each image's features with its mirror image's (2x the forward)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (checked by `validate`)
     cache_dir: str | None = None  # None: $SELFLABEL_CACHE or ~/.cache/selflabel
     flush_every: int = 1024  # images per cache shard: a killed run loses at most this much work

@@ -39,7 +39,7 @@ GPU_DECODE_ENV = "SELFLABEL_GPU_DECODE"
 
 # re-exported for callers that still import them from here (they live in selflabel/devices.py)
 __all__ = ["CacheWriteError", "FeatureCache", "FeatureResult", "autocast_dtype", "default_cache_root",
-           "default_num_workers", "extract_features", "feature_cache_key", "plan_features", "resolve_device"]
+           "default_num_workers", "extract_features", "feature_cache_key", "forward_global", "plan_features", "resolve_device"]
 
 
 class CacheWriteError(StorageError):
@@ -56,10 +56,26 @@ def _cache_write_error(exc: OSError | StorageError, where: Path, n_cached: int) 
                            "and not computed again")
 
 
-def feature_cache_key(backbone: Backbone, spec: EngineSpec) -> str:
-    """Backbone, weights, preprocessing, engine and precision: features from a bf16 or engine run are
-    never served to an fp32 torch run (their cosine similarity is ~0.999, not 1)."""
-    return f"{backbone.cache_key()}-{spec.tag}"
+def feature_cache_key(backbone: Backbone, spec: EngineSpec, tta: str = "none") -> str:
+    """Backbone, weights, preprocessing, engine, precision and test-time averaging: features from a bf16 or
+    engine run are never served to an fp32 torch run (their cosine similarity is ~0.999, not 1)."""
+    return f"{backbone.cache_key()}-{spec.tag}" + ("" if tta == "none" else f"-{tta}")
+
+
+TTA_CHOICES = ("none", "flip")
+
+
+def forward_global(runner, x: torch.Tensor, tta: str, pixels: bool) -> np.ndarray:
+    """Global features of a batch (uint8 pixels or normalised floats); with tta='flip' the mean of the
+    image's and its left-right mirror's, in one forward of the doubled batch."""
+    if tta == "flip":
+        x = torch.cat([x, x.flip(-1)])
+    out = runner.pixels(x) if pixels else runner(x)
+    g = out.global_feat.float().cpu().numpy()
+    if tta == "flip":
+        half = len(g) // 2
+        g = (g[:half] + g[half:]) / 2
+    return g
 
 
 class FeatureCache:
@@ -179,6 +195,7 @@ def extract_features(
     rehash: bool = False,
     engine: str | None = None,
     spec: EngineSpec | None = None,
+    tta: str = "none",
 ) -> FeatureResult:
     """Global features for `records`, computing only what the cache lacks.
 
@@ -191,12 +208,15 @@ def extract_features(
     Runtime when installed (selflabel/engine), torch otherwise or when the engine fails; the engine and
     the precision (`amp`, chosen by the hardware for 'auto') are part of the cache key. `spec` (from
     `plan_features`) replaces that choice: the ranks of a torchrun job all run what rank 0 planned.
+    `tta='flip'` averages each image's features with its mirror image's (README 'Features').
     """
+    if tta not in TTA_CHOICES:
+        raise ValueError(f"tta '{tta}' is not one of {', '.join(TTA_CHOICES)}")
     t0 = time.perf_counter()
     dev = resolve_device(str(device))
     spec = spec or plan_engine(engine, dev, precision_name(amp, dev))
     root = Path(cache_dir or default_cache_root())
-    cache = FeatureCache(root, feature_cache_key(backbone, spec))
+    cache = FeatureCache(root, feature_cache_key(backbone, spec, tta))
     skipped: list[Skipped] = []
     with DigestMemo(None if rehash else root / DIGEST_MEMO, file_digest) as memo:
         pairs = digest_records(records, skipped, memo)
@@ -211,16 +231,16 @@ def extract_features(
         runner = make_runner(backbone, dev, spec, root)
         if spec.engine != "torch" and not _warm_up(runner, todo, backbone, max_pixels):
             spec = runner.active  # the engine fell back to torch (logged): serve and store torch's features
-            cache = FeatureCache(root, feature_cache_key(backbone, spec))
+            cache = FeatureCache(root, feature_cache_key(backbone, spec, tta))
             todo = _missing(pairs, cache)
     n_cached = len(pairs) - len(todo)
     log.info("features: %d images, %d cached, %d to compute (%s)", len(pairs), n_cached, len(todo),
-             feature_cache_key(backbone, spec))
+             feature_cache_key(backbone, spec, tta))
 
     failed: dict[str, str] = {}
     if todo:
         failed = _compute_missing(todo, runner, backbone, cache, dev, batch_size, num_workers, max_pixels, flush_every,
-                                  show_progress)
+                                  show_progress, tta)
     t_forward = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -301,7 +321,7 @@ def gpu_decode_enabled() -> bool:
 
 
 def _compute_missing(todo, runner, backbone, cache, dev, batch_size, num_workers, max_pixels, flush_every,
-                     show_progress) -> dict[str, str]:
+                     show_progress, tta: str = "none") -> dict[str, str]:
     """Forward passes for cache misses, flushing shards as they fill. Returns {digest: reason} of failures."""
     digests = list(todo)
     records = [todo[d] for d in digests]
@@ -328,8 +348,7 @@ def _compute_missing(todo, runner, backbone, cache, dev, batch_size, num_workers
                 failed[digests[i]] = reason
                 log.warning("skipped %s: %s", ds.records[i].id, reason)
             if x is not None:  # normalised floats from the GPU decoder, else uint8 pixels
-                out = runner(x) if gpu_decode else runner.pixels(x)
-                buf_feats.append(out.global_feat.cpu().numpy())
+                buf_feats.append(forward_global(runner, x, tta, pixels=not gpu_decode))
                 buf_keys += [digests[i] for i in idx.tolist()]
             if len(buf_keys) >= flush_every:
                 cache.add(buf_keys, np.concatenate(buf_feats))

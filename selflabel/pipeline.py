@@ -128,7 +128,7 @@ def _label_folder(cfg: RunConfig, ctx) -> RunSummary:
     t = time.perf_counter()
     extract = dict(batch_size=cfg.backbone.batch_size, num_workers=cfg.backbone.num_workers, device=device,
                    amp=cfg.backbone.amp, engine=engine_choice(cfg), cache_dir=cfg.backbone.cache_dir, max_pixels=cfg.ingest.max_pixels,
-                   flush_every=cfg.backbone.flush_every, rehash=cfg.backbone.rehash)
+                   flush_every=cfg.backbone.flush_every, rehash=cfg.backbone.rehash, tta=cfg.backbone.tta)
     n_sharded = 0
     if ctx.enabled:
         # rank 0 settles the engine and precision (probe, export, parity check) and every rank runs that:

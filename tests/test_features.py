@@ -180,3 +180,31 @@ def test_pixel_path_equals_the_transform_and_stays_within_one_of_pil():
             assert x.dtype == torch.uint8 and x.shape == (3, 224, 224) and x.is_contiguous()
             assert torch.equal(bb.normalize_pixels(x[None])[0], tf(im))
             assert (x.int() - pil(im.convert("RGB")).int()).abs().max() <= 1
+
+
+def test_flip_tta_averages_each_image_with_its_mirror(tmp_path, cache_dir):
+    """tta='flip': the features are the mean of the image's and of its mirror image's, cached apart."""
+    from PIL import Image
+
+    from selflabel.features import feature_cache_key
+    from selflabel.engine import EngineSpec
+
+    rng = np.random.default_rng(0)
+    plain, mirrored = tmp_path / "plain", tmp_path / "mirrored"
+    plain.mkdir(), mirrored.mkdir()
+    for i in range(6):  # asymmetric content: a mirror gives other features
+        arr = (rng.random((96, 96, 3)) * 255).astype(np.uint8)  # square, and 56 px of 64: a symmetric crop
+        arr[:, :30] = [255, 0, 0]
+        Image.fromarray(arr).save(plain / f"{i}.png")
+        Image.fromarray(arr[:, ::-1]).save(mirrored / f"{i}.png")
+    bb = create_backbone("tiny", None, 56)
+    kw = dict(engine="torch", amp="fp32", batch_size=8, num_workers=0, cache_dir=cache_dir, show_progress=False)
+    a = extract_features(scan_folder(plain).records, bb, **kw).features
+    b = extract_features(scan_folder(mirrored).records, bb, **kw).features
+    flip = extract_features(scan_folder(plain).records, bb, tta="flip", **kw)
+    assert flip.n_computed == 6  # not served from the plain features' cache
+    assert np.abs(a - b).max() > 1e-3
+    np.testing.assert_allclose(flip.features, (a + b) / 2, rtol=1e-4, atol=1e-5)
+    assert feature_cache_key(bb, EngineSpec("torch", "fp32"), "flip") != feature_cache_key(bb, EngineSpec("torch", "fp32"))
+    with pytest.raises(ValueError, match="tta 'mirror' is not one of none, flip"):
+        _extract(scan_folder(plain).records, cache_dir, tta="mirror")
