@@ -24,7 +24,8 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `selflabel
 from benchmarks.common import RESULTS_DIR  # noqa: E402
 
 BENCHMARKS = ("features", "sinkhorn", "end_to_end", "distributed", "quality", "longtail", "dense", "community", "memory",
-              "plots")
+              "assign", "kmeans_mstep", "review_effort", "plots")
+# run on their own (no --quick form): neighbors (exact vs faiss kNN), near_duplicates, suggested_names
 
 
 def parse_only(values: list[str] | None) -> list[str]:

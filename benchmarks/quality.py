@@ -11,7 +11,7 @@ input layer) and K = the number of classes. Scores: NMI, ARI, Hungarian accuracy
 
 --methods: only the methods whose name contains one of these words (case-insensitive).
 --features: feature variants, each a full table block: plain (the backbone's cached features), flip (the
-mean of the image's and its horizontal mirror's features), concat (mobilenet_v2 and efficientnet_lite2
+library's `backbone.tta=flip`: the mean of the image's and its horizontal mirror's features), concat (mobilenet_v2 and efficientnet_lite2
 features, each centred and L2-normalised, side by side).
 
 --quick: a class-balanced 2,000-image subset of each data set, 2 seeds and fewer epochs (a smoke run of
@@ -36,40 +36,17 @@ DATASETS = ("imagenette-val", "cifar10-test")
 WARD_MAX = 10_000  # Ward is O(N^2) memory: subsample above this many images
 
 
-def load_features(name: str, backbone: str = "mobilenet_v2") -> tuple[np.ndarray, np.ndarray]:
+def load_features(name: str, backbone: str = "mobilenet_v2", tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
     """Cached backbone features of a shared data set and its ground truth (class folder names, asked for
-    with gt="folders": folder names are not labels unless asked)."""
+    with gt="folders": folder names are not labels unless asked). `tta='flip'`: the library's flip
+    test-time averaging (`backbone.tta`), cached apart."""
     from selflabel.backbones import create_backbone
     from selflabel.data import scan_folder
     from selflabel.features import extract_features
 
     scan = scan_folder(shared_data(name), gt="folders")
-    fr = extract_features(scan.records, create_backbone(backbone), device="cpu", show_progress=False)
+    fr = extract_features(scan.records, create_backbone(backbone), device="cpu", show_progress=False, tta=tta)
     return np.asarray(fr.features, dtype=np.float32), np.array([r.gt for r in fr.records])
-
-
-def flip_features(name: str, backbone: str = "mobilenet_v2", batch_size: int = 64) -> np.ndarray:
-    """Features of every image's horizontal mirror, through the public backbone API (the backbone's own
-    transform on the mirrored image; not cached). Averaged with `load_features` this is flip test-time
-    augmentation."""
-    import torch
-    from PIL import Image
-
-    from selflabel.backbones import create_backbone
-    from selflabel.data import load_rgb, scan_folder
-    from selflabel.features import autocast_dtype
-
-    bb = create_backbone(backbone).eval()
-    tf = bb.make_transform()
-    dtype = autocast_dtype("auto", torch.device("cpu"))  # the precision the cached features were computed in
-    records = scan_folder(shared_data(name)).records
-    out = []
-    with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        for s in range(0, len(records), batch_size):
-            imgs = [tf(load_rgb(r.path, draft_size=bb.decode_size()).transpose(Image.FLIP_LEFT_RIGHT))
-                    for r in records[s:s + batch_size]]
-            out.append(bb(torch.stack(imgs)).global_feat.float().numpy())
-    return np.concatenate(out)
 
 
 def feature_variant(name: str, variant: str, backbone: str) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +57,7 @@ def feature_variant(name: str, variant: str, backbone: str) -> tuple[np.ndarray,
     if variant == "plain":
         return x, y
     if variant == "flip":
-        return (x + flip_features(name, backbone)) / 2, y
+        return load_features(name, backbone, tta="flip")
     if variant == "concat":
         other = "efficientnet_lite2" if backbone != "efficientnet_lite2" else "mobilenet_v2"
         x2, y2 = load_features(name, other)
