@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF2
 
@@ -85,6 +86,11 @@ class Backbone(nn.Module):
     def cache_key(self, size: int | None = None, crop: bool = True) -> str:
         """Identifies weights + preprocessing (JPEG draft decoding included), so cached features are reused only when valid."""
         return f"{self.name}-{self.weights_id}-s{size or self.image_size}-{'crop' if crop else 'full'}-draft{'-tv' if crop else ''}"
+
+    @property
+    def variant(self) -> str:
+        """A name for a non-default output layout ('' by default), part of the exported graph's name."""
+        return ""
 
     def forward(self, x: torch.Tensor) -> BackboneOutput:
         return self._forward(x)
@@ -179,8 +185,30 @@ class MobileNetV2(Backbone):
             raise BackboneUnavailable(f"{path}: not MobileNetV2 weights ({len(missing)} missing keys, e.g. {missing[0]})")
         self.weights_id = _file_id(path)
 
+    FUSE_BLOCK = 13  # last block at stride 16 (96 channels)
+    fuse_stride16 = False  # dense map at stride 16 (set by the dense stage; `variant` names it in exports)
+
+    @property
+    def variant(self) -> str:
+        return "f16" if self.fuse_stride16 else ""
+
     def _forward(self, x: torch.Tensor) -> BackboneOutput:
-        return _cnn_output(self.net(x))
+        if not self.fuse_stride16:
+            return _cnn_output(self.net(x))
+        fine = self.net[: self.FUSE_BLOCK + 1](x)
+        last = self.net[self.FUSE_BLOCK + 1:](fine)
+        return fused_output(last, fine)
+
+
+def fused_output(last: torch.Tensor, fine: torch.Tensor) -> BackboneOutput:
+    """Global features from the last map; the dense map at the finer map's stride: the last map upsampled
+    (bilinear) beside the finer one, each level L2-normalised per position so the 96 fine channels are not
+    drowned by the 1,280 coarse ones; saliency of the last map, upsampled alike."""
+    up = F.interpolate(last, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+    dense = torch.cat([F.normalize(up, dim=1), F.normalize(fine, dim=1)], dim=1)
+    sal = F.interpolate(last.float().norm(dim=1, keepdim=True), size=fine.shape[-2:], mode="bilinear",
+                        align_corners=False)[:, 0]
+    return BackboneOutput(global_feat=last.mean(dim=(2, 3)), dense=dense, saliency=sal)
 
 
 class EfficientNetLite(Backbone):

@@ -30,6 +30,7 @@ HeadKind = Literal["cosine", "linear", "mlp"]
 HeadInit = Literal["sinkhorn", "kmeans++", "random"]
 FinalAssign = Literal["argmax", "sinkhorn"]
 Louvain = Literal["networkx", "python-louvain"]
+Fusion = Literal["none", "stride16"]  # dense maps: the last one only | with the stride-16 one beside it
 NeighborObjective = Literal["scan", "temi"]
 Marginal = Literal["estimated", "uniform"]  # cluster sizes: estimated from the data (selflabel.imbalanced) | equal
 GtSource = Literal["none", "folders"]  # ground truth from class folder names only when asked
@@ -168,6 +169,7 @@ class DenseConfig:
     image_size: int = 448  # short side fed to the backbone; larger -> more patches (finer masks)
     keep_aspect: bool = True  # False: square image_size x image_size (Leopart)
     shift_stitch: int = 1  # f > 1: f*f shifted passes interleaved, stride / f (FCN shift-and-stitch)
+    fusion: Fusion = "none"  # stride16: mobilenet_v2's stride-16 map beside the upsampled last one (finer masks)
     pca_dim: int = 50  # standardise + PCA of patch features (Leopart); 0: standardise only
     k_parts: int = 150  # part clusters (overclustering)
     eps: float = 0.05  # Sinkhorn entropic regularisation of the part assignment

@@ -95,3 +95,28 @@ def test_extract_dense_shift_doubles_resolution(tmp_path):
                       show_progress=False)
     assert b.feats[0].shape[:2] == (2 * a.feats[0].shape[0], 2 * a.feats[0].shape[1])
     assert b.info["stride"] == bb.stride / 2
+
+
+def test_stride16_fusion_doubles_the_map_resolution_and_names_its_own_export(tmp_path):
+    """dense.fusion=stride16: the dense map and saliency at stride 16 (the last map upsampled beside the
+    stride-16 one, each L2-normalised), global features unchanged, and an export of its own."""
+    import torch
+
+    from selflabel.config import RunConfig
+    from selflabel.dense.pipeline import dense_fusion
+    from selflabel.engine.export import export_name
+
+    bb = create_backbone("mobilenet_v2")
+    x = torch.randn(2, 3, 64, 96)
+    plain = bb(x)
+    name = export_name(bb, 64, 96)
+    with dense_fusion(bb, "stride16"):
+        fused = bb(x)
+        assert export_name(bb, 64, 96) != name
+    assert not bb.fuse_stride16 and export_name(bb, 64, 96) == name  # restored after the dense stage
+    assert plain.dense.shape == (2, 1280, 2, 3) and fused.dense.shape == (2, 1280 + 96, 4, 6)
+    assert fused.saliency.shape == (2, 4, 6)
+    torch.testing.assert_close(fused.global_feat, plain.global_feat)
+    norms = fused.dense.norm(dim=1)  # two unit-length levels per position
+    torch.testing.assert_close(norms, torch.full_like(norms, 2 ** 0.5), rtol=1e-4, atol=1e-4)
+    assert RunConfig().dense.fusion == "none"

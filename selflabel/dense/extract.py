@@ -204,7 +204,8 @@ def extract_dense(records: Sequence[ImageRecord], backbone: torch.nn.Module, *, 
     torch otherwise or on any engine failure. Images are processed in a seeded random order so the
     projection is fitted on a random subset (`fit_images` images); results come back in record order.
     """
-    stride = int(getattr(backbone, "stride", 32))
+    stride = int(getattr(backbone, "stride", 32))  # inputs snap to it; the map's own stride may be finer
+    map_stride = stride // 2 if getattr(backbone, "fuse_stride16", False) else stride
     ds = DenseImages(records, image_size, stride, getattr(backbone, "mean", (0.485, 0.456, 0.406)),
                      getattr(backbone, "std", (0.229, 0.224, 0.225)), keep_aspect, max_pixels)
     order = np.random.default_rng(seed).permutation(len(ds)).tolist()
@@ -220,7 +221,7 @@ def extract_dense(records: Sequence[ImageRecord], backbone: torch.nn.Module, *, 
     def forward_pixels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 batch in (the engine normalises it); shift-and-stitch pads float inputs instead."""
         if shift > 1:
-            return shift_and_stitch(forward, ds.normalize_batch(x).to(device), stride, shift)
+            return shift_and_stitch(forward, ds.normalize_batch(x).to(device), map_stride, shift)
         out = runner.pixels(x.to(device))
         return out.dense, out.saliency
 
@@ -275,7 +276,8 @@ def extract_dense(records: Sequence[ImageRecord], backbone: torch.nn.Module, *, 
         sizes=[done[i][2] for i in keep],
         skipped=[(ds.records[i].id, skipped[i]) for i in sorted(skipped)],
         projector=projector,
-        info={"stride": stride / max(1, shift), "backbone_stride": stride, "shift": shift,
+        info={"stride": map_stride / max(1, shift), "backbone_stride": stride, "shift": shift,
+              "fusion": "stride16" if map_stride != stride else "none",
               "input_sizes": sorted(in_hw), "pca_dim": projector.dim, "pca_explained": projector.explained,
               "computed_on": {"device": str(device), "engine": runner.active.engine, "precision": runner.active.precision}},
     )

@@ -13,6 +13,7 @@ ids, 0 = unassigned), parts/*.png (part ids + 1), overlays/*.png.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -248,6 +249,26 @@ def write_outputs(feats: DenseFeatures, model: ConceptModel, dcfg: Any, out: Pat
     return {"entries": entries, "n_annotations": len(annotations)}
 
 
+@contextlib.contextmanager
+def dense_fusion(backbone: torch.nn.Module, fusion: str):
+    """The backbone's dense map with the stride-16 level beside the last one while the dense stage runs
+    (`dense.fusion=stride16`); the image-level stage keeps the plain, cheaper outputs."""
+    if fusion == "none":
+        yield
+        return
+    if not hasattr(backbone, "fuse_stride16"):
+        log.warning("dense.fusion=%s: %s has no stride-16 fusion; using its last map only", fusion,
+                    getattr(backbone, "name", type(backbone).__name__))
+        yield
+        return
+    was = backbone.fuse_stride16
+    backbone.fuse_stride16 = True
+    try:
+        yield
+    finally:
+        backbone.fuse_stride16 = was
+
+
 def segment(records: Sequence[ImageRecord], backbone: torch.nn.Module, cfg: Any, out_dir: str | Path,
             device: str | torch.device | None = None, *, show_progress: bool = True) -> dict[str, Any]:
     """Find dense object concepts in `records` and write them under `out_dir/dense/`. Returns a summary."""
@@ -265,11 +286,12 @@ def segment(records: Sequence[ImageRecord], backbone: torch.nn.Module, cfg: Any,
 
     records = drop_label_maps(records)
     t = time.perf_counter()
-    feats = extract_dense(records, backbone, image_size=dcfg.image_size, device=dev, keep_aspect=dcfg.keep_aspect,
-                          shift=dcfg.shift_stitch, pca_dim=dcfg.pca_dim, batch_size=min(cfg.backbone.batch_size, 16),
-                          num_workers=cfg.backbone.num_workers, dtype=autocast_dtype(cfg.backbone.amp, dev), seed=seed,
-                          max_pixels=cfg.ingest.max_pixels, show_progress=show_progress,
-                          engine=None if cfg.backbone.engine == "auto" else cfg.backbone.engine)
+    with dense_fusion(backbone, dcfg.fusion):
+        feats = extract_dense(records, backbone, image_size=dcfg.image_size, device=dev, keep_aspect=dcfg.keep_aspect,
+                              shift=dcfg.shift_stitch, pca_dim=dcfg.pca_dim, batch_size=min(cfg.backbone.batch_size, 16),
+                              num_workers=cfg.backbone.num_workers, dtype=autocast_dtype(cfg.backbone.amp, dev),
+                              seed=seed, max_pixels=cfg.ingest.max_pixels, show_progress=show_progress,
+                              engine=None if cfg.backbone.engine == "auto" else cfg.backbone.engine)
     timings = {"features": time.perf_counter() - t}
     n = len(feats.records)
     if n == 0:

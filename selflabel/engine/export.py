@@ -8,7 +8,9 @@ and CNN pooling are traced for that size) and the three outputs every backbone g
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 import logging
 import warnings
 from pathlib import Path
@@ -40,9 +42,21 @@ class _Outputs(nn.Module):
 
 def export_name(backbone: Backbone, height: int, width: int) -> str:
     """File name of the exported graph: everything that changes it is in the name."""
-    ident = f"{backbone.name}|{backbone.weights_id}|{height}x{width}|torch {torch.__version__}|opset {OPSET}"
+    variant = getattr(backbone, "variant", "")
+    ident = (f"{backbone.name}|{backbone.weights_id}|{height}x{width}|torch {torch.__version__}|opset {OPSET}|{variant}"
+             f"|{_module_digest(type(backbone))}")
     tag = hashlib.blake2b(ident.encode(), digest_size=6).hexdigest()
     return f"{backbone.name}-{backbone.weights_id}-{height}x{width}-{tag}.onnx"
+
+
+@functools.lru_cache(maxsize=None)
+def _module_digest(cls: type) -> str:
+    """Digest of the source file defining `cls`: an edit of a backbone's forward (or of the helpers beside
+    it) names a new export instead of serving a stale graph whose parity check was recorded before."""
+    try:
+        return hashlib.blake2b(Path(inspect.getfile(cls)).read_bytes(), digest_size=6).hexdigest()
+    except (OSError, TypeError):
+        return "nosource"
 
 
 @contextlib.contextmanager
