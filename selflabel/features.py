@@ -238,9 +238,10 @@ def extract_features(
              feature_cache_key(backbone, spec, tta))
 
     failed: dict[str, str] = {}
+    stores = [cache]  # the engine's cache, then torch's if the engine fails part-way
     if todo:
-        failed = _compute_missing(todo, runner, backbone, cache, dev, batch_size, num_workers, max_pixels, flush_every,
-                                  show_progress, tta)
+        failed = _compute_missing(todo, runner, backbone, stores, dev, batch_size, num_workers, max_pixels, flush_every,
+                                  show_progress, tta, root)
     t_forward = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -251,7 +252,7 @@ def extract_features(
         try:
             with atomic_path(out_path) as tmp:
                 mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(ok), backbone.dim))
-                cache.gather(digests, mm)
+                gather_from(stores, digests, mm)
                 mm.flush()
                 del mm
         except OSError as exc:
@@ -260,7 +261,7 @@ def extract_features(
         feats = np.load(out_path, mmap_mode="r", allow_pickle=False)
     else:
         feats = np.empty((len(ok), backbone.dim), dtype=np.float32)
-        cache.gather(digests, feats)
+        gather_from(stores, digests, feats)
     t_gather = time.perf_counter() - t2
     return FeatureResult(
         features=feats,
@@ -269,7 +270,8 @@ def extract_features(
         n_computed=len(todo) - len(failed),
         n_cached=n_cached,
         seconds={"hash": t_hash, "forward": t_forward, "gather": t_gather},
-        computed_on={"device": str(dev), "engine": spec.engine, "precision": spec.precision},
+        computed_on={"device": str(dev), "engine": (runner.active if runner is not None else spec).engine,
+                     "precision": (runner.active if runner is not None else spec).precision},
     )
 
 
@@ -320,9 +322,30 @@ def gpu_decode_enabled() -> bool:
     return os.environ.get(GPU_DECODE_ENV, "1") != "0"
 
 
-def _compute_missing(todo, runner, backbone, cache, dev, batch_size, num_workers, max_pixels, flush_every,
-                     show_progress, tta: str = "none") -> dict[str, str]:
-    """Forward passes for cache misses, flushing shards as they fill. Returns {digest: reason} of failures."""
+def gather_from(stores: Sequence[FeatureCache], digests: Sequence[str], out: np.ndarray) -> None:
+    """`FeatureCache.gather` over several caches: each digest from the first cache that holds it."""
+    if len(stores) == 1:
+        stores[0].gather(digests, out)
+        return
+    rows: list[list[int]] = [[] for _ in stores]
+    for i, d in enumerate(digests):
+        rows[next(j for j, c in enumerate(stores) if d in c)].append(i)
+    for c, idx in zip(stores, rows):
+        if idx:
+            part = np.empty((len(idx), out.shape[1]), dtype=out.dtype)
+            c.gather([digests[i] for i in idx], part)
+            out[np.array(idx)] = part
+
+
+def _compute_missing(todo, runner, backbone, stores, dev, batch_size, num_workers, max_pixels, flush_every,
+                     show_progress, tta: str = "none", root: Path | None = None) -> dict[str, str]:
+    """Forward passes for cache misses, flushing shards as they fill. Returns {digest: reason} of failures.
+
+    `stores[-1]` is the cache being written. If the engine falls back to torch part-way (it logs why),
+    what it computed is flushed to its own cache and the rest goes to torch's, appended to `stores`:
+    no shard ever mixes two engines' features under one key."""
+    cache = stores[-1]
+    spec = runner.active
     digests = list(todo)
     records = [todo[d] for d in digests]
     gpu_decode = dev.type == "cuda" and gpu_decode_enabled()
@@ -348,7 +371,18 @@ def _compute_missing(todo, runner, backbone, cache, dev, batch_size, num_workers
                 failed[digests[i]] = reason
                 log.warning("skipped %s: %s", ds.records[i].id, reason)
             if x is not None:  # normalised floats from the GPU decoder, else uint8 pixels
-                buf_feats.append(forward_global(runner, x, tta, pixels=not gpu_decode))
+                g = forward_global(runner, x, tta, pixels=not gpu_decode)
+                if runner.active != spec:  # this batch already came from torch: earlier ones did not
+                    if buf_keys:
+                        cache.add(buf_keys, np.concatenate(buf_feats))
+                        buf_keys, buf_feats = [], []
+                    log.warning("the %s engine failed after part of the images: the rest are computed by %s and "
+                                "cached under its own key", spec.tag, runner.active.tag)
+                    spec = runner.active
+                    cache = FeatureCache(root if root is not None else cache.dir.parent,
+                                         feature_cache_key(backbone, spec, tta))
+                    stores.append(cache)
+                buf_feats.append(g)
                 buf_keys += [digests[i] for i in idx.tolist()]
             if len(buf_keys) >= flush_every:
                 cache.add(buf_keys, np.concatenate(buf_feats))

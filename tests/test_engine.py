@@ -176,3 +176,35 @@ def test_openvino_takes_uint8_pixels_and_normalises_them_in_the_graph(tmp_path):
     assert runner.active == EngineSpec("openvino", "fp32")
     assert len(list((tmp_path / "engines").glob("*-u8.checked.json"))) == 1
     _assert_parity(TorchRunner(bb, CPU, "fp32").pixels(x), TorchRunner(bb, CPU, "fp32")(bb.normalize_pixels(x)), 0.99999)
+
+
+@needs_engine
+def test_engine_failing_part_way_keeps_each_engines_features_under_its_own_key(color_folder, cache_dir, monkeypatch):
+    """The engine crashes after its first batches: those stay in the engine's cache, the rest are torch's,
+    cached under torch's key, and the run returns every image (no shard mixes two engines)."""
+    real = runners.EngineRunner._compile
+    calls = {"n": 0}
+
+    def dies_later(self, path, pixels=False):
+        run = real(self, path, pixels)
+
+        def counted(x):
+            calls["n"] += 1
+            if calls["n"] > 4:  # the parity check, the warm-up and two batches of 4 work, then it crashes
+                raise RuntimeError("engine crashed")
+            return run(x)
+        return counted
+
+    monkeypatch.setattr(runners.EngineRunner, "_compile", dies_later)
+    recs = scan_folder(color_folder).records
+    bb = create_backbone("tiny")
+    kw = dict(batch_size=4, num_workers=0, cache_dir=cache_dir, amp="fp32", show_progress=False)
+    res = extract_features(recs, bb, engine=ENGINES[0], **kw)
+    engine_cache = FeatureCache(cache_dir, feature_cache_key(bb, EngineSpec(ENGINES[0], "fp32")))
+    torch_cache = FeatureCache(cache_dir, feature_cache_key(bb, EngineSpec("torch", "fp32")))
+    assert len(res.records) == 24 and len(engine_cache) == 8 and len(torch_cache) == 16
+    assert res.computed_on["engine"] == "torch"
+    ref = extract_features(recs, bb, engine="torch", **{**kw, "cache_dir": cache_dir / "ref"})
+    later = [i for i, r in enumerate(res.records) if r.id not in {x.id for x in res.records[:8]}]
+    np.testing.assert_allclose(res.features[later], ref.features[later], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(res.features[:8], ref.features[:8], rtol=1e-3, atol=1e-4)  # the engine's, fp32

@@ -93,6 +93,11 @@ class TorchRunner:
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self.spec = EngineSpec("torch", precision)
 
+    @property
+    def active(self) -> EngineSpec:
+        """What runs (always torch here; an `EngineRunner` may change after a fallback)."""
+        return self.spec
+
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> BackboneOutput:
         x = x.to(self.device, non_blocking=True)
