@@ -208,3 +208,14 @@ def test_engine_failing_part_way_keeps_each_engines_features_under_its_own_key(c
     later = [i for i, r in enumerate(res.records) if r.id not in {x.id for x in res.records[:8]}]
     np.testing.assert_allclose(res.features[later], ref.features[later], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(res.features[:8], ref.features[:8], rtol=1e-3, atol=1e-4)  # the engine's, fp32
+
+
+def test_export_name_follows_the_backbone_code_and_variant(monkeypatch):
+    """An edited backbones.py or another output layout names another export (never a stale graph)."""
+    from selflabel.engine import export
+
+    bb = create_backbone("tiny")
+    name = export.export_name(bb, 64, 64)
+    assert export.export_name(bb, 64, 96) != name
+    monkeypatch.setattr(export, "_module_digest", lambda cls: "edited")
+    assert export.export_name(bb, 64, 64) != name
