@@ -154,18 +154,19 @@ class EngineRunner:
                     res = request.infer({0: x})
                     return [np.array(res[o], copy=True) for o in outputs]
                 return run
-            queue = ov.AsyncInferQueue(compiled, streams)
-            got: dict[int, list[np.ndarray]] = {}
-            queue.set_callback(lambda req, i: got.__setitem__(i, [np.array(req.get_tensor(o).data, copy=True)
-                                                                  for o in outputs]))
+            requests = [compiled.create_infer_request() for _ in range(streams)]
 
             def run_streams(x: np.ndarray) -> list[np.ndarray]:
-                got.clear()
-                parts = np.array_split(x, min(streams, len(x)))
-                for i, part in enumerate(parts):
-                    queue.start_async({0: np.ascontiguousarray(part)}, i)
-                queue.wait_all()
-                return [np.concatenate([got[i][j] for i in range(len(parts))]) for j in range(len(outputs))]
+                # one request per part, started together and read back here in order: no Python callback
+                # ever runs on an engine thread
+                parts = [np.ascontiguousarray(p) for p in np.array_split(x, min(streams, len(x)))]
+                for req, part in zip(requests, parts):
+                    req.start_async({0: part})
+                got = []
+                for req in requests[: len(parts)]:
+                    req.wait()
+                    got.append([np.array(req.get_tensor(o).data, copy=True) for o in outputs])
+                return [np.concatenate([g[j] for g in got]) for j in range(len(outputs))]
             return run_streams
         import onnxruntime as ort
 
@@ -265,9 +266,9 @@ STREAMS_ENV = "SELFLABEL_OPENVINO_STREAMS"
 def openvino_streams(threads: int) -> int:
     """OpenVINO CPU streams for a batch: one thread per stream, the batch split among them
     ($SELFLABEL_OPENVINO_STREAMS overrides; 1 = one latency-mode request with every thread). On 2 cores
-    two one-thread streams ran mobilenet_v2's pipeline 10-20 % faster than one two-thread request: a
-    stream whose core is busy decoding delays only its own part of the batch, where a two-thread request
-    waits for its slower thread at every layer (benchmarks/features.py)."""
+    two one-thread streams ran mobilenet_v2's pipeline 0-12 % faster than one two-thread request (five
+    A/B runs): a stream whose core is busy decoding delays only its own part of the batch, where a
+    two-thread request waits for its slower thread at every layer (benchmarks/features.py)."""
     env = os.environ.get(STREAMS_ENV)
     if env:
         return max(1, int(env))
