@@ -241,13 +241,18 @@ def loader_core_ms(records: Sequence[ImageRecord], backbone: Backbone, device: t
     from selflabel.data import ImageDataset, collate_skip
 
     ds = ImageDataset(records, backbone.make_pixels(), draft_size=backbone.decode_size())
+    return loader_cpu_ms(DataLoader(ds, batch_size=64, num_workers=default_workers(device), collate_fn=collate_skip))
+
+
+def loader_cpu_ms(loader) -> float:
+    """CPU ms per item of iterating `loader` (this process and its workers), best of two passes."""
     best = float("inf")
     for _ in range(2):
         c = cpu_seconds()
-        for _batch in DataLoader(ds, batch_size=64, num_workers=default_workers(device), collate_fn=collate_skip):
+        for _batch in loader:
             pass
         best = min(best, cpu_seconds() - c)  # the workers have exited: their CPU time is counted
-    return best / len(records) * 1000
+    return best / len(loader.dataset) * 1000
 
 
 @contextmanager
@@ -378,13 +383,7 @@ def dense_loader_core_ms(records, bb: Backbone, image_size: int, keep_aspect: bo
     from selflabel.dense.extract import DenseImages, _collate
 
     ds = DenseImages(records, image_size, bb.stride, bb.mean, bb.std, keep_aspect)
-    best = float("inf")
-    for _ in range(2):
-        c = cpu_seconds()
-        for _batch in DataLoader(ds, batch_size=16, num_workers=min(2, os.cpu_count() or 1), collate_fn=_collate):
-            pass
-        best = min(best, cpu_seconds() - c)
-    return best / len(records) * 1000
+    return loader_cpu_ms(DataLoader(ds, batch_size=16, num_workers=min(2, os.cpu_count() or 1), collate_fn=_collate))
 
 
 def dense_section(device: torch.device, bare_batches: int, n_rounds: int, n_images: int = 101) -> str:

@@ -241,7 +241,7 @@ def extract_features(
     stores = [cache]  # the engine's cache, then torch's if the engine fails part-way
     if todo:
         failed = _compute_missing(todo, runner, backbone, stores, dev, batch_size, num_workers, max_pixels, flush_every,
-                                  show_progress, tta, root)
+                                  show_progress, tta)
     t_forward = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -338,7 +338,7 @@ def gather_from(stores: Sequence[FeatureCache], digests: Sequence[str], out: np.
 
 
 def _compute_missing(todo, runner, backbone, stores, dev, batch_size, num_workers, max_pixels, flush_every,
-                     show_progress, tta: str = "none", root: Path | None = None) -> dict[str, str]:
+                     show_progress, tta: str = "none") -> dict[str, str]:
     """Forward passes for cache misses, flushing shards as they fill. Returns {digest: reason} of failures.
 
     `stores[-1]` is the cache being written. If the engine falls back to torch part-way (it logs why),
@@ -379,8 +379,7 @@ def _compute_missing(todo, runner, backbone, stores, dev, batch_size, num_worker
                     log.warning("the %s engine failed after part of the images: the rest are computed by %s and "
                                 "cached under its own key", spec.tag, runner.active.tag)
                     spec = runner.active
-                    cache = FeatureCache(root if root is not None else cache.dir.parent,
-                                         feature_cache_key(backbone, spec, tta))
+                    cache = FeatureCache(cache.dir.parent, feature_cache_key(backbone, spec, tta))  # beside it
                     stores.append(cache)
                 buf_feats.append(g)
                 buf_keys += [digests[i] for i in idx.tolist()]

@@ -134,8 +134,8 @@ def _label_folder(cfg: RunConfig, ctx) -> RunSummary:
         # rank 0 settles the engine and precision (probe, export, parity check) and every rank runs that:
         # ranks deciding alone can disagree (a timed probe, a check on other images) and then store their
         # blocks under different cache keys, computing everything twice
-        plan = plan_features(scan.records, backbone, device=device, amp=cfg.backbone.amp, engine=engine_choice(cfg),
-                             cache_dir=cfg.backbone.cache_dir, max_pixels=cfg.ingest.max_pixels) if ctx.is_main else None
+        plan = plan_features(scan.records, backbone, **{k: extract[k] for k in ("device", "amp", "engine", "cache_dir",
+                                                                                "max_pixels")}) if ctx.is_main else None
         extract["spec"] = all_gather_objects(plan, ctx)[0]
         # each rank computes a disjoint block into the (shared) cache, then all read the whole store
         part = extract_features(shard(scan.records, ctx), backbone, show_progress=show_progress and ctx.is_main, **extract)

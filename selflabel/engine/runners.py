@@ -197,7 +197,7 @@ class EngineRunner:
             self.fall_back(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip())
             return False
         if got is not None:
-            ref = self._torch_fp32(normalize_pixels(sample, self.backbone.mean, self.backbone.std) if pixels else sample)
+            ref = self._torch_fp32(self._normalized(sample) if pixels else sample)
             need = PARITY_FP32 if self.spec.precision == "fp32" else PARITY_BF16
             cosines = {}
             for name, g, r in zip(OUTPUTS, got, (ref.global_feat, ref.dense, ref.saliency)):
@@ -227,23 +227,26 @@ class EngineRunner:
             return self._fallback(x)
         return BackboneOutput(torch.from_numpy(g), torch.from_numpy(d), torch.from_numpy(s))
 
+    def _normalized(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize_pixels(x, self.backbone.mean, self.backbone.std)
+
     def pixels(self, x: torch.Tensor) -> BackboneOutput:
         """uint8 [B, 3, H, W] pixels -> outputs. OpenVINO takes them as they are and normalises inside the
         graph (its preprocessing folds into the first layer: no float batch built here, a quarter of the
         bytes copied in); ONNX Runtime and torch get the batch normalised here."""
         if self.spec.engine != "openvino" or self._fallback is not None:
-            return self(normalize_pixels(x, self.backbone.mean, self.backbone.std))
+            return self(self._normalized(x))
         x = x.to("cpu").contiguous()
         hw = (int(x.shape[2]), int(x.shape[3]))
         if (*hw, True) not in self._compiled:
             self._prepare(hw, x, pixels=True)
         if self._fallback is not None:
-            return self._fallback(normalize_pixels(x, self.backbone.mean, self.backbone.std))
+            return self._fallback(self._normalized(x))
         try:
             g, d, s = self._compiled[(*hw, True)](x.numpy())
         except Exception as exc:
             self.fall_back(f"{type(exc).__name__}: {exc}")
-            return self._fallback(normalize_pixels(x, self.backbone.mean, self.backbone.std))
+            return self._fallback(self._normalized(x))
         return BackboneOutput(torch.from_numpy(g), torch.from_numpy(d), torch.from_numpy(s))
 
 
