@@ -7,14 +7,15 @@ memory is one similarity block (``block_bytes``) plus the normalised database, w
 torch code runs on CPU and GPU (`device`). Used by the neighbour trainer (mining SCAN/TEMI
 neighbours) and by near-duplicate search.
 
-An approximate index (faiss-cpu's inverted-file index on inner products, optional dependency) is
-offered for very large N; `benchmarks/neighbors.py` measures its speed and recall against the
-exact search.
+An approximate index (faiss-cpu's inverted-file index on inner products, optional dependency
+`selflabel[ann]`) serves very large N: `method="auto"` takes the exact search up to `EXACT_MAX_ROWS`
+rows and the index beyond (the exact one, with a warning, when faiss is missing);
+`benchmarks/memory.py` and `benchmarks/neighbors.py` measure its speed and recall against the exact search.
 """
 from __future__ import annotations
 
 import importlib.util
-
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,16 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
-__all__ = ["Neighbors", "knn", "knn_exact", "knn_faiss", "faiss_available"]
+__all__ = ["Neighbors", "knn", "knn_exact", "knn_faiss", "faiss_available", "choose_method", "ann_cells",
+           "EXACT_MAX_ROWS", "ANN_NPROBE", "METHODS"]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("exact", "faiss", "auto")
+# method="auto": the exact search up to this many rows (N^2 D: about 2.5 min on 2 CPU cores at 50,000 x 1,280,
+# well under the feature extraction of that many images), the faiss index beyond (benchmarks/memory.py).
+EXACT_MAX_ROWS = 50_000
+ANN_NPROBE = 4  # cells searched per query by the faiss index (of ann_cells(N)); recall measured in benchmarks/memory.py
 
 _CPU_BLOCK_BYTES = 64 << 20  # one query-chunk x database-chunk similarity block on CPU
 _ACCEL_BLOCK_BYTES = 1 << 30  # on a GPU: big blocks, few launches
@@ -134,11 +144,34 @@ def _stable_desc(sim: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return by_index.gather(1, s.argsort(dim=1, descending=True, stable=True))
 
 
+def ann_cells(n: int) -> int:
+    """Inverted-file cells for an index of `n` rows: 2 sqrt(n) (2,000 at 1,000,000), at least 39 rows per cell
+    (faiss's floor for training). Fewer, larger cells would make each query scan more rows; more cells make the
+    coarse assignment (n x cells) and the training dearer."""
+    return int(max(1, min(n // 39, round(2 * math.sqrt(n)))))
+
+
+def _unit_rows(x: Any, normalized: bool) -> np.ndarray:
+    """Contiguous float32 rows of `x` (a chunk), L2-normalised unless `normalized` says they already are."""
+    part = x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    part = np.ascontiguousarray(part, dtype=np.float32)
+    if normalized:
+        return part
+    return part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
+
+
 def knn_faiss(queries: Any, k: int, database: Any | None = None, *, exclude_self: bool = False,
-              nlist: int | None = None, nprobe: int = 16, seed: int = 0) -> Neighbors:
+              nlist: int | None = None, nprobe: int = ANN_NPROBE, seed: int = 0, normalized: bool = False,
+              train_per_cell: int = 64, niter: int = 10, chunk: int = 65536) -> Neighbors:
     """Approximate k nearest neighbours by cosine with faiss-cpu (`pip install faiss-cpu`): an inverted-file
-    index (IndexIVFFlat, inner product on normalised rows) of `nlist` cells (default 4 sqrt(N)), `nprobe`
-    of them searched per query. Recall against `knn_exact` is measured in benchmarks/neighbors.py."""
+    index (IndexIVFFlat, inner product on unit rows; Jegou et al. 2011, "Product quantization for nearest
+    neighbor search") of `nlist` cells (default `ann_cells(N)`), the `nprobe` cells nearest each query searched.
+
+    Built for N = 1,000,000: the cells are trained on `train_per_cell` rows each (a seeded sample, `niter`
+    k-means rounds), rows are normalised and added `chunk` at a time (the index holds the only full copy;
+    `normalized=True` trusts the input's unit rows and skips the per-chunk copy), and without a separate
+    database each row's cells are found once and used both to file it and to search from it. Recall
+    against `knn_exact` is measured in benchmarks/neighbors.py and benchmarks/memory.py."""
     try:
         import faiss
     except ImportError:
@@ -148,24 +181,41 @@ def knn_faiss(queries: Any, k: int, database: Any | None = None, *, exclude_self
         raise InputError("exclude_self needs the queries to be the database (leave database unset)")
     db_in = queries if same else database
     _check(queries.shape[0], db_in.shape[0], queries.shape[1], db_in.shape[1], k, exclude_self)
-    db = np.ascontiguousarray(normalize_rows(db_in).numpy())
-    q = db if same else np.ascontiguousarray(normalize_rows(queries).numpy())
-    n, d = db.shape
-    nlist = int(nlist or max(1, min(n // 39, round(4 * math.sqrt(n)))))  # faiss wants >= 39 points per cell
+    if nprobe < 1:
+        raise InputError(f"neighbour index nprobe={nprobe} must be at least 1")
+    n, d = db_in.shape
+    nlist = int(nlist or ann_cells(n))
+    nprobe = min(nprobe, nlist)
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    train = db
-    if n > 256 * nlist:  # faiss samples at most 256 points per centroid anyway: sample deterministically
-        train = db[np.sort(np.random.default_rng(seed).choice(n, 256 * nlist, replace=False))]
-    index.cp.seed = seed
-    index.train(train)
-    index.add(db)
-    index.nprobe = min(nprobe, nlist)
+    index.cp.seed, index.cp.niter = seed, niter
+    sample = np.arange(n) if n <= train_per_cell * nlist else \
+        np.sort(np.random.default_rng(seed).choice(n, train_per_cell * nlist, replace=False))
+    index.train(_unit_rows(db_in[sample], normalized))
+    index.nprobe = nprobe
+    # the nprobe nearest cells of every database row: the first files the row, all are searched when it queries
+    cells = np.empty((n, nprobe), dtype=np.int64)
+    cell_sim = np.empty((n, nprobe), dtype=np.float32)
+    for s in range(0, n, chunk):
+        part = _unit_rows(db_in[s:s + chunk], normalized)
+        cell_sim[s:s + len(part)], cells[s:s + len(part)] = quantizer.search(part, nprobe)
+        first = np.ascontiguousarray(cells[s:s + len(part), 0])
+        index.add_core(len(part), faiss.swig_ptr(part), None, faiss.swig_ptr(first))
     extra = 1 if exclude_self else 0
-    sim, idx = index.search(q, k + extra)
+    nq = queries.shape[0]
+    out_idx = np.empty((nq, k + extra), dtype=np.int64)
+    out_sim = np.empty((nq, k + extra), dtype=np.float32)
+    for s in range(0, nq, chunk):
+        part = _unit_rows(queries[s:s + chunk], normalized)
+        if same:
+            c, cs = cells[s:s + len(part)], cell_sim[s:s + len(part)]
+        else:
+            cs, c = quantizer.search(part, nprobe)
+        out_sim[s:s + len(part)], out_idx[s:s + len(part)] = index.search_preassigned(
+            part, k + extra, np.ascontiguousarray(c), np.ascontiguousarray(cs))
     if exclude_self:
-        sim, idx = _drop_self(sim, idx, k)
-    return Neighbors(idx.astype(np.int64), sim.astype(np.float32))
+        out_sim, out_idx = _drop_self(out_sim, out_idx, k)
+    return Neighbors(out_idx, out_sim)
 
 
 def _drop_self(sim: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,11 +226,28 @@ def _drop_self(sim: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np
     return sim[keep].reshape(len(idx), k), idx[keep].reshape(len(idx), k)
 
 
+def choose_method(n_rows: int, method: str = "auto") -> str:
+    """The search `knn` runs for a database of `n_rows`: `method` itself, or for "auto" the exact one up to
+    `EXACT_MAX_ROWS` rows and the faiss index beyond (exact, with a one-line warning, when faiss is missing)."""
+    if method not in METHODS:
+        raise InputError(f"neighbour method '{method}' is unknown (choose {', '.join(METHODS)})")
+    if method != "auto":
+        return method
+    if n_rows <= EXACT_MAX_ROWS:
+        return "exact"
+    if faiss_available():
+        log.info("neighbours: %d rows > %d, approximate faiss IVF index (nprobe %d)", n_rows, EXACT_MAX_ROWS, ANN_NPROBE)
+        return "faiss"
+    log.warning("neighbours: %d rows > %d but faiss-cpu is not installed: exact search, time grows as N^2 "
+                "(pip install faiss-cpu, or selflabel[ann])", n_rows, EXACT_MAX_ROWS)
+    return "exact"
+
+
 def knn(queries: Any, k: int, database: Any | None = None, *, exclude_self: bool = False,
         device: str | torch.device = "cpu", method: str = "exact", **kwargs: Any) -> Neighbors:
-    """k nearest neighbours by cosine: `method` "exact" (`knn_exact`) or "faiss" (`knn_faiss`, approximate)."""
-    if method == "exact":
+    """k nearest neighbours by cosine: `method` "exact" (`knn_exact`), "faiss" (`knn_faiss`, approximate) or
+    "auto" (`choose_method` by the database size)."""
+    n_db = (queries if database is None else database).shape[0]
+    if choose_method(n_db, method) == "exact":
         return knn_exact(queries, k, database, exclude_self=exclude_self, device=device, **kwargs)
-    if method == "faiss":
-        return knn_faiss(queries, k, database, exclude_self=exclude_self, **kwargs)
-    raise InputError(f"neighbour method '{method}' is unknown (choose exact or faiss)")
+    return knn_faiss(queries, k, database, exclude_self=exclude_self, **kwargs)

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..atomic import atomic_write_bytes
 from ..neighbors import Neighbors, knn
@@ -26,9 +27,12 @@ NEIGHBOURS = "neighbors.npz"
 N_NEIGHBOURS = 10
 
 
-def neighbours_of(x: np.ndarray, k: int = N_NEIGHBOURS, device: str = "cpu", method: str = "exact") -> Neighbors:
-    """k nearest neighbours of every unit row among the others (k capped at N - 1)."""
-    return knn(x, min(k, len(x) - 1), exclude_self=True, device=device, method=method)
+def neighbours_of(x: np.ndarray, k: int = N_NEIGHBOURS, device: str = "cpu", method: str = "auto") -> Neighbors:
+    """k nearest neighbours of every unit row among the others (k capped at N - 1). `method` "auto": the exact
+    search up to `selflabel.neighbors.EXACT_MAX_ROWS` rows, the faiss index beyond (`neighbors.choose_method`).
+    The rows are handed over as they are (no second normalised copy: at 1,000,000 x 1,280 that is 5 GB)."""
+    rows = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return knn(rows, min(k, len(x) - 1), exclude_self=True, device=device, method=method, normalized=True)
 
 
 def save_neighbours(path: Path, nb: Neighbors) -> None:
@@ -43,7 +47,7 @@ def load_neighbours(path: Path) -> Neighbors:
 
 
 def curate_run(run_dir: str | Path, *, device: str = "cpu", threshold: float = DUPLICATE_THRESHOLD,
-               method: str = "exact") -> dict[str, int]:
+               method: str = "auto") -> dict[str, int]:
     """Add near-duplicates and outlier scores to RUN/labels.csv and write RUN/neighbors.npz; returns counts."""
     run = Path(run_dir)
     rows = read_labels(run / LABELS)
