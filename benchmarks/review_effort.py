@@ -13,7 +13,7 @@ share of images whose cluster's name is their true class. The policy, the same f
    look at up to 8 of its images (8 per part for a split); accept when what it sees agrees (a move's
    images are mostly of the target's class; a merge's two clusters show one class; a split's parts
    show different classes, which are then named as in 1), else dismiss. Three rounds, suggestions
-   recomputed between rounds.
+   recomputed between rounds; a suggestion accepted or dismissed is not shown again (its `key`, as in the app).
 3. Sweep: clusters largest first, each page of 24 images least confident first (softmax of the
    cosine to the cluster centre, T = 0.1, for every method alike): look at the page, tick the
    wrong images and move them to the cluster named with their class (one move per class on the page).
@@ -47,6 +47,7 @@ from selflabel.features import extract_features
 TARGETS = (0.90, 0.95, 0.99)
 LOOK_NAME, LOOK_SUGGESTION, PAGE = 12, 8, 24
 ROUNDS = 3
+DATA = ("imagenette-val", "cifar10-test", "cifar10-test-lt")
 
 
 @dataclass
@@ -110,13 +111,17 @@ class Reviewer:
         return new
 
     def suggestions(self) -> None:
+        decided: set[str] = set()  # keys accepted or dismissed: the app does not show them again
         for _ in range(ROUNDS):
             nb = neighbours_of(self.x).indices
             touched: set[int] = set()
             changed = False
             for s in suggest(self.x, self.labels, nb):
+                if s.key in decided:
+                    continue
                 if touched & set(s.clusters):
                     continue  # an earlier acceptance changed these clusters: wait for the next round
+                decided.add(s.key)
                 if s.kind == "move":
                     rows = np.array(s.rows)
                     ok = self.look_majority(rows, LOOK_SUGGESTION) == self.names[s.clusters[1]]
@@ -177,10 +182,12 @@ def review(x: np.ndarray, y: np.ndarray, labels: np.ndarray, with_suggestions: b
 
 
 def load(name: str, quick: bool) -> tuple[np.ndarray, np.ndarray]:
-    scan = scan_folder(shared_data(name.replace("-lt", "")))
+    scan = scan_folder(shared_data(name.replace("-lt", "")), gt="folders")  # the reviewer knows the true classes
     recs = scan.records
     fr = extract_features(recs, create_backbone("mobilenet_v2"), device="cpu", num_workers=0, show_progress=False)
     classes = sorted({r.gt for r in fr.records})
+    if len(classes) < 2 or None in classes:
+        raise SystemExit(f"{name}: the reviewer needs every image's class from its folder name (found {classes[:5]})")
     y = np.array([classes.index(r.gt) for r in fr.records])
     x = np.asarray(fr.features, dtype=np.float32)
     rng = np.random.default_rng(0)
@@ -197,11 +204,12 @@ def load(name: str, quick: bool) -> tuple[np.ndarray, np.ndarray]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2,000 images per data set")
+    ap.add_argument("--data", nargs="+", choices=DATA, default=list(DATA), help="data sets (default: all three)")
     args = ap.parse_args(argv)
     info = f"{machine_info()}; CPU capability {torch.backends.cpu.get_cpu_capability()}"
     print(info, file=sys.stderr)
     rows = []
-    for name in ("imagenette-val", "cifar10-test", "cifar10-test-lt"):
+    for name in args.data:
         x, y = load(name, args.quick)
         k = len(np.unique(y))
         u = centred_unit(x)
@@ -218,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                       "Cost = operations + images ticked + images looked at; policy in benchmarks/review_effort.py.", "",
                       table, ""])
     print(text)
-    write_result("review_effort" + ("-quick" if args.quick else ""), text)
+    subset = "" if list(args.data) == list(DATA) else "-" + "-".join(args.data)  # a part never overwrites the whole
+    write_result("review_effort" + ("-quick" if args.quick else "") + subset, text)
     return 0
 
 
