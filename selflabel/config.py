@@ -182,8 +182,18 @@ class DenseConfig:
     edge_threshold: float = 0.0  # keep edge (i, j) when both co-occurrences reach this
     louvain: Louvain = "networkx"
     louvain_seeds: int = 5  # Louvain runs; the best modularity wins
+    select: Literal["fixed", "stability"] = "fixed"  # stability: the resolution whose partitions agree most across seeds
+    resolution_grid: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0])  # select=stability
+    select_seeds: int = 8  # select=stability: Louvain seeds per resolution (mean pairwise ARI)
     min_area: int = 64  # instance minimum area in pixels (smaller regions join their neighbours)
     mask_size: int = 1024  # long side of the score upsampling before the argmax (maps are saved at full size); 0: original
+    refine: Literal["none", "slic", "guided"] = "none"  # part scores snapped to image edges before the argmax
+    slic_segments: int = 800  # refine=slic: superpixels per image
+    slic_compactness: float = 10.0  # refine=slic: higher -> squarer superpixels, lower -> closer to colour edges
+    guided_radius: int = 32  # refine=guided: window radius in mask pixels (>= the ~half-patch boundary offset)
+    guided_eps: float = 0.001  # refine=guided: regulariser; lower -> follows weaker colour edges
+    guided_subsample: int = 8  # refine=guided: coefficients on a grid this many times smaller (fast guided filter)
+    guided_top: int = 2  # refine=guided: best channels per coarse cell that compete at full size
     n_overlays: int = 16
 
 

@@ -80,9 +80,7 @@ def test_outputs_and_summary(dense_run):
     assert all(g.nodes[u]["kind"] == g.nodes[v]["kind"] for u, v in g.edges)  # split_fg
 
 
-def test_coco_round_trip(dense_run):
-    _, out, summary = dense_run
-    d = out / "dense"
+def _assert_coco_decodes_to_maps(d, summary):
     meta = json.loads((d / "dense.json").read_text())
     coco = COCO(str(d / "coco.json"))
     assert len(coco.getImgIds()) == 10 and len(coco.getAnnIds()) == summary["n_annotations"] > 0
@@ -98,6 +96,12 @@ def test_coco_round_trip(dense_run):
         np.testing.assert_array_equal(painted, lm)
         stuff = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]])) if kinds[a["category_id"]] == "stuff"]
         assert len(stuff) == len({a["category_id"] for a in stuff})  # one stuff annotation per concept per image
+    return coco
+
+
+def test_coco_round_trip(dense_run):
+    _, out, summary = dense_run
+    coco = _assert_coco_decodes_to_maps(out / "dense", summary)
     # renaming through the exporter keeps the masks
     export_coco_dense(out, out / "renamed.json", names={1: "road-ish"})
     renamed = COCO(str(out / "renamed.json"))
@@ -115,8 +119,73 @@ def test_evaluate_dense_scores(dense_run):
     assert res["parts"]["miou_overcluster"] > 0.6
     assert res["concepts"]["miou_hungarian"] > 0.6
     assert res["concepts"]["miou_overcluster"] >= res["concepts"]["miou_hungarian"] - 1e-9
+    assert 0.25 < res["concepts"]["boundary_f"] <= 1.0  # measured 0.36 (blocky 6 x 8 patch maps, 1 px tolerance)
     res2 = evaluate_dense(out, labels_dir=root / "labels")
     assert res2["concepts"] == res["concepts"]
+
+
+@pytest.fixture(scope="module")
+def refined_run(tmp_path_factory, dense_run):
+    root, _, _ = dense_run
+    out = tmp_path_factory.mktemp("refined")
+    cfg = RunConfig()
+    cfg.backbone.num_workers = 0
+    cfg.backbone.amp = "fp32"
+    cfg.dense.image_size = 48
+    cfg.dense.k_parts = 12
+    cfg.dense.pca_dim = 16
+    cfg.dense.min_area = 16
+    cfg.dense.n_overlays = 0
+    cfg.dense.refine = "guided"
+    cfg.dense.guided_radius = 8
+    cfg.dense.guided_subsample = 2
+    cfg.dense.select = "stability"
+    cfg.dense.resolution_grid = [0.5, 1.0, 2.0, 4.0]
+    cfg.dense.select_seeds = 4
+    summary = segment(scan_folder(root).records, create_backbone("tiny"), cfg, out, torch.device("cpu"),
+                      show_progress=False)
+    return root, out, summary
+
+
+def test_refined_label_free_run_records_its_settings_and_round_trips(refined_run, dense_run):
+    root, out, summary = refined_run
+    d = out / "dense"
+    settings = json.loads((d / "settings.json").read_text())
+    meta = json.loads((d / "dense.json").read_text())
+    assert meta["settings"] == settings and settings["select"] == "stability"
+    assert [c["resolution"] for c in settings["curve"]] == [0.5, 1.0, 2.0, 4.0]
+    assert all({"stability", "modularity", "n_concepts"} <= set(c) for c in settings["curve"])
+    assert settings["resolution"] in (0.5, 1.0, 2.0, 4.0) and summary["resolution"] == settings["resolution"]
+    assert load_graph(d / "graph.json").graph["resolution"] == settings["resolution"]
+    assert summary["refine"] == "guided" and meta["config"]["refine"] == "guided"
+    _assert_coco_decodes_to_maps(d, summary)
+    fixed = json.loads((dense_run[1] / "dense" / "settings.json").read_text())
+    assert fixed == {"select": "fixed", "resolution": 1.0, "n_concepts": dense_run[2]["n_concepts"]}
+    res = evaluate_dense(out)
+    assert res["concepts"]["miou_hungarian"] > 0.5 and 0 <= res["concepts"]["boundary_f"] <= 1
+
+
+@pytest.mark.parametrize("key,value,allowed", [("refine", "crf", "none, slic, guided"),
+                                               ("select", "best", "fixed, stability")])
+def test_refine_and_select_settings_are_checked(key, value, allowed):
+    from selflabel.config import apply_overrides
+    from selflabel.errors import InputError
+
+    with pytest.raises(InputError, match=f"dense.{key}.*{allowed}"):
+        apply_overrides(RunConfig(), [f"dense.{key}={value}"])
+
+
+@pytest.mark.parametrize("key,value", [("guided_radius", 0), ("slic_segments", 0), ("select_seeds", 1),
+                                       ("guided_eps", 0.0), ("resolution_grid", [])])
+def test_refine_ranges_are_checked_before_the_run(key, value, tmp_path):
+    from selflabel.dense.pipeline import check_refine_select
+    from selflabel.errors import InputError
+
+    cfg = RunConfig()
+    cfg.dense.select = "stability"
+    setattr(cfg.dense, key, value)
+    with pytest.raises(InputError, match=f"dense.{key}"):
+        check_refine_select(cfg.dense)
 
 
 def test_concepts_numbered_by_area():

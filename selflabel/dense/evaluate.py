@@ -1,11 +1,12 @@
-"""mIoU of a dense run's concept (and part) maps against ground-truth label maps.
+"""mIoU and boundary F of a dense run's concept (and part) maps against ground-truth label maps.
 
 Ground truth is found by the layout `<root>/images/x.jpg` <-> `<root>/labels/x.png` (same stem, any
 image extension), or in `labels_dir` (same relative path, or same stem). Two scores, as Leopart reports:
 - Hungarian: one-to-one matching of predicted segments to classes (unmatched classes score IoU 0);
 - overclustering: many-to-one, every segment goes to its majority class.
-Void pixels are ignored. The class count and void value come from `classes.txt` beside the labels
-folder when present (one name per line; a line `void` marks the void value), else from known layouts
+and the boundary F-measure of the concept maps (`metrics.boundary_fscore`, BSDS/DAVIS: tolerance 0.75 % of
+the image diagonal rounded up, mean over images). Void pixels are ignored. The class count and void value
+come from `classes.txt` beside the labels folder when present (one name per line; a line `void` marks the void value), else from known layouts
 (CamVid: 11 classes, 11 = void), else void = 255 and classes = 0..max label.
 """
 from __future__ import annotations
@@ -19,12 +20,13 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError
-from ..metrics import confusion, miou_hungarian, miou_overcluster
+from ..metrics import boundary_fscore, confusion, miou_hungarian, miou_overcluster
 from .masks import resize_labels
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".webp", ".gif")
+BOUNDARY_TOLERANCE = 0.0075  # boundary match distance as a share of the image diagonal (BSDS's maxDist)
 CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "signsymbol", "fence", "car",
                   "pedestrian", "bicyclist")
 
@@ -68,9 +70,25 @@ def _read_map(path: Path) -> np.ndarray:
         return np.asarray(im)
 
 
+def boundary_tolerance(shape: tuple[int, ...], share: float = BOUNDARY_TOLERANCE) -> float:
+    """Boundary match distance in pixels: `share` of the diagonal of an (H, W) map, rounded up as DAVIS does
+    (5 px for 480 x 360, never under 1 px)."""
+    return float(max(1.0, np.ceil(share * np.hypot(shape[0], shape[1]))))
+
+
+def mean_boundary_f(gts: list[np.ndarray], preds: list[np.ndarray], void: int | None,
+                    share: float = BOUNDARY_TOLERANCE) -> dict[str, float]:
+    """Mean over images of the boundary F, precision and recall (DAVIS averages per frame)."""
+    scores = np.array([boundary_fscore(g, p, boundary_tolerance(g.shape, share), void) for g, p in zip(gts, preds)])
+    if not len(scores):
+        return {"f": float("nan"), "precision": float("nan"), "recall": float("nan")}
+    return {"f": float(scores[:, 0].mean()), "precision": float(scores[:, 1].mean()), "recall": float(scores[:, 2].mean())}
+
+
 def evaluate_dense(run_dir: str | Path, labels_dir: str | Path | None = None, *, n_classes: int | None = None,
                    void: int | None = None) -> dict[str, Any]:
-    """mIoU (Hungarian and overclustering) of concepts and parts of `run_dir/dense` against label maps."""
+    """mIoU (Hungarian and overclustering) of concepts and parts, and the concepts' boundary F, of
+    `run_dir/dense` against label maps."""
     dense_dir = Path(run_dir) / "dense"
     meta_path = dense_dir / "dense.json"
     if not meta_path.is_file():
@@ -97,11 +115,14 @@ def evaluate_dense(run_dir: str | Path, labels_dir: str | Path | None = None, *,
     k = int(meta["parts"]["k"])
     conf_c = np.zeros((n_concepts + 1, n_cls), dtype=np.int64)
     conf_p = np.zeros((k + 1, n_cls), dtype=np.int64)
+    cmaps = []
     for (entry, _), gt in zip(pairs, gts):
         cmap = resize_labels(_read_map(dense_dir / entry["map"]).astype(np.int64), gt.shape)
         pmap = resize_labels(_read_map(dense_dir / entry["parts"]).astype(np.int64), gt.shape)
         conf_c += confusion(gt, cmap, n_cls, n_concepts + 1, void=void_v)
         conf_p += confusion(gt, pmap, n_cls, k + 1, void=void_v)
+        cmaps.append(cmap)
+    bf = mean_boundary_f(gts, cmaps, void_v)
     c_h, c_h_iou = miou_hungarian(conf_c)
     c_o, _ = miou_overcluster(conf_c)
     p_h, _ = miou_hungarian(conf_p)
@@ -117,6 +138,8 @@ def evaluate_dense(run_dir: str | Path, labels_dir: str | Path | None = None, *,
         "void": void_v,
         "class_spec": source,
         "concepts": {"n": n_concepts, "miou_hungarian": c_h, "miou_overcluster": c_o,
-                     "pixel_accuracy_overcluster": pixel_acc, "iou_per_class_hungarian": per_class},
+                     "pixel_accuracy_overcluster": pixel_acc, "iou_per_class_hungarian": per_class,
+                     "boundary_f": bf["f"], "boundary_precision": bf["precision"], "boundary_recall": bf["recall"],
+                     "boundary_tolerance": f"{BOUNDARY_TOLERANCE:.2%} of the diagonal"},
         "parts": {"n": k, "miou_hungarian": p_h, "miou_overcluster": p_o},
     }

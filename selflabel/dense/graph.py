@@ -81,7 +81,8 @@ def build_graph(adj: np.ndarray, threshold: float = 0.0, allowed: np.ndarray | N
     return g
 
 
-def _communities(graph: nx.Graph, resolution: float, seed: int, method: str) -> list[set[int]]:
+def run_louvain(graph: nx.Graph, resolution: float, seed: int, method: str) -> list[set[int]]:
+    """One Louvain run (one seed) of `method` -> list of communities (node sets)."""
     if method == "networkx":
         return [set(c) for c in nx.community.louvain_communities(graph, weight="weight", resolution=resolution, seed=seed)]
     if method == "python-louvain":
@@ -111,7 +112,7 @@ def louvain_partition(graph: nx.Graph, resolution: float = 1.0, *, seed: int = 0
     best: list[set[int]] | None = None
     best_q = -np.inf
     for s in range(seed, seed + max(1, n_seeds)):
-        comms = _communities(graph, resolution, s, method)
+        comms = run_louvain(graph, resolution, s, method)
         q = nx.community.modularity(graph, comms, weight="weight", resolution=resolution)
         if q > best_q + 1e-12:
             best, best_q = comms, q
@@ -122,6 +123,15 @@ def louvain_partition(graph: nx.Graph, resolution: float = 1.0, *, seed: int = 0
     return labels, float(best_q)
 
 
+def part_graph(adj: np.ndarray, foreground: np.ndarray | None = None, threshold: float = 0.0) -> nx.Graph:
+    """The co-occurrence graph of `merge_parts`: with `foreground`, no edge joins a thing part to a stuff part."""
+    allowed = None
+    if foreground is not None:
+        fg = np.asarray(foreground, dtype=bool)
+        allowed = fg[:, None] == fg[None, :]
+    return build_graph(adj, threshold, allowed)
+
+
 def merge_parts(adj: np.ndarray, foreground: np.ndarray | None = None, *, resolution: float = 1.0,
                 threshold: float = 0.0, seed: int = 0, n_seeds: int = 5, method: str = "networkx"
                 ) -> tuple[np.ndarray, nx.Graph, float]:
@@ -130,11 +140,7 @@ def merge_parts(adj: np.ndarray, foreground: np.ndarray | None = None, *, resolu
     With `foreground` (bool [k], from CBFE) edges join only clusters of the same kind, so a concept
     is either an object ("thing") or background ("stuff"), never both.
     Returns (concept per part, graph, modularity)."""
-    allowed = None
-    if foreground is not None:
-        fg = np.asarray(foreground, dtype=bool)
-        allowed = fg[:, None] == fg[None, :]
-    g = build_graph(adj, threshold, allowed)
+    g = part_graph(adj, foreground, threshold)
     labels, q = louvain_partition(g, resolution, seed=seed, n_seeds=n_seeds, method=method)
     return labels, g, q
 

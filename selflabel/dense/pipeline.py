@@ -3,13 +3,19 @@
 Steps, each a pure function in this package:
   1. `extract.extract_dense`   patch features (+ saliency) of every image, standardised + PCA;
   2. `parts.fit_part_prototypes` K Sinkhorn-balanced part prototypes on a patch sample;
-  3. part maps: cosine scores upsampled bilinearly, argmax (at ~100 px for statistics, at mask size for output);
+  3. part maps: cosine scores upsampled bilinearly, argmax (at ~100 px for statistics, at mask size for output,
+     there optionally `refine.refined_argmax` to the image's edges);
   4. `foreground`              CBFE: which part clusters are objects (things) and which background (stuff);
-  5. `graph.merge_parts`       co-occurrence graph + Louvain: parts -> concepts;
+  5. `graph.merge_parts`       co-occurrence graph + Louvain: parts -> concepts (resolution fixed, or chosen
+                               without labels by `resolution.choose_resolution`);
   6. per image: concept map (small regions filled), PNG maps, overlays, COCO instances.
 
-Outputs under `out_dir/dense/`: dense.json, graph.json, coco.json, prototypes.npy, maps/*.png (concept
-ids, 0 = unassigned), parts/*.png (part ids + 1), overlays/*.png.
+Options: `dense.refine` (none | slic | guided, `refine`) snaps the part boundaries to image edges before the
+argmax; `dense.select=stability` picks the Louvain resolution without labels (`resolution`).
+
+Outputs under `out_dir/dense/`: dense.json, graph.json, coco.json, settings.json (the Louvain resolution and
+how it was chosen), prototypes.npy, maps/*.png (concept ids, 0 = unassigned), parts/*.png (part ids + 1),
+overlays/*.png.
 """
 from __future__ import annotations
 
@@ -33,9 +39,11 @@ from ..annotations import coco_document, concept_name, label_map_annotations
 from ..progress import progress_bar
 from .extract import DenseFeatures, extract_dense
 from .foreground import cluster_fg_precision, noisy_foreground, select_foreground
-from .graph import LOUVAIN_METHODS, cooccurrence, graph_json, merge_parts
+from .graph import LOUVAIN_METHODS, cooccurrence, graph_json, merge_parts, part_graph
 from .masks import fill_small_regions, overlay, palette, resize_labels, upsampled_argmax
 from .parts import PartModel, fit_part_prototypes, part_scores
+from .refine import REFINE_METHODS, refined_argmax
+from .resolution import choose_resolution, stability_curve
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +130,8 @@ class ConceptModel:
     concept_of_part: np.ndarray  # concept id 1..M per part [k]
     concepts: list[dict[str, Any]]
     timings: dict[str, float] = field(default_factory=dict)
+    resolution: float = 1.0  # the Louvain resolution used (dense.resolution, or the label-free choice)
+    settings: dict[str, Any] = field(default_factory=dict)  # how it was chosen (rule, stability curve)
 
     @property
     def k(self) -> int:
@@ -157,23 +167,69 @@ def fit_concepts(feats: DenseFeatures, dcfg: Any, seed: int = 0, parts: PartMode
 
     t = time.perf_counter()
     adj = cooccurrence(small_maps, k)
+    fg_split = foreground if dcfg.split_fg else None
+    resolution, settings = select_resolution(adj, fg_split, dcfg, seed)
+    timings["select"] = time.perf_counter() - t
+    t = time.perf_counter()
     communities, graph, modularity = merge_parts(
-        adj, foreground if dcfg.split_fg else None, resolution=dcfg.resolution, threshold=dcfg.edge_threshold,
+        adj, fg_split, resolution=resolution, threshold=dcfg.edge_threshold,
         seed=seed, n_seeds=dcfg.louvain_seeds, method=dcfg.louvain)
     part_pixels = sum(np.bincount(m.ravel(), minlength=k) for m in small_maps).astype(np.float64)
     part_area = part_pixels / max(part_pixels.sum(), 1.0)
     concept_of_part, concepts = concepts_from_parts(communities, part_area, foreground)
     timings["graph"] = time.perf_counter() - t
+    settings["n_concepts"] = len(concepts)
     return ConceptModel(parts, precision, n_img, foreground, adj, graph, modularity, part_area, concept_of_part,
-                        concepts, timings)
+                        concepts, timings, resolution, settings)
 
 
-def part_map(feat: np.ndarray, prototypes: np.ndarray | torch.Tensor, size: tuple[int, int], mask_size: int = 0) -> np.ndarray:
+def select_resolution(adj: np.ndarray, foreground: np.ndarray | None, dcfg: Any, seed: int = 0
+                      ) -> tuple[float, dict[str, Any]]:
+    """The Louvain resolution: `dense.resolution` (select=fixed) or the label-free stability rule on the part
+    graph (select=stability, `resolution.choose_resolution`). Returns (resolution, settings with the curve)."""
+    if dcfg.select == "fixed":
+        return float(dcfg.resolution), {"select": "fixed", "resolution": float(dcfg.resolution)}
+    graph = part_graph(adj, foreground, dcfg.edge_threshold)
+    curve = stability_curve(graph, dcfg.resolution_grid, seed=seed, n_seeds=dcfg.select_seeds, method=dcfg.louvain)
+    chosen = choose_resolution(curve, graph)
+    log.info("dense: label-free resolution %.3g (stability %s)", chosen,
+             ", ".join(f"{c['resolution']:g}: {c['stability']:.3f}" for c in curve))
+    return chosen, {"select": "stability", "resolution": chosen, "seed": seed, "n_seeds": dcfg.select_seeds,
+                    "rule": "most stable resolution (mean pairwise ARI of Louvain partitions over seeds) with more "
+                            "communities than graph components and at most half the nodes; ties (within 0.01) "
+                            "to the higher modularity, then the lower resolution",
+                    "curve": curve}
+
+
+def refine_options(dcfg: Any) -> dict[str, Any]:
+    """The `refine.refined_argmax` keyword arguments of a dense config."""
+    return {"slic_segments_n": dcfg.slic_segments, "slic_compactness": dcfg.slic_compactness,
+            "guided_radius": dcfg.guided_radius, "guided_eps": dcfg.guided_eps,
+            "guided_subsample": dcfg.guided_subsample, "guided_top": dcfg.guided_top}
+
+
+def part_map(feat: np.ndarray, prototypes: np.ndarray | torch.Tensor, size: tuple[int, int], mask_size: int = 0,
+             *, rgb: np.ndarray | None = None, refine: str = "none", **refine_args: Any) -> np.ndarray:
     """Part map (part + 1) at `size` = (H, W): cosine scores upsampled bilinearly to the mask size
-    (long side `mask_size`, 0 = H x W), argmax, then nearest-neighbour to (H, W)."""
+    (long side `mask_size`, 0 = H x W), argmax (refined to the edges of `rgb` [H, W, 3] when `refine` is
+    slic or guided), then nearest-neighbour to (H, W)."""
     H, W = size
-    m = upsampled_argmax(part_scores(feat, prototypes), _scaled(H, W, mask_size)) + 1
-    return resize_labels(m, (H, W))
+    hw = _scaled(H, W, mask_size)
+    scores = part_scores(feat, prototypes)
+    m = upsampled_argmax(scores, hw)
+    if refine != "none" and rgb is not None:
+        m = refined_argmax(scores, _resized_rgb(rgb, hw), refine, plain=m, **refine_args)
+    return resize_labels(m + 1, (H, W))
+
+
+def _resized_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 RGB [H, W, 3] resized (bilinear) to size (H', W') when it differs."""
+    rgb = np.asarray(rgb)
+    if rgb.shape[:2] == tuple(size):
+        return rgb
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.Resampling.BILINEAR))
 
 
 def concept_map(parts_map: np.ndarray, lut: np.ndarray, min_area: int) -> tuple[np.ndarray, int]:
@@ -202,7 +258,16 @@ def write_outputs(feats: DenseFeatures, model: ConceptModel, dcfg: Any, out: Pat
     presence = np.zeros(n_concepts + 1, dtype=np.int64)
     with progress_bar("dense maps", total=n, enabled=show_progress) as advance:
         for i, (rec, f, (H, W)) in enumerate(zip(feats.records, feats.feats, feats.sizes)):
-            parts_map = part_map(f, protos, (H, W), dcfg.mask_size)
+            rgb = None
+            if dcfg.refine != "none":
+                try:
+                    rgb = np.asarray(load_rgb(rec.path, max_pixels=max_pixels, display=rec.id))
+                    if rgb.shape[:2] != (H, W):
+                        rgb = None
+                        log.warning("dense: %s changed size since its features were computed; not refined", rec.id)
+                except ImageLoadError as exc:  # changed on disk since the features were computed
+                    log.warning("dense: %s not refined: %s", rec.id, exc.reason)
+            parts_map = part_map(f, protos, (H, W), dcfg.mask_size, rgb=rgb, refine=dcfg.refine, **refine_options(dcfg))
             cmap, area = concept_map(parts_map, lut, dcfg.min_area)
             name = _png_name(rec.id, used)
             _save_png(out / "maps" / name, _label_png(cmap, n_concepts + 1))
@@ -218,7 +283,8 @@ def write_outputs(feats: DenseFeatures, model: ConceptModel, dcfg: Any, out: Pat
                      "min_area": area, "n_annotations": len(anns)}
             if i in overlay_idx:
                 try:
-                    rgb = np.asarray(load_rgb(rec.path, max_pixels=max_pixels, display=rec.id))
+                    if rgb is None:
+                        rgb = np.asarray(load_rgb(rec.path, max_pixels=max_pixels, display=rec.id))
                     oh, ow = _scaled(H, W, OVERLAY_SIDE)
                     if (oh, ow) != (H, W):
                         from PIL import Image
@@ -242,11 +308,28 @@ def write_outputs(feats: DenseFeatures, model: ConceptModel, dcfg: Any, out: Pat
                       "fg_precision": round(float(model.precision[p]), 4), "area_fraction": float(model.part_area[p]),
                       "n_images": int(model.n_images[p]), "color": concepts[int(model.concept_of_part[p]) - 1]["color"]}
                   for p in range(k)}
-    atomic_write_json(out / "graph.json", graph_json(model.graph, node_attrs, resolution=dcfg.resolution,
+    atomic_write_json(out / "graph.json", graph_json(model.graph, node_attrs, resolution=model.resolution,
                                                      method=dcfg.louvain, modularity=model.modularity,
                                                      edge_threshold=dcfg.edge_threshold))
     atomic_save_npy(out / "prototypes.npy", model.parts.prototypes)
     return {"entries": entries, "n_annotations": len(annotations)}
+
+
+def check_refine_select(dcfg: Any) -> None:
+    """One-line InputErrors for the refinement and resolution-selection settings (key, value, what is allowed)."""
+    if dcfg.refine not in REFINE_METHODS:
+        raise InputError(f"dense.refine: '{dcfg.refine}' is not one of {', '.join(REFINE_METHODS)}")
+    if dcfg.select not in ("fixed", "stability"):
+        raise InputError(f"dense.select: '{dcfg.select}' is not one of fixed, stability")
+    for key, low in (("slic_segments", 1), ("guided_radius", 1), ("guided_subsample", 1), ("guided_top", 1),
+                     ("select_seeds", 2)):
+        if getattr(dcfg, key) < low:
+            raise InputError(f"dense.{key} must be at least {low} (got {getattr(dcfg, key)})")
+    for key in ("slic_compactness", "guided_eps"):
+        if not getattr(dcfg, key) > 0:
+            raise InputError(f"dense.{key} must be above 0 (got {getattr(dcfg, key)})")
+    if dcfg.select == "stability" and (not dcfg.resolution_grid or min(dcfg.resolution_grid) <= 0):
+        raise InputError(f"dense.resolution_grid must hold resolutions above 0 (got {dcfg.resolution_grid})")
 
 
 @contextlib.contextmanager
@@ -279,6 +362,7 @@ def segment(records: Sequence[ImageRecord], backbone: torch.nn.Module, cfg: Any,
         raise InputError(f"dense.k_parts must be at least 2 (got {dcfg.k_parts})")
     if dcfg.shift_stitch < 1:
         raise InputError(f"dense.shift_stitch must be at least 1 (got {dcfg.shift_stitch})")
+    check_refine_select(dcfg)
     dev = device if isinstance(device, torch.device) else resolve_device(device or cfg.backbone.device)
     out = Path(out_dir) / "dense"
     out.mkdir(parents=True, exist_ok=True)
@@ -304,6 +388,7 @@ def segment(records: Sequence[ImageRecord], backbone: torch.nn.Module, cfg: Any,
                             show_progress=show_progress)
     timings["maps"] = time.perf_counter() - t
 
+    atomic_write_json(out / "settings.json", model.settings)
     concepts = model.concepts
     n_things = sum(c["kind"] == "thing" for c in concepts)
     summary = {
@@ -316,6 +401,8 @@ def segment(records: Sequence[ImageRecord], backbone: torch.nn.Module, cfg: Any,
         "n_foreground_parts": int(model.foreground.sum()),
         "n_annotations": written["n_annotations"],
         "modularity": round(float(model.modularity), 4),
+        "resolution": model.resolution,
+        "refine": dcfg.refine,
         "dir": str(out),
         "timings": {k_: round(v, 3) for k_, v in timings.items()},
     }
@@ -328,6 +415,7 @@ def segment(records: Sequence[ImageRecord], backbone: torch.nn.Module, cfg: Any,
         "features": {k_: (list(map(list, v)) if k_ == "input_sizes" else v) for k_, v in feats.info.items()},
         "parts": {"k": model.k, **{k_: v for k_, v in model.parts.info.items() if k_ != "history"}},
         "summary": summary,
+        "settings": model.settings,
         "concepts": concepts,
         "part_concept": [int(c) for c in model.concept_of_part],
         "part_foreground": [bool(b) for b in model.foreground],
