@@ -1,4 +1,4 @@
-"""Long-tailed folders and unknown K: cluster sizes estimated inside the transport vs the balanced default.
+"""Long-tailed folders and unknown K: cluster sizes estimated inside the transport vs the balanced step.
 
 Question: on folders whose largest class has 10x or 100x the images of the smallest, does the
 default clustering (estimated cluster sizes, `selflabel.imbalanced`) beat the baseline a user would
@@ -117,8 +117,8 @@ def methods(quick: bool, sela: bool) -> dict[str, Callable[[np.ndarray, int, int
         return fn
 
     out = {"k-means (sklearn, n_init=10)": kmeans,
-           "balanced Sinkhorn (before)": lambda x, k, seed: sinkhorn_cluster(x, k, seed=seed).labels,
-           "estimated sizes (new default)": default}
+           "balanced Sinkhorn (cluster.marginal=uniform)": lambda x, k, seed: sinkhorn_cluster(x, k, seed=seed).labels,
+           "estimated sizes (default)": default}
     if sela:
         out["SeLa, balanced (before)"] = sela_fn("uniform")
         out["SeLa, estimated sizes (after)"] = sela_fn("estimated")
