@@ -1,13 +1,18 @@
-"""Dense object concepts on CamVid val: concept and part mIoU against the 11 classes, vs k-means.
+"""Dense object concepts on CamVid val: concept and part mIoU and boundary F against the 11 classes, vs k-means.
 
-Question: do the Leopart-style concepts (Sinkhorn part prototypes -> CBFE -> co-occurrence graph ->
-Louvain) segment street scenes better than plain k-means on the same patch features?
+Questions: do the Leopart-style concepts (Sinkhorn part prototypes -> CBFE -> co-occurrence graph ->
+Louvain) segment street scenes better than plain k-means on the same patch features? Do masks refined
+to image edges (dense.refine = slic | guided) score better, at what cost? Which resolution does the
+label-free rule (dense.select = stability) pick, and how does it score?
 
-1. `selflabel.dense.pipeline.segment` end to end (default config, mobilenet_v2), scored by
-   `evaluate_dense` (Hungarian one-to-one and many-to-one overclustering mIoU, void ignored).
+1. `selflabel.dense.pipeline.segment` end to end (default config, mobilenet_v2) once per refinement, scored by
+   `evaluate_dense` (Hungarian one-to-one and many-to-one overclustering mIoU, boundary F, void ignored),
+   timed per image next to the image-level feature extraction of the same images.
 2. The same patch features (extracted once more, same settings) for the variants: k-means
    (sklearn MiniBatchKMeans on the same L2-normalised projected patch sample, K = 11 and K = 150),
-   the Sinkhorn prototypes at K = 11, python-louvain vs networkx, resolutions, no fg/bg split.
+   the Sinkhorn prototypes at K = 11, python-louvain vs networkx, no fg/bg split; the refinements
+   crossed with a fixed resolution 1 and the label-free one; the stability curve over the resolution grid
+   (each candidate's labelled score printed as a report only).
    Every variant's maps go through the same upsampling, argmax and small-region filling as the
    pipeline and are scored at the ground truth's full resolution.
 
@@ -55,32 +60,40 @@ def kmeans_parts(sample: np.ndarray, k: int, seed: int = 0):
 
 
 class Scorer:
-    """Full-resolution part maps of one set of prototypes, scored as parts or through a concept lookup."""
+    """Full-resolution part maps of one set of prototypes (optionally refined to the image's edges), scored as
+    parts or through a concept lookup; `seconds` is the time to make the maps, per image."""
 
-    def __init__(self, feats, gts: list[np.ndarray], prototypes: np.ndarray, mask_size: int, min_area: int):
+    def __init__(self, feats, gts: list[np.ndarray], prototypes: np.ndarray, mask_size: int, min_area: int,
+                 rgbs: list[np.ndarray] | None = None, refine: str = "none", refine_args: dict[str, Any] | None = None):
         from selflabel.dense.pipeline import part_map
 
         self.gts, self.min_area = gts, min_area
         self.k = prototypes.shape[0]
         p = torch.from_numpy(prototypes)
-        self.maps = [part_map(f, p, g.shape, mask_size).astype(np.int32) for f, g in zip(feats.feats, gts)]
+        rgbs = rgbs or [None] * len(gts)
+        t = time.perf_counter()
+        self.maps = [part_map(f, p, g.shape, mask_size, rgb=rgb, refine=refine, **(refine_args or {})).astype(np.int32)
+                     for f, g, rgb in zip(feats.feats, gts, rgbs)]
+        self.seconds = (time.perf_counter() - t) / max(1, len(gts))
 
-    def parts(self) -> dict[str, Any]:
+    def parts(self, boundary: bool = True) -> dict[str, Any]:
         conf = sum(confusion(g, m - 1, N_CLASSES, self.k, void=VOID) for g, m in zip(self.gts, self.maps))
-        return self._scores(conf, self.k)
+        return self._scores(conf, self.k, self.maps if boundary else None)
 
     def concepts(self, lut: np.ndarray) -> dict[str, Any]:
         from selflabel.dense.pipeline import concept_map
 
         n = int(lut.max()) + 1
-        conf = sum(confusion(g, concept_map(m, lut, self.min_area)[0], N_CLASSES, n, void=VOID)
-                   for g, m in zip(self.gts, self.maps))
-        return self._scores(conf, n - 1)
+        cmaps = [concept_map(m, lut, self.min_area)[0] for m in self.maps]
+        conf = sum(confusion(g, c, N_CLASSES, n, void=VOID) for g, c in zip(self.gts, cmaps))
+        return self._scores(conf, n - 1, cmaps)
 
-    @staticmethod
-    def _scores(conf: np.ndarray, n: int) -> dict[str, Any]:
+    def _scores(self, conf: np.ndarray, n: int, maps: list[np.ndarray] | None) -> dict[str, Any]:
+        from selflabel.dense.evaluate import mean_boundary_f
+
         h, iou = miou_hungarian(conf)
-        return {"n": n, "hungarian": h, "overcluster": miou_overcluster(conf)[0], "iou": iou}
+        bf = mean_boundary_f(self.gts, maps, VOID) if maps is not None else {"f": float("nan")}
+        return {"n": n, "hungarian": h, "overcluster": miou_overcluster(conf)[0], "iou": iou, "boundary_f": bf["f"]}
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -96,13 +109,15 @@ def main(argv: Sequence[str] | None = None) -> str:
 
     from selflabel.backbones import create_backbone
     from selflabel.config import RunConfig
-    from selflabel.data import scan_folder
+    from selflabel.data import load_rgb, scan_folder
     from selflabel.dense.evaluate import evaluate_dense
     from selflabel.dense.extract import extract_dense
     from selflabel.dense.parts import fit_part_prototypes
-    from selflabel.dense.pipeline import fit_concepts, segment
-    from selflabel.features import autocast_dtype, resolve_device
+    from selflabel.dense.pipeline import fit_concepts, refine_options, segment
+    from selflabel.features import autocast_dtype, extract_features, resolve_device
 
+    machine = machine_info()
+    print(f"Machine: {machine}", file=sys.stderr)
     torch.manual_seed(0)
     records = scan_folder(data / "images").records
     if args.quick:
@@ -112,12 +127,34 @@ def main(argv: Sequence[str] | None = None) -> str:
     bb = create_backbone("mobilenet_v2")
     dev = resolve_device(args.device)
 
-    # 1. the pipeline end to end
+    # 0. the image-level features of the same images (the cost the dense stage is compared with)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        summary = segment(records, bb, cfg, tmp, dev, show_progress=False)
-        wall = time.perf_counter() - t
-        ev = evaluate_dense(tmp)
+        extract_features(records, bb, device=dev, cache_dir=tmp, show_progress=False, num_workers=0)
+        t_global = (time.perf_counter() - t) / len(records)
+
+    # 1. the pipeline end to end, once per refinement (the default's other settings)
+    e2e: list[list[Any]] = []
+    base_s = None
+    summary = timing = ev = None
+    for refine in (("none", "guided") if args.quick else ("none", "slic", "guided")):
+        rcfg = RunConfig()
+        rcfg.dense.refine = refine
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            s_ = segment(records, bb, rcfg, tmp, dev, show_progress=False)
+            wall = time.perf_counter() - t
+            ev_ = evaluate_dense(tmp)
+        per_image = wall / s_["n_images"]
+        base_s = per_image if refine == "none" else base_s
+        if refine == dcfg.refine:
+            summary, timing, ev = s_, s_["timings"], ev_
+        e2e.append([refine + (" (default)" if refine == dcfg.refine else ""), s_["n_images"],
+                    f"{s_['n_concepts']} ({s_['n_things']}/{s_['n_stuff']})", ev_["concepts"]["miou_hungarian"],
+                    ev_["concepts"]["miou_overcluster"], ev_["parts"]["miou_overcluster"], ev_["concepts"]["boundary_f"],
+                    s_["timings"]["features"] / s_["n_images"], s_["timings"]["maps"] / s_["n_images"], per_image,
+                    f"{per_image / base_s:.2f}x", t_global])
+    assert summary is not None and ev is not None and timing is not None
     n_img = summary["n_images"]
 
     # 2. variants on the same patch features
@@ -127,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                           show_progress=False)
     t_feat = time.perf_counter() - t
     gts = [np.asarray(Image.open(data / "labels" / (Path(r.id).stem + ".png"))) for r in feats.records]
+    rgbs = [np.asarray(load_rgb(r.path)) for r in feats.records]
     sample = feats.sample(dcfg.max_patches, cfg.seed)
     rows: list[list[Any]] = []
     per_class: list[list[Any]] = []
@@ -137,35 +175,60 @@ def main(argv: Sequence[str] | None = None) -> str:
         return out, time.perf_counter() - t0
 
     def add(method: str, res: dict[str, Any], fit_s: float, note: str = "") -> None:
-        rows.append([method, res["n"], res["hungarian"], res["overcluster"], fit_s, note])
+        rows.append([method, res["n"], res["hungarian"], res["overcluster"], res["boundary_f"], fit_s, note])
 
-    model, t_fit = timed(lambda: fit_concepts(feats, dcfg, cfg.seed))
+    fixed = dataclasses.replace(dcfg, select="fixed", resolution=1.0)
+    model, t_fit = timed(lambda: fit_concepts(feats, fixed, cfg.seed))
     sc = Scorer(feats, gts, model.parts.prototypes, dcfg.mask_size, dcfg.min_area)
-    add(f"selflabel parts (Sinkhorn prototypes, K={model.k})", sc.parts(), model.timings["parts"], "raw part clusters")
+    add(f"selflabel parts (Sinkhorn prototypes, K={model.k})", sc.parts(boundary=False), model.timings["parts"],
+        "raw part clusters")
     main_res = sc.concepts(model.lut)
     add("**selflabel concepts** (CBFE + graph + Louvain networkx, r=1)", main_res, t_fit,
         f"{sum(c['kind'] == 'thing' for c in model.concepts)} things / {int(model.foreground.sum())} fg parts")
-    per_class.append(["selflabel concepts (Hungarian)"] + [round(float(v), 3) for v in main_res["iou"]])
+    per_class.append(["selflabel concepts r=1 (Hungarian)"] + [round(float(v), 3) for v in main_res["iou"]])
 
-    variants = [("python-louvain, r=1", {"louvain": "python-louvain"}), ("networkx, r=2", {"resolution": 2.0}),
-                ("no fg/bg split, r=1", {"split_fg": False})]
-    if not args.quick:
-        variants = [("networkx, r=0.5", {"resolution": 0.5})] + variants + [("networkx, r=3", {"resolution": 3.0})]
-    for label, change in variants:
-        m, t_v = timed(lambda: fit_concepts(feats, dataclasses.replace(dcfg, **change), cfg.seed, parts=model.parts))
+    for label, change in [("python-louvain, r=1", {"louvain": "python-louvain"}), ("no fg/bg split, r=1", {"split_fg": False})]:
+        m, t_v = timed(lambda: fit_concepts(feats, dataclasses.replace(fixed, **change), cfg.seed, parts=model.parts))
         add(f"concepts: {label}", sc.concepts(m.lut), t_v, "same parts")
 
     km, t_km = timed(lambda: kmeans_parts(sample, model.k, cfg.seed))
-    add(f"k-means parts (MiniBatchKMeans, K={model.k})", Scorer(feats, gts, km.prototypes, dcfg.mask_size, dcfg.min_area).parts(), t_km, "baseline")
+    add(f"k-means parts (MiniBatchKMeans, K={model.k})",
+        Scorer(feats, gts, km.prototypes, dcfg.mask_size, dcfg.min_area).parts(boundary=False), t_km, "baseline")
     km11, t_km11 = timed(lambda: kmeans_parts(sample, N_CLASSES, cfg.seed))
     res_km11 = Scorer(feats, gts, km11.prototypes, dcfg.mask_size, dcfg.min_area).parts()
     add(f"k-means (MiniBatchKMeans, K={N_CLASSES})", res_km11, t_km11, "baseline, K = number of classes")
     per_class.append([f"k-means K={N_CLASSES} (Hungarian)"] + [round(float(v), 3) for v in res_km11["iou"]])
     sk11, t_sk11 = timed(lambda: fit_part_prototypes(sample, N_CLASSES, eps=dcfg.eps, iters=dcfg.epochs, seed=cfg.seed))
-    add(f"Sinkhorn prototypes, K={N_CLASSES}", Scorer(feats, gts, sk11.prototypes, dcfg.mask_size, dcfg.min_area).parts(), t_sk11,
-        "balanced clusters, K = number of classes")
+    add(f"Sinkhorn prototypes, K={N_CLASSES}", Scorer(feats, gts, sk11.prototypes, dcfg.mask_size, dcfg.min_area).parts(),
+        t_sk11, "balanced clusters, K = number of classes")
 
-    timing = summary["timings"]
+    # 3. refinement x resolution rule on the same parts
+    stab, t_sel = timed(lambda: fit_concepts(feats, dataclasses.replace(dcfg, select="stability"), cfg.seed,
+                                             parts=model.parts))
+    chosen = stab.resolution
+    scorers = {"none": sc}
+    for refine in ("slic", "guided"):
+        scorers[refine] = Scorer(feats, gts, model.parts.prototypes, dcfg.mask_size, dcfg.min_area, rgbs, refine,
+                                 refine_options(dcfg))
+    grid_rows: list[list[Any]] = []
+    for refine, scr in scorers.items():
+        parts_res = scr.parts(boundary=False)
+        for label, m in (("fixed r=1", model), (f"stability (r={chosen:g})", stab)):
+            res = scr.concepts(m.lut)
+            if label.startswith("fixed") and refine != "none":
+                per_class.append([f"selflabel concepts r=1, refine {refine}"] + [round(float(v), 3) for v in res["iou"]])
+            grid_rows.append([refine, label, res["n"], res["hungarian"], res["overcluster"], parts_res["overcluster"],
+                              res["boundary_f"], scr.seconds])
+
+    # 4. the label-free curve, with each candidate's labelled score as a report only
+    curve_rows = []
+    for point in stab.settings["curve"]:
+        m = fit_concepts(feats, dataclasses.replace(fixed, resolution=point["resolution"]), cfg.seed, parts=model.parts)
+        res = scorers["none"].concepts(m.lut)
+        curve_rows.append([point["resolution"] if point["resolution"] != chosen else f"**{point['resolution']:g}** (chosen)",
+                           point["stability"], point["stability_min"], point["modularity"], point["n_concepts"],
+                           res["hungarian"], res["overcluster"], res["boundary_f"]])
+
     text = "\n".join([
         "## Dense object concepts: CamVid val" + (" (quick)" if args.quick else ""),
         "",
@@ -173,20 +236,36 @@ def main(argv: Sequence[str] | None = None) -> str:
         f"image_size {dcfg.image_size} (short side, aspect kept: 14 x 19 patches at stride 32), standardise + PCA {dcfg.pca_dim}, "
         f"K={dcfg.k_parts} parts, seed {cfg.seed}. mIoU at full resolution: Hungarian = one-to-one match of segments to "
         "classes (unmatched classes count 0); overclustering = every segment to its majority class (Leopart). "
-        f"Machine: {machine_info()}.",
+        "Boundary F: BSDS/DAVIS F-measure of the concept map's boundaries against the ground truth's (pairs touching "
+        "void ignored), match distance 0.75 % of the diagonal rounded up (5 px), mean over images. "
+        f"Defaults: refine={dcfg.refine}, select={dcfg.select}. Machine: {machine}.",
         "",
-        "### End to end (`selflabel.dense.pipeline.segment` + `evaluate_dense`)",
+        "### End to end (`selflabel.dense.pipeline.segment` + `evaluate_dense`), per refinement",
+        "",
+        "Dense s/image is the whole dense stage (patch features, parts, CBFE, graph, maps + COCO) per image; "
+        "image-level s/image is `selflabel.features.extract_features` (global features) of the same images.",
         "",
         markdown_table(
-            ["images", "concepts (things/stuff)", "concepts mIoU Hungarian", "concepts mIoU overcluster", "parts mIoU overcluster",
-             "features s", "parts s", "CBFE s", "graph s", "maps+COCO s", "total s"],
-            [[n_img, f"{summary['n_concepts']} ({summary['n_things']}/{summary['n_stuff']})", ev["concepts"]["miou_hungarian"],
-              ev["concepts"]["miou_overcluster"], ev["parts"]["miou_overcluster"], timing["features"], timing["parts"],
-              timing["foreground"], timing["graph"], timing["maps"], wall]]),
+            ["refine", "images", "concepts (things/stuff)", "concepts mIoU Hungarian", "concepts mIoU overcluster",
+             "parts mIoU overcluster", "boundary F", "patch features s/image", "maps+COCO s/image", "dense s/image",
+             "vs none", "image-level features s/image"], e2e),
+        "",
+        f"### Edges and the resolution rule (same patch features and parts; {t_sel:.1f} s to fit with select=stability)",
+        "",
+        "maps s/image: part maps (upsampling, argmax, refinement) per image; the concept rows reuse them.",
+        "",
+        markdown_table(["refine", "resolution", "concepts", "concepts mIoU Hungarian", "concepts mIoU overcluster",
+                        "parts mIoU overcluster", "boundary F", "maps s/image"], grid_rows),
+        "",
+        f"### Label-free resolution: the stability curve (chosen r = {chosen:g}; the mIoU columns are a report, "
+        "the rule never sees labels)",
+        "",
+        markdown_table(["resolution", "stability (mean pairwise ARI)", "min pairwise ARI", "modularity (r=1)", "concepts",
+                        "mIoU Hungarian (report)", "mIoU overcluster (report)", "boundary F (report)"], curve_rows),
         "",
         f"### Same patch features ({t_feat:.1f} s to extract): concepts and baselines",
         "",
-        markdown_table(["method", "segments", "mIoU Hungarian", "mIoU overcluster", "fit s", "note"], rows),
+        markdown_table(["method", "segments", "mIoU Hungarian", "mIoU overcluster", "boundary F", "fit s", "note"], rows),
         "",
         "### Per-class IoU (Hungarian)",
         "",

@@ -81,7 +81,7 @@ class ClusterConfig:
     iters: int = 30  # alternations of assignment and prototype update
     finetune: bool = False  # end-to-end training of the backbone (SeLa/SwAV)
     prior: list[float] | None = None  # optional cluster-size prior (sums to 1), length k: fixed sizes
-    marginal: Marginal = "uniform"  # without a prior: uniform (balanced) | estimated from the data (long-tailed folders)
+    marginal: Marginal = "estimated"  # without a prior: estimated from the data (long-tailed folders, the default) | uniform (balanced)
     min_mass: float = 0.1  # estimated sizes: every cluster keeps at least min_mass / K (guard against collapse)
     overcluster: int = 6  # estimated sizes: over-cluster into overcluster * K balanced clusters, then merge
 
@@ -187,7 +187,7 @@ class DenseConfig:
     select_seeds: int = 8  # select=stability: Louvain seeds per resolution (mean pairwise ARI)
     min_area: int = 64  # instance minimum area in pixels (smaller regions join their neighbours)
     mask_size: int = 1024  # long side of the score upsampling before the argmax (maps are saved at full size); 0: original
-    refine: Literal["none", "slic", "guided"] = "none"  # part scores snapped to image edges before the argmax
+    refine: Literal["none", "slic", "guided"] = "guided"  # part scores snapped to image edges before the argmax
     slic_segments: int = 800  # refine=slic: superpixels per image
     slic_compactness: float = 10.0  # refine=slic: higher -> squarer superpixels, lower -> closer to colour edges
     guided_radius: int = 32  # refine=guided: window radius in mask pixels (>= the ~half-patch boundary offset)

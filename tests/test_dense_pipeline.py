@@ -140,7 +140,7 @@ def refined_run(tmp_path_factory, dense_run):
     cfg.dense.guided_radius = 8
     cfg.dense.guided_subsample = 2
     cfg.dense.select = "stability"
-    cfg.dense.resolution_grid = [0.5, 1.0, 2.0, 4.0]
+    cfg.dense.resolution_grid = [0.5, 2.0, 4.0, 8.0]  # without 1.0, the fixed default
     cfg.dense.select_seeds = 4
     summary = segment(scan_folder(root).records, create_backbone("tiny"), cfg, out, torch.device("cpu"),
                       show_progress=False)
@@ -153,9 +153,9 @@ def test_refined_label_free_run_records_its_settings_and_round_trips(refined_run
     settings = json.loads((d / "settings.json").read_text())
     meta = json.loads((d / "dense.json").read_text())
     assert meta["settings"] == settings and settings["select"] == "stability"
-    assert [c["resolution"] for c in settings["curve"]] == [0.5, 1.0, 2.0, 4.0]
+    assert [c["resolution"] for c in settings["curve"]] == [0.5, 2.0, 4.0, 8.0]
     assert all({"stability", "modularity", "n_concepts"} <= set(c) for c in settings["curve"])
-    assert settings["resolution"] in (0.5, 1.0, 2.0, 4.0) and summary["resolution"] == settings["resolution"]
+    assert settings["resolution"] in (0.5, 2.0, 4.0, 8.0) and summary["resolution"] == settings["resolution"]
     assert load_graph(d / "graph.json").graph["resolution"] == settings["resolution"]
     assert summary["refine"] == "guided" and meta["config"]["refine"] == "guided"
     _assert_coco_decodes_to_maps(d, summary)

@@ -6,8 +6,8 @@ image extension), or in `labels_dir` (same relative path, or same stem). Two sco
 - overclustering: many-to-one, every segment goes to its majority class.
 and the boundary F-measure of the concept maps (`metrics.boundary_fscore`, BSDS/DAVIS: tolerance 0.75 % of
 the image diagonal rounded up, mean over images). Void pixels are ignored. The class count and void value
-come from `classes.txt` beside the labels folder when present (one name per line; a line `void` marks the void value), else from known layouts
-(CamVid: 11 classes, 11 = void), else void = 255 and classes = 0..max label.
+come from `classes.txt` beside the labels folder when present (one name per line; a line `void` marks the
+void value), else from known layouts (CamVid: 11 classes, 11 = void), else void = 255 and classes 0..max label.
 """
 from __future__ import annotations
 
