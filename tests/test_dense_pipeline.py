@@ -40,10 +40,8 @@ def _scenes(root, n=10, seed=0):
     return root
 
 
-@pytest.fixture(scope="module")
-def dense_run(tmp_path_factory):
-    root = _scenes(tmp_path_factory.mktemp("data"))
-    out = tmp_path_factory.mktemp("run")
+def _tiny_dense_config(n_overlays: int) -> RunConfig:
+    """The small dense settings both fixtures run with (tiny backbone, 48 px, 12 parts)."""
     cfg = RunConfig()
     cfg.backbone.num_workers = 0
     cfg.backbone.amp = "fp32"
@@ -51,7 +49,15 @@ def dense_run(tmp_path_factory):
     cfg.dense.k_parts = 12
     cfg.dense.pca_dim = 16
     cfg.dense.min_area = 16
-    cfg.dense.n_overlays = 3
+    cfg.dense.n_overlays = n_overlays
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+    root = _scenes(tmp_path_factory.mktemp("data"))
+    out = tmp_path_factory.mktemp("run")
+    cfg = _tiny_dense_config(n_overlays=3)
     scan = scan_folder(root)
     summary = segment(scan.records, create_backbone("tiny"), cfg, out, torch.device("cpu"), show_progress=False)
     return root, out, summary
@@ -128,14 +134,7 @@ def test_evaluate_dense_scores(dense_run):
 def refined_run(tmp_path_factory, dense_run):
     root, _, _ = dense_run
     out = tmp_path_factory.mktemp("refined")
-    cfg = RunConfig()
-    cfg.backbone.num_workers = 0
-    cfg.backbone.amp = "fp32"
-    cfg.dense.image_size = 48
-    cfg.dense.k_parts = 12
-    cfg.dense.pca_dim = 16
-    cfg.dense.min_area = 16
-    cfg.dense.n_overlays = 0
+    cfg = _tiny_dense_config(n_overlays=0)
     cfg.dense.refine = "guided"
     cfg.dense.guided_radius = 8
     cfg.dense.guided_subsample = 2
