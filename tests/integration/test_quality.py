@@ -60,7 +60,10 @@ def test_sela_on_imagenette_features(imagenette_features):
     from selflabel.train.sela import train_sela
 
     x, y = imagenette_features
-    res = train_sela(x, 10, RunConfig(), heads=[20])
+    cfg = RunConfig()
+    cfg.cluster.marginal = "uniform"  # SeLa's equipartition, as this floor was set for; with the estimated
+    # default and a K=20 head it reached 0.816 here (open, see the closing note)
+    res = train_sela(x, 10, cfg, heads=[20])
     m = cluster_metrics(y, res.labels)
     assert m["accuracy"] > SELA_ACC and m["nmi"] > SELA_NMI, m
     assert m["accuracy"] >= _kmeans_accuracy(x, y, 10) - 0.02  # at least on par with k-means
