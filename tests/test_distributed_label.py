@@ -31,9 +31,9 @@ def test_torchrun_two_processes_equal_single_process(tmp_path):
     _run([sys.executable, "-m", "selflabel", "label", str(sample_dir()), "--out", str(tmp_path / "one"), *common])
     (tmp_path / "cache2").mkdir()
     common[5] = str(tmp_path / "cache2")  # a fresh cache: the sharded extraction really runs
-    # the ranks would pick different precisions on their own (tests/split_precision.py): rank 0's plan must hold
+    # the ranks would pick different precisions on their own (tests/drivers/split_precision.py): rank 0's plan must hold
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-          "--master_port", str(_free_port()), os.path.join(os.path.dirname(__file__), "split_precision.py"), "label",
+          "--master_port", str(_free_port()), os.path.join(os.path.dirname(__file__), "drivers", "split_precision.py"), "label",
           str(sample_dir()), "--out", str(tmp_path / "two"), *common], env={"OMP_NUM_THREADS": "1"})
     one, two = read_labels(tmp_path / "one"), read_labels(tmp_path / "two")
     assert [r.path for r in one] == [r.path for r in two]

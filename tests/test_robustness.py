@@ -126,7 +126,7 @@ def test_exif_and_16bit_decode_values(tmp_path):
     assert im.dtype == np.uint8 and im.max() > 200 and im[0, 0, 0] == 0
 
 
-KILLER = Path(__file__).resolve().parent / "killer.py"
+KILLER = Path(__file__).resolve().parent / "drivers" / "killer.py"
 
 
 def _label_cmd(data, out, cache, *extra):
@@ -134,7 +134,7 @@ def _label_cmd(data, out, cache, *extra):
 
 
 def _killed_at(event: str, n: int, cmd: list[str]) -> None:
-    """Run the CLI command `cmd` (after its `-m selflabel`) and kill -9 it at the n-th `event` (tests/killer.py)."""
+    """Run the CLI command `cmd` (after its `-m selflabel`) and kill -9 it at the n-th `event` (tests/drivers/killer.py)."""
     proc = subprocess.run([sys.executable, str(KILLER), event, str(n), *cmd[3:]], timeout=600)
     assert proc.returncode == -signal.SIGKILL, f"the process was not killed at {event} {n} (exit {proc.returncode})"
 

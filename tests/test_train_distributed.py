@@ -145,7 +145,7 @@ def test_failed_rank_stops_the_job(tmp_path):
     # the collectives' deadline is far beyond the subprocess's: only torchrun stopping the job ends it in time
     proc = _run(_torchrun("label", str(sample_dir()), "--backbone", "tiny", "--k", "4", "-q", "--device", "cpu",
                           "--out", str(tmp_path / "r"),
-                          "--cache-dir", str(tmp_path / "c"), script=[str(Path(__file__).parent / "fail_rank.py"), "1"]),
+                          "--cache-dir", str(tmp_path / "c"), script=[str(Path(__file__).parent / "drivers" / "fail_rank.py"), "1"]),
                 env={"OMP_NUM_THREADS": "1", "SELFLABEL_DIST_TIMEOUT": "3600"}, timeout=300)
     assert proc.returncode != 0
     assert "failed on purpose" in proc.stdout + proc.stderr

@@ -1,6 +1,6 @@
 """`selflabel` under torchrun with one rank failing right after the process group is set up.
 
-    python -m torch.distributed.run ... tests/fail_rank.py RANK selflabel-args...
+    python -m torch.distributed.run ... tests/drivers/fail_rank.py RANK selflabel-args...
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ _init = pipeline.init_from_env
 def init_then_fail(*args, **kwargs):
     ctx = _init(*args, **kwargs)
     if ctx.rank == RANK:
-        raise SelflabelError(f"rank {ctx.rank} failed on purpose (tests/fail_rank.py)")
+        raise SelflabelError(f"rank {ctx.rank} failed on purpose (tests/drivers/fail_rank.py)")
     return ctx
 
 

@@ -1,7 +1,7 @@
 """`selflabel` under torchrun with the ranks disagreeing on `--amp auto`, as a timed precision probe on
 a loaded machine can: rank 0 keeps this CPU's choice, every other rank gets the other precision.
 
-    python -m torch.distributed.run ... tests/split_precision.py selflabel-args...
+    python -m torch.distributed.run ... tests/drivers/split_precision.py selflabel-args...
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Run the selflabel CLI in this process and kill -9 it at an exact event: a deterministic crash.
 
-    python tests/killer.py EVENT N selflabel-args...
+    python tests/drivers/killer.py EVENT N selflabel-args...
 
 EVENT is where the N-th occurrence kills the process (SIGKILL, as a machine crash or the OOM killer):
   shard           after the N-th feature cache shard is committed
