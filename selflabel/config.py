@@ -30,6 +30,7 @@ HeadKind = Literal["cosine", "linear", "mlp"]
 HeadInit = Literal["sinkhorn", "kmeans++", "random"]
 FinalAssign = Literal["argmax", "sinkhorn"]
 Louvain = Literal["networkx", "python-louvain"]
+Merge = Literal["auto", "modularity", "average"]
 Fusion = Literal["none", "stride16"]  # dense maps: the last one only | with the stride-16 one beside it
 NeighborObjective = Literal["scan", "temi"]
 Marginal = Literal["estimated", "uniform"]  # cluster sizes: estimated from the data (selflabel.imbalanced) | equal
@@ -84,6 +85,7 @@ class ClusterConfig:
     marginal: Marginal = "estimated"  # without a prior: estimated from the data (long-tailed folders, the default) | uniform (balanced)
     min_mass: float = 0.1  # estimated sizes: every cluster keeps at least min_mass / K (guard against collapse)
     overcluster: int = 6  # estimated sizes: over-cluster into overcluster * K balanced clusters, then merge
+    merge: Merge = "auto"  # estimated sizes: small clusters merged by their neighbour links (modularity) or their means (average); auto: links below 20 images per small cluster
 
 
 @dataclass

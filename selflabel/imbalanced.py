@@ -5,8 +5,14 @@ Three stages on prepared (centred, L2-normalised) features, measured in ``benchm
 1. **Over-cluster** into ``overcluster * K`` (6 K by default) clusters with the balanced label step (SeLa's Sinkhorn
    k-means). Equal sizes are right at this grain: a large class takes several small clusters, a small
    class still gets one of its own instead of being swallowed.
-2. **Merge** the small clusters into K by average linkage on the cosine distance of their means.
-   The merged sizes are the first estimate of the class proportions.
+2. **Merge** the small clusters into K, by average linkage on the cosine distance of their means
+   (``merge="average"``) or by Clauset-Newman-Moore agglomeration of the cluster-affinity graph
+   (``merge="modularity"``: nearest-neighbour links between the small clusters' images,
+   ``selflabel.affinity``, as many neighbours per image as a small cluster holds), stopped at K
+   communities. ``merge="auto"`` (the default) takes the links when the small clusters hold fewer
+   than 20 images on average (their means are noisy there: 1,000 images of 10 classes) and the
+   means otherwise (modularity's resolution limit merges distinct small classes when the clusters
+   are well sampled). The merged sizes are the first estimate of the class proportions.
 3. **Refine** with the same alternation, the column marginal now a variable: each label step is
    Sinkhorn with ``b`` = the EM estimate of the cluster sizes (``selflabel.marginals``), floored at
    ``min_mass / K`` against collapse.
@@ -25,6 +31,7 @@ import torch.nn.functional as F
 from scipy.cluster.hierarchy import fcluster, linkage
 from torch import Tensor
 
+from .affinity import affinity_graph, knn_indices, modularity_merge, sample_rows
 from .distributed import DistContext, all_gather_blocks, all_reduce_sum
 from .errors import InputError
 from .geometry import hard_label_result
@@ -33,7 +40,7 @@ from .marginals import estimate_marginal, floor_marginal
 from .ot import sinkhorn
 from .result import LabelResult
 
-__all__ = ["TransportFit", "transport_kmeans", "merge_clusters", "estimated_marginal_cluster",
+__all__ = ["TransportFit", "transport_kmeans", "merge_clusters", "merge_by_links", "estimated_marginal_cluster",
            "estimated_cluster_prepared"]
 
 
@@ -51,6 +58,10 @@ class TransportFit:
 
 OVERCLUSTER_SIZE_TOL = 1e-2  # the small clusters only seed the merge: sizes within 1 % are enough
 OVERCLUSTER_ITERS = 15
+MERGES = ("auto", "modularity", "average")
+MERGE_AUTO_MIN_IMAGES = 20  # merge="auto": average linkage of the means from this many images per small cluster
+MERGE_GRAPH_ROWS = 20_000  # the merge's neighbour graph is built on a seeded sample of at most this many images
+MERGE_MIN_KNN = 10
 
 
 @torch.no_grad()
@@ -115,24 +126,49 @@ def merge_clusters(sums: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
     return group
 
 
+def merge_by_links(x: Tensor, labels: np.ndarray, counts: np.ndarray, k: int, seed: int = 0,
+                   max_rows: int = MERGE_GRAPH_ROWS) -> np.ndarray:
+    """Group index in [0, k) for each of K0 small clusters (``labels`` [N] of the prepared ``x``):
+    Clauset-Newman-Moore on the cluster-affinity graph of a seeded sample of at most ``max_rows``
+    images, each linked to as many nearest neighbours as a small cluster holds on average (at least
+    10). Measured against average linkage of the means in benchmarks/longtail.py: the means of
+    small clusters of 15-20 images are noisy, their neighbour links are not. Empty clusters go to
+    group 0. Deterministic for a seed: every rank builds the same graph."""
+    k0 = len(counts)
+    full = np.flatnonzero(counts > 0)
+    group = np.zeros(k0, dtype=np.int64)
+    if len(full) <= k:
+        group[full] = np.arange(len(full))
+        return group
+    rows = sample_rows(x.shape[0], max_rows, seed)
+    knn = max(MERGE_MIN_KNN, len(rows) // len(full))
+    nbrs = knn_indices(x[torch.as_tensor(rows)], knn).numpy()
+    w = affinity_graph(labels[rows], nbrs, k0)[np.ix_(full, full)]
+    group[full] = modularity_merge(w, k)
+    return group
+
+
 @torch.no_grad()
 def estimated_marginal_cluster(x: Tensor, k: int, *, eps: float = 0.05, iters: int = 30, seed: int = 0,
-                               min_mass: float = 0.1, overcluster: int = 6,
+                               min_mass: float = 0.1, overcluster: int = 6, merge: str = "auto",
                                init: Tensor | None = None, ctx: DistContext | None = None) -> TransportFit:
     """K clusters of the prepared features ``x`` (every rank holds all rows, as in
     ``cluster.sinkhorn_cluster``) with sizes estimated from the data: over-cluster, merge, refine
-    (module docstring). ``init``: start the refinement from these prototypes [k, D] instead
-    (stages 1-2 skipped). Returns this rank's rows of the labels and the plan."""
+    (module docstring). ``merge``: "auto" (the default), "modularity" or "average" (stage 2). ``init``:
+    start the refinement from these prototypes [k, D] instead (stages 1-2 skipped). Returns this
+    rank's rows of the labels and the plan."""
     ctx = ctx or DistContext()
     n = x.shape[0]
     if k < 1 or k > n:
         raise InputError(f"k={k} must be between 1 and the number of images ({n})")
     if overcluster < 1:
         raise InputError(f"cluster.overcluster={overcluster} must be at least 1")
+    if merge not in MERGES:
+        raise InputError(f"cluster.merge={merge!r} must be one of {', '.join(MERGES)}")
     start, end = ctx.block(n)
     xl = x[start:end]
     gen = torch.Generator().manual_seed(seed)
-    info: dict[str, Any] = {"overcluster": overcluster, "min_mass": min_mass}
+    info: dict[str, Any] = {"overcluster": overcluster, "merge": merge, "min_mass": min_mass}
     if init is not None:
         protos, b0 = F.normalize(init.to(x), dim=1), None
     else:
@@ -140,7 +176,15 @@ def estimated_marginal_cluster(x: Tensor, k: int, *, eps: float = 0.05, iters: i
         fine = transport_kmeans(xl, kmeanspp_init(x, k0, gen), eps=eps, iters=min(iters, OVERCLUSTER_ITERS),
                                 size_tol=OVERCLUSTER_SIZE_TOL, ctx=ctx)
         sums, counts = cluster_sums(xl, fine.labels, k0, ctx)
-        group = torch.as_tensor(merge_clusters(sums.cpu().numpy(), counts.cpu().numpy(), k), device=x.device)
+        if merge == "auto":
+            merge = "modularity" if n / k0 < MERGE_AUTO_MIN_IMAGES else "average"
+            info["merge"] = f"auto: {merge}"
+        if merge == "modularity":
+            fine_labels = all_gather_blocks(fine.labels, ctx).cpu().numpy()
+            group = merge_by_links(x, fine_labels, counts.cpu().numpy(), k, seed)
+        else:
+            group = merge_clusters(sums.cpu().numpy(), counts.cpu().numpy(), k)
+        group = torch.as_tensor(group, device=x.device)
         kk = int(group.max()) + 1
         msums = torch.zeros((k, x.shape[1]), dtype=torch.float64, device=x.device).index_add_(0, group, sums)
         mcounts = torch.zeros(k, dtype=torch.float64, device=x.device).index_add_(0, group, counts)
@@ -159,13 +203,13 @@ def estimated_marginal_cluster(x: Tensor, k: int, *, eps: float = 0.05, iters: i
 @torch.no_grad()
 def estimated_cluster_prepared(x: Tensor, k: int, *, eps: float = 0.05, temperature: float = 0.1, iters: int = 30,
                                seed: int = 0, min_mass: float = 0.1, overcluster: int = 6,
-                               ctx: DistContext | None = None) -> LabelResult:
+                               merge: str = "auto", ctx: DistContext | None = None) -> LabelResult:
     """:func:`estimated_marginal_cluster` as a run's `LabelResult` (the default clustering): labels
     gathered from every rank, prototypes the normalised cluster means, confidences
     softmax(cos / temperature) of the chosen cluster, and the estimated sizes in ``info``."""
     ctx = ctx or DistContext()
     fit = estimated_marginal_cluster(x, k, eps=eps, iters=iters, seed=seed, min_mass=min_mass,
-                                     overcluster=overcluster, ctx=ctx)
+                                     overcluster=overcluster, merge=merge, ctx=ctx)
     labels = all_gather_blocks(fit.labels, ctx)
     return hard_label_result(x, labels, k, temperature, {
         "method": "sinkhorn", "marginal": "estimated", "estimated_sizes": [round(float(v), 6) for v in fit.marginal],

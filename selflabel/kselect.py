@@ -26,10 +26,11 @@ import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from torch import Tensor
 
+from .affinity import affinity_graph, knn_indices, modularity, sample_rows
 from .imbalanced import OVERCLUSTER_ITERS, OVERCLUSTER_SIZE_TOL, cluster_sums, transport_kmeans
 from .kmeans import kmeanspp_init
 
-__all__ = ["KSelection", "choose_k", "knn_indices", "affinity_graph", "modularity"]
+__all__ = ["KSelection", "choose_k"]
 
 
 @dataclass
@@ -45,39 +46,6 @@ class KSelection:
     def to_dict(self) -> dict:
         return {"k": self.k, "reason": self.reason, "criterion": "max modularity of the cluster-tree cuts",
                 "n_small_clusters": self.n_small, "n_images_in_graph": self.n_used, "candidates": self.candidates}
-
-
-def knn_indices(x: Tensor, knn: int, chunk: int = 2048) -> Tensor:
-    """Indices [n, knn] of each row's ``knn`` most cosine-similar other rows (x L2-normalised)."""
-    n = x.shape[0]
-    knn = min(knn, n - 1)
-    out = torch.empty((n, knn), dtype=torch.long)
-    for s in range(0, n, chunk):
-        sim = x[s:s + chunk] @ x.T
-        sim[torch.arange(sim.shape[0]), torch.arange(s, s + sim.shape[0])] = -float("inf")
-        out[s:s + chunk] = sim.topk(knn, dim=1).indices.cpu()
-    return out
-
-
-def affinity_graph(labels: np.ndarray, nbrs: np.ndarray, k0: int) -> np.ndarray:
-    """Symmetric [k0, k0] weights: A[a, b] = neighbour links from images of cluster a to cluster b."""
-    a = np.zeros((k0, k0))
-    np.add.at(a, (np.repeat(labels, nbrs.shape[1]), labels[nbrs.ravel()]), 1.0)
-    return (a + a.T) / 2
-
-
-def modularity(w: np.ndarray, groups: np.ndarray) -> float:
-    """Newman's modularity of a partition (``groups[i]`` of node i) of the weighted graph ``w``:
-    the share of weight inside groups minus its expectation given the node degrees."""
-    m = w.sum()
-    if m <= 0:
-        return 0.0
-    deg = w.sum(1)
-    q = 0.0
-    for g in np.unique(groups):
-        idx = groups == g
-        q += w[np.ix_(idx, idx)].sum() / m - (deg[idx].sum() / m) ** 2
-    return float(q)
 
 
 @torch.no_grad()
@@ -97,7 +65,7 @@ def choose_k(x: Tensor, *, seed: int = 0, eps: float = 0.05, n_small: int = 40, 
     full = np.flatnonzero(counts.cpu().numpy() > 0)
     if len(full) < 3:
         return KSelection(len(full), f"only {len(full)} non-empty small clusters: K = {len(full)}", [], k0, n)
-    rows = np.sort(np.random.default_rng(seed).choice(n, max_graph, replace=False)) if n > max_graph else np.arange(n)
+    rows = sample_rows(n, max_graph, seed)
     nbrs = knn_indices(x[torch.as_tensor(rows)], knn).numpy()
     w = affinity_graph(labels[rows], nbrs, k0)[np.ix_(full, full)]
     means = sums.cpu().numpy()[full]

@@ -91,7 +91,8 @@ def _transport_clustering(inp: MethodInput, k: int, prior) -> LabelResult:
     c = inp.cfg.cluster
     if prior is None and c.marginal == "estimated":
         return estimated_cluster_prepared(inp.prepared, k, eps=c.eps, temperature=c.temperature, iters=c.iters,
-                                          seed=inp.cfg.seed, min_mass=c.min_mass, overcluster=c.overcluster, ctx=inp.ctx)
+                                          seed=inp.cfg.seed, min_mass=c.min_mass, overcluster=c.overcluster,
+                                          merge=c.merge, ctx=inp.ctx)
     return sinkhorn_cluster_prepared(inp.prepared, k, eps=c.eps, temperature=c.temperature, iters=c.iters,
                                      seed=inp.cfg.seed, prior=prior, ctx=inp.ctx)
 

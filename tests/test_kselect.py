@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from selflabel.kselect import affinity_graph, choose_k, knn_indices, modularity
+from selflabel.affinity import affinity_graph, knn_indices, modularity
+from selflabel.kselect import choose_k
 from test_longtail import mixture
 
 

@@ -93,7 +93,7 @@ def build_model(in_dim: int, ks: Sequence[int], scfg: SelaConfig, seed: int, bac
 @torch.no_grad()
 def init_heads(model: SelaNet, src: FeatureSource, features: np.ndarray, how: str, seed: int,
                temperature: float = 1.0, max_rows: int = 20_000, estimated: bool = False,
-               min_mass: float = 0.1) -> None:
+               min_mass: float = 0.1, overcluster: int = 6, merge: str = "auto") -> None:
     """Start each linear/cosine head as a prototype classifier (weights = prototypes / temperature):
       * "kmeans++": k-means++ seeds of the prepared features (a subsample of `max_rows`);
       * "sinkhorn": the prototypes of `selflabel.cluster.sinkhorn_cluster` (balanced spherical k-means,
@@ -107,7 +107,8 @@ def init_heads(model: SelaNet, src: FeatureSource, features: np.ndarray, how: st
     for head in model.heads.heads:
         k = head.out_features
         if how == "sinkhorn":
-            fit = estimated_cluster_prepared(prepared, k, seed=seed, min_mass=min_mass) if estimated \
+            fit = estimated_cluster_prepared(prepared, k, seed=seed, min_mass=min_mass, overcluster=overcluster,
+                                             merge=merge) if estimated \
                 else sinkhorn_cluster_prepared(prepared, k, seed=seed)
             protos = torch.from_numpy(fit.prototypes)
         elif how == "kmeans++":
@@ -202,13 +203,13 @@ def _train_sela(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence
 
     # ---- resume
     fp = fingerprint(method="sela", data=data_digest(features), ks=ks, seed=seed, sela=dataclasses.asdict(scfg),
-                     prior=cfg.cluster.prior, marginal=cfg.cluster.marginal, min_mass=cfg.cluster.min_mass, finetune=finetune, views=None if views is None else list(views.shape))
+                     prior=cfg.cluster.prior, marginal=cfg.cluster.marginal, min_mass=cfg.cluster.min_mass, overcluster=cfg.cluster.overcluster, merge=cfg.cluster.merge, finetune=finetune, views=None if views is None else list(views.shape))
     ckpt_file = checkpoint_path(out_dir, "sela") if out_dir is not None else None
     start_epoch = 0
     state = load_checkpoint(ckpt_file, fp) if ckpt_file is not None else None
     if state is None:
         init_heads(model, src, features, scfg.init, seed, scfg.init_temperature, estimated=any(estimated),
-                   min_mass=cfg.cluster.min_mass)
+                   min_mass=cfg.cluster.min_mass, overcluster=cfg.cluster.overcluster, merge=cfg.cluster.merge)
     else:
         start_epoch = int(state["epoch"])
         model.load_state_dict(state["model"])
