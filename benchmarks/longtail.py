@@ -106,6 +106,9 @@ def methods(quick: bool, sela: bool) -> dict[str, Callable[[np.ndarray, int, int
     def default(x, k, seed):
         return estimated_marginal_cluster(prepare_features(x), k, seed=seed).labels.numpy()
 
+    def by_means(x, k, seed):
+        return estimated_marginal_cluster(prepare_features(x), k, seed=seed, merge="average").labels.numpy()
+
     def sela_fn(marginal):
         def fn(x, k, seed):
             cfg = RunConfig()
@@ -118,11 +121,34 @@ def methods(quick: bool, sela: bool) -> dict[str, Callable[[np.ndarray, int, int
 
     out = {"k-means (sklearn, n_init=10)": kmeans,
            "balanced Sinkhorn (cluster.marginal=uniform)": lambda x, k, seed: sinkhorn_cluster(x, k, seed=seed).labels,
-           "estimated sizes (default)": default}
+           "estimated sizes (default)": default,
+           "estimated sizes, merge by means (cluster.merge=average)": by_means}
     if sela:
         out["SeLa, balanced (before)"] = sela_fn("uniform")
         out["SeLa, estimated sizes (after)"] = sela_fn("estimated")
     return out
+
+
+def small_folders(args, fns, n_seeds: int) -> list[list]:
+    """The same methods (SeLa aside) on folders of at most ``args.small`` images per class."""
+    from selflabel.metrics import cluster_metrics
+
+    rows = []
+    for name in args.datasets:
+        x_all, y_all = load_features(name)
+        n_classes = len(np.unique(y_all))
+        for ratio in (1, 10):
+            subsets = [longtail_subset(y_all, ratio, s, args.small) for s in range(n_seeds)]
+            for method, fn in fns.items():
+                if method.startswith("SeLa"):
+                    continue
+                scores = [cluster_metrics(y_all[keep], np.asarray(fn(x_all[keep], n_classes, seed)))
+                          for seed, keep in enumerate(subsets)]
+                rows.append([name, f"{ratio:g}", int(np.mean([len(s) for s in subsets])), method, n_seeds,
+                             mean([m["nmi"] for m in scores]), mean([m["accuracy"] for m in scores]),
+                             " ".join(f"{m['accuracy']:.3f}" for m in scores)])
+                print(" | ".join(map(str, rows[-1])), file=sys.stderr)
+    return rows
 
 
 def mean(values: Sequence[float]) -> float:
@@ -138,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-sela", action="store_true", help="skip the SeLa rows (the slowest)")
     ap.add_argument("--sela-seeds", type=int, default=1, help="seeds for the SeLa rows (the first of --seeds)")
     ap.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (default 1: a shared CPU)")
+    ap.add_argument("--small", type=int, default=100,
+                    help="also draw folders of at most this many images per class (0: skip that table)")
     args = ap.parse_args(argv)
     import torch
     from threadpoolctl import threadpool_limits
@@ -188,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             krows.append([name, f"{ratio:g}", size, n_classes, " ".join(map(str, ks)), f"{100 * err:.0f}%",
                           mean(sc["nmi"]), mean(sc["ari"]), mean(sc["accuracy"]), mean(sc["tv"])])
             print(" | ".join(map(str, krows[-1])), file=sys.stderr)
+    srows = small_folders(args, fns, n_seeds) if args.small and not args.quick else []
     table = markdown_table(["data set", "ratio", "images", "method", "seeds", "NMI", "ARI", "accuracy", "size TV", "time (s)"],
                            rows)
     ktable = markdown_table(["data set", "ratio", "images", "classes", "chosen K (per seed)", "worst error",
@@ -204,7 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         table, "",
         "## K unknown (chosen by selflabel.kselect), scores of the default at that K", "",
         ktable, "",
-    ])
+    ] + ([f"## Small folders: at most {args.small} images per class (60 small clusters of fewer than 20 images: "
+          "the default merges them by their neighbour links)", "",
+          markdown_table(["data set", "ratio", "images", "method", "seeds", "NMI", "accuracy", "per-seed accuracy"], srows), ""]
+         if srows else []))
     write_result("longtail-quick" if args.quick else "longtail", text)
     return 0
 
