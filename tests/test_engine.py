@@ -109,46 +109,16 @@ def test_failing_engine_falls_back_to_torch_with_one_line(tmp_path, monkeypatch,
     np.testing.assert_allclose(out.global_feat.numpy(), TorchRunner(bb, CPU, "fp32")(x).global_feat.numpy(), rtol=1e-5)
 
 
-def _skewed_compile(monkeypatch, when):
-    """Engine outputs that disagree with torch whenever ``when(runner)`` holds."""
-    real = runners.EngineRunner._compile
-
-    def compile_(self, path, pixels=False):
-        run, skew = real(self, path, pixels), when(self)
-        return lambda x: [o * (1.0 + np.arange(o.size).reshape(o.shape) % 3) if skew else o for o in run(x)]
-
-    monkeypatch.setattr(runners.EngineRunner, "_compile", compile_)
-
-
-@pytest.mark.skipif(not runners.engine_installed("openvino"), reason="openvino not installed")
-def test_bf16_engine_failing_the_check_is_tried_in_fp32_before_torch(tmp_path, monkeypatch, caplog):
-    bb = create_backbone("tiny")
-    x = _photos(bb, 3)
-    _skewed_compile(monkeypatch, lambda r: r.spec.precision == "bf16")
-    runner = make_runner(bb, CPU, EngineSpec("openvino", "bf16"), tmp_path)
-    with caplog.at_level(logging.WARNING, logger="selflabel.engine.runners"):
-        out = runner(x)
-        runner(x)
-    assert runner.active == EngineSpec("openvino", "fp32")
-    lines = [r.message for r in caplog.records]
-    assert len(lines) == 1 and lines[0].startswith("engine openvino bf16 failed for tiny (") and \
-        lines[0].endswith("): trying openvino fp32"), lines
-    _assert_parity(out, TorchRunner(bb, CPU, "fp32")(x))
-
-
-@pytest.mark.skipif(not runners.engine_installed("openvino"), reason="openvino not installed")
-def test_engine_failing_in_fp32_too_falls_back_to_torch_at_the_planned_precision(tmp_path, monkeypatch):
-    bb = create_backbone("tiny")
-    _skewed_compile(monkeypatch, lambda r: True)
-    runner = make_runner(bb, CPU, EngineSpec("openvino", "bf16"), tmp_path)
-    runner(_photos(bb, 3))
-    assert runner.active == EngineSpec("torch", "bf16")
-
-
 @needs_engine
 def test_wrong_engine_output_is_caught_and_not_cached(color_folder, cache_dir, monkeypatch, caplog):
     """An engine whose numbers disagree with torch is dropped before any shard is written."""
-    _skewed_compile(monkeypatch, lambda r: True)
+    real = runners.EngineRunner._compile
+
+    def skewed(self, path, pixels=False):
+        run = real(self, path, pixels)
+        return lambda x: [o * (1.0 + np.arange(o.size).reshape(o.shape) % 3) for o in run(x)]
+
+    monkeypatch.setattr(runners.EngineRunner, "_compile", skewed)
     recs = scan_folder(color_folder).records
     bb = create_backbone("tiny")
     with caplog.at_level(logging.WARNING):

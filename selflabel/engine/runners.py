@@ -4,9 +4,8 @@ A runner maps a normalised batch [B, 3, H, W] to a `BackboneOutput`. Engine runn
 backbone once per input size (selflabel/engine/export.py), compile it, and check each new input size
 against torch on the first real images they see: per-image cosine similarity of all three outputs
 >= 0.999 in fp32 (>= 0.99 in bf16, whose rounding alone costs ~0.998 on dense maps); a passed check
-is recorded beside the export (per engine version and precision), so it runs once per machine. A
-bf16 (or fp16) engine that fails the check is compiled again in fp32 and checked again. Anything that
-goes wrong (engine not installed, export, compilation, the fp32 check) logs one line and the runner
+is recorded beside the export (per engine version and precision), so it runs once per machine. Anything that
+goes wrong (engine not installed, export, compilation, the check) logs one line and the runner
 continues with torch, so an engine can make a run faster, never break it.
 """
 from __future__ import annotations
@@ -118,7 +117,6 @@ class EngineRunner:
     def __init__(self, backbone: Backbone, spec: EngineSpec, cache_root: str | Path, threads: int | None = None) -> None:
         self.backbone = backbone.to("cpu").eval()
         self.spec = spec
-        self._torch_precision = spec.precision  # a torch fallback runs at the planned precision
         self.cache_root = Path(cache_root)
         self.threads = threads or engine_threads()
         self._compiled: dict[tuple[int, int, bool], Any] = {}  # (H, W, takes uint8 pixels)
@@ -133,7 +131,7 @@ class EngineRunner:
     def fall_back(self, why: str) -> None:
         if self._fallback is None:
             log.warning("engine %s failed for %s (%s): using torch instead", self.spec.engine, self.backbone.name, why)
-            self._fallback = TorchRunner(self.backbone, torch.device("cpu"), self._torch_precision)
+            self._fallback = TorchRunner(self.backbone, torch.device("cpu"), self.spec.precision)
 
     def _compile(self, path: Path, pixels: bool = False):
         if self.spec.engine == "openvino":
@@ -208,24 +206,12 @@ class EngineRunner:
                     return False
                 cosines[name] = cos = float(cosine_per_image(g, r.numpy()).min())
                 if not cos >= need:
-                    why = f"{name} differs from torch at {hw[0]}x{hw[1]}: cosine {cos:.4f} < {need}"
-                    if self.spec.precision != "fp32":  # the engine in fp32 is still several times torch's speed
-                        return self._downgrade(why, hw, x, pixels)
-                    self.fall_back(why)
+                    self.fall_back(f"{name} differs from torch at {hw[0]}x{hw[1]}: cosine {cos:.4f} < {need}")
                     return False
             with contextlib.suppress(OSError):  # unrecorded only means checking again next time
                 atomic_write_json(checked, {"min_cosine": cosines, "images": len(sample), "threshold": need})
         self._compiled[(*hw, pixels)] = run
         return True
-
-    def _downgrade(self, why: str, hw: tuple[int, int], x: torch.Tensor, pixels: bool) -> bool:
-        """A reduced-precision engine that fails the check is tried again in fp32 (one log line)
-        before torch: efficientnet_lite2's dense map in OpenVINO bf16 reached a cosine of 0.979."""
-        log.warning("engine %s %s failed for %s (%s): trying %s fp32", self.spec.engine, self.spec.precision,
-                    self.backbone.name, why, self.spec.engine)
-        self.spec = EngineSpec(self.spec.engine, "fp32")
-        self._compiled.clear()  # compiled for the old precision
-        return self._prepare(hw, x, pixels)
 
     def __call__(self, x: torch.Tensor) -> BackboneOutput:
         x = x.to("cpu").float().contiguous()
