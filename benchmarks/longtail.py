@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         table, "",
         "## K unknown (chosen by selflabel.kselect), scores of the default at that K", "",
         ktable, "",
-    ] + ([f"## Small folders: at most {args.small} images per class (60 small clusters of fewer than 20 images: "
+    ] + ([f"## Small folders: at most {args.small} images per class (60 small clusters of 5 to 20 images: "
           "the default merges them by their neighbour links)", "",
           markdown_table(["data set", "ratio", "images", "method", "seeds", "NMI", "accuracy", "per-seed accuracy"], srows), ""]
          if srows else []))

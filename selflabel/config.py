@@ -85,7 +85,7 @@ class ClusterConfig:
     marginal: Marginal = "estimated"  # without a prior: estimated from the data (long-tailed folders, the default) | uniform (balanced)
     min_mass: float = 0.1  # estimated sizes: every cluster keeps at least min_mass / K (guard against collapse)
     overcluster: int = 6  # estimated sizes: over-cluster into overcluster * K balanced clusters, then merge
-    merge: Merge = "auto"  # estimated sizes: small clusters merged by their neighbour links (modularity) or their means (average); auto: links below 20 images per small cluster
+    merge: Merge = "auto"  # estimated sizes: small clusters merged by their neighbour links (modularity) or their means (average); auto: links for small clusters of 5-20 images
 
 
 @dataclass

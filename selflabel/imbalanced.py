@@ -9,10 +9,10 @@ Three stages on prepared (centred, L2-normalised) features, measured in ``benchm
    (``merge="average"``) or by Clauset-Newman-Moore agglomeration of the cluster-affinity graph
    (``merge="modularity"``: nearest-neighbour links between the small clusters' images,
    ``selflabel.affinity``, as many neighbours per image as a small cluster holds), stopped at K
-   communities. ``merge="auto"`` (the default) takes the links when the small clusters hold fewer
-   than 20 images on average (their means are noisy there: 1,000 images of 10 classes) and the
-   means otherwise (modularity's resolution limit merges distinct small classes when the clusters
-   are well sampled). The merged sizes are the first estimate of the class proportions.
+   communities. ``merge="auto"`` (the default) takes the links when the small clusters hold 5 to
+   20 images on average (their means are noisy there: 1,000 images of 10 classes) and the means
+   otherwise: on well-sampled clusters modularity's resolution limit merges distinct small classes,
+   and clusters of one or two images (100 photos, K = 10) have no links worth more than their means. The merged sizes are the first estimate of the class proportions.
 3. **Refine** with the same alternation, the column marginal now a variable: each label step is
    Sinkhorn with ``b`` = the EM estimate of the cluster sizes (``selflabel.marginals``), floored at
    ``min_mass / K`` against collapse.
@@ -59,7 +59,7 @@ class TransportFit:
 OVERCLUSTER_SIZE_TOL = 1e-2  # the small clusters only seed the merge: sizes within 1 % are enough
 OVERCLUSTER_ITERS = 15
 MERGES = ("auto", "modularity", "average")
-MERGE_AUTO_MIN_IMAGES = 20  # merge="auto": average linkage of the means from this many images per small cluster
+MERGE_AUTO_IMAGES = (5, 20)  # merge="auto": the links for small clusters of this many images on average (from, below)
 MERGE_GRAPH_ROWS = 20_000  # the merge's neighbour graph is built on a seeded sample of at most this many images
 MERGE_MIN_KNN = 10
 
@@ -177,7 +177,7 @@ def estimated_marginal_cluster(x: Tensor, k: int, *, eps: float = 0.05, iters: i
                                 size_tol=OVERCLUSTER_SIZE_TOL, ctx=ctx)
         sums, counts = cluster_sums(xl, fine.labels, k0, ctx)
         if merge == "auto":
-            merge = "modularity" if n / k0 < MERGE_AUTO_MIN_IMAGES else "average"
+            merge = "modularity" if MERGE_AUTO_IMAGES[0] <= n / k0 < MERGE_AUTO_IMAGES[1] else "average"
             info["merge"] = f"auto: {merge}"
         if merge == "modularity":
             fine_labels = all_gather_blocks(fine.labels, ctx).cpu().numpy()

@@ -7,7 +7,7 @@ import torch
 
 from selflabel.affinity import modularity_merge
 from selflabel.errors import InputError
-from selflabel.imbalanced import (MERGE_AUTO_MIN_IMAGES, cluster_sums, estimated_marginal_cluster, merge_by_links,
+from selflabel.imbalanced import (MERGE_AUTO_IMAGES, cluster_sums, estimated_marginal_cluster, merge_by_links,
                                   merge_clusters)
 
 from test_longtail import mixture
@@ -59,12 +59,14 @@ def test_modularity_merge_gives_exactly_k_groups_on_a_disconnected_graph():
     assert all(g[2 * b] == g[2 * b + 1] for b in range(5))  # no linked pair torn apart
 
 
-def test_auto_merge_takes_links_for_thin_small_clusters_and_means_for_full_ones():
+def test_auto_merge_takes_links_for_thin_small_clusters_and_means_for_full_or_tiny_ones():
     props = [0.4, 0.3, 0.2, 0.1]
     k = len(props)
-    thin = 6 * k * (MERGE_AUTO_MIN_IMAGES - 5)  # 15 images per small cluster
-    full = 6 * k * (MERGE_AUTO_MIN_IMAGES + 10)
-    for n, expect in ((thin, "auto: modularity"), (full, "auto: average")):
+    lo, hi = MERGE_AUTO_IMAGES
+    thin = 6 * k * (hi - 5)  # 15 images per small cluster
+    full = 6 * k * (hi + 10)
+    tiny = 6 * k * (lo - 3)  # 2 images per small cluster
+    for n, expect in ((thin, "auto: modularity"), (full, "auto: average"), (tiny, "auto: average")):
         x, _ = mixture(props, n=n, seed=1)
         assert estimated_marginal_cluster(x, k, seed=0).info["merge"] == expect
 
