@@ -168,7 +168,7 @@ class DenseConfig:
     """Leopart-style dense concepts (Ziegler & Asano, CVPR 2022)."""
 
     enabled: bool = False
-    image_size: int = 448  # short side fed to the backbone; larger -> more patches (finer masks)
+    image_size: int = 640  # short side fed to the backbone; larger -> more patches (finer masks; 640 measured best)
     keep_aspect: bool = True  # False: square image_size x image_size (Leopart)
     shift_stitch: int = 1  # f > 1: f*f shifted passes interleaved, stride / f (FCN shift-and-stitch)
     fusion: Fusion = "none"  # stride16: mobilenet_v2's stride-16 map beside the upsampled last one (finer masks)
@@ -178,13 +178,14 @@ class DenseConfig:
     epochs: int = 20  # alternations of Sinkhorn assignment and prototype update
     max_patches: int = 100_000  # patch sample for fitting the part prototypes
     fg_mass: float = 0.65  # noisy foreground: most salient patches holding this share of saliency
-    fg_threshold: float = 0.5  # CBFE: a cluster is foreground when this share of its pixels is salient
-    split_fg: bool = True  # concepts never mix foreground (things) and background (stuff) parts
+    fg_cut: Literal["fixed", "otsu"] = "otsu"  # CBFE cut: otsu = label-free valley of the precisions; fixed = fg_threshold
+    fg_threshold: float = 0.5  # CBFE (fg_cut=fixed): a cluster is foreground when this share of its pixels is salient
+    split_fg: bool = False  # True: concepts never mix foreground and background parts (measured worse with CNN saliency)
     resolution: float = 1.0  # Louvain resolution: higher -> more, finer concepts
     edge_threshold: float = 0.0  # keep edge (i, j) when both co-occurrences reach this
     louvain: Louvain = "networkx"
     louvain_seeds: int = 5  # Louvain runs; the best modularity wins
-    select: Literal["fixed", "stability"] = "fixed"  # stability: the resolution whose partitions agree most across seeds
+    select: Literal["fixed", "stability"] = "stability"  # stability: label-free, finer from r=1 while Louvain stays as stable
     resolution_grid: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0])  # select=stability
     select_seeds: int = 8  # select=stability: Louvain seeds per resolution (mean pairwise ARI)
     min_area: int = 64  # instance minimum area in pixels (smaller regions join their neighbours)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from selflabel.dense.foreground import cluster_fg_precision, noisy_foreground, select_foreground
+from selflabel.dense.foreground import cluster_fg_precision, noisy_foreground, otsu_threshold, select_foreground
 
 
 def test_noisy_foreground_keeps_the_salient_blob():
@@ -38,3 +38,15 @@ def test_cluster_precision_by_hand():
     np.testing.assert_allclose(prec, [(0.5 + 1.0) / 2, 1.0, 1 / 3, 0.0])
     np.testing.assert_array_equal(n_img, [2, 1, 1, 0])
     np.testing.assert_array_equal(select_foreground(prec, 0.5), [True, True, False, False])
+
+
+def test_otsu_cut_falls_in_the_valley_of_bimodal_precisions():
+    rng = np.random.default_rng(0)
+    low, high = rng.uniform(0.0, 0.15, 40), rng.uniform(0.7, 1.0, 25)
+    t = otsu_threshold(np.concatenate([high, low]))
+    assert low.max() < t < high.min() and t == pytest.approx((low.max() + high.min()) / 2)
+    assert otsu_threshold(np.concatenate([low, high])) == t  # order-free, deterministic
+    np.testing.assert_array_equal(select_foreground(np.r_[low, high], t), np.r_[np.zeros(40, bool), np.ones(25, bool)])
+    assert otsu_threshold([0.3, 0.3, 0.3]) == 0.3  # nothing to cut
+    # by hand: {0, 0.1} | {0.8, 0.9, 1.0} beats every other cut
+    assert otsu_threshold([0.0, 0.1, 0.8, 0.9, 1.0]) == pytest.approx(0.45)

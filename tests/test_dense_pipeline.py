@@ -58,6 +58,8 @@ def dense_run(tmp_path_factory):
     root = _scenes(tmp_path_factory.mktemp("data"))
     out = tmp_path_factory.mktemp("run")
     cfg = _tiny_dense_config(n_overlays=3)
+    # the fixed settings and the fg/bg split; refined_run runs the label-free defaults without the split
+    cfg.dense.select, cfg.dense.fg_cut, cfg.dense.split_fg = "fixed", "fixed", True
     scan = scan_folder(root)
     summary = segment(scan.records, create_backbone("tiny"), cfg, out, torch.device("cpu"), show_progress=False)
     return root, out, summary
@@ -130,6 +132,31 @@ def test_evaluate_dense_scores(dense_run):
     assert res2["concepts"] == res["concepts"]
 
 
+def test_concepts_scored_from_the_coco_export(dense_run, tmp_path):
+    """source="coco" decodes the RLE masks of coco.json back into maps: the same maps, so the same scores; a
+    mask removed from the export (and nothing else) lowers them, so the export is what is read."""
+    import shutil
+
+    from selflabel.dense.evaluate import coco_label_maps
+
+    root, out, _ = dense_run
+    d = out / "dense"
+    meta = json.loads((d / "dense.json").read_text())
+    maps = coco_label_maps(d / "coco.json")
+    assert sorted(maps) == sorted(e["id"] for e in meta["images"])
+    for e in meta["images"]:
+        np.testing.assert_array_equal(maps[e["id"]], np.asarray(Image.open(d / e["map"])))
+    from_coco = evaluate_dense(out, source="coco")
+    assert from_coco["source"] == "coco" and from_coco["concepts"] == evaluate_dense(out)["concepts"]
+    cut = tmp_path / "cut"
+    shutil.copytree(out, cut)
+    doc = json.loads((cut / "dense" / "coco.json").read_text())
+    doc["annotations"] = doc["annotations"][1:]
+    (cut / "dense" / "coco.json").write_text(json.dumps(doc))
+    assert evaluate_dense(cut, source="coco")["concepts"]["miou_hungarian"] < from_coco["concepts"]["miou_hungarian"]
+    assert evaluate_dense(cut)["concepts"] == evaluate_dense(out)["concepts"]  # the PNG maps are untouched
+
+
 @pytest.fixture(scope="module")
 def refined_run(tmp_path_factory, dense_run):
     root, _, _ = dense_run
@@ -139,6 +166,7 @@ def refined_run(tmp_path_factory, dense_run):
     cfg.dense.guided_radius = 8
     cfg.dense.guided_subsample = 2
     cfg.dense.select = "stability"
+    cfg.dense.fg_threshold = 0.99  # unused by fg_cut=otsu (a run that read it would fail Otsu's criterion below)
     cfg.dense.resolution_grid = [0.5, 2.0, 4.0, 8.0]  # without 1.0, the fixed default
     cfg.dense.select_seeds = 4
     summary = segment(scan_folder(root).records, create_backbone("tiny"), cfg, out, torch.device("cpu"),
@@ -159,7 +187,21 @@ def test_refined_label_free_run_records_its_settings_and_round_trips(refined_run
     assert summary["refine"] == "guided" and meta["config"]["refine"] == "guided"
     _assert_coco_decodes_to_maps(d, summary)
     fixed = json.loads((dense_run[1] / "dense" / "settings.json").read_text())
-    assert fixed == {"select": "fixed", "resolution": 1.0, "n_concepts": dense_run[2]["n_concepts"]}
+    assert fixed == {"select": "fixed", "resolution": 1.0, "n_concepts": dense_run[2]["n_concepts"],
+                     "foreground": {"fg_cut": "fixed", "fg_threshold": 0.5, "n_foreground_parts": fixed["foreground"][
+                         "n_foreground_parts"], "rule": "dense.fg_threshold"}}
+    fg = settings["foreground"]  # the default cut: Otsu's, between two of the recorded part precisions
+    assert fg["fg_cut"] == "otsu" and fg["rule"].startswith("Otsu")
+    prec = np.array(meta["part_fg_precision"])
+    assert fg["n_foreground_parts"] == int((prec >= fg["fg_threshold"] - 1e-4).sum()) == sum(meta["part_foreground"])
+    g = load_graph(d / "graph.json")
+    seen = np.sort(prec[[g.nodes[p]["n_images"] > 0 for p in range(len(prec))]])
+
+    def between(t):  # Otsu's criterion of a cut, by brute force
+        lo, hi = seen[seen < t], seen[seen >= t]
+        return len(lo) * len(hi) * (lo.mean() - hi.mean()) ** 2 if len(lo) and len(hi) else -1.0
+    best = max(between((a + b) / 2) for a, b in zip(seen[:-1], seen[1:]) if b > a)
+    assert between(fg["fg_threshold"]) >= best - 1e-6
     res = evaluate_dense(out)
     assert res["concepts"]["miou_hungarian"] > 0.5 and 0 <= res["concepts"]["boundary_f"] <= 1
 

@@ -42,15 +42,20 @@ def test_same_seed_same_choice_and_curve():
     assert choose_resolution(a, g) == choose_resolution(b, g)
 
 
-def test_ties_go_to_higher_modularity_then_lower_resolution():
+def test_walks_finer_from_resolution_one_while_as_stable():
     g, _ = _planted()
     curve = [{"resolution": 0.5, "stability": 1.0, "modularity": 0.4, "n_concepts": 4},
-             {"resolution": 1.0, "stability": 0.995, "modularity": 0.6, "n_concepts": 5},
-             {"resolution": 2.0, "stability": 0.995, "modularity": 0.6, "n_concepts": 6},
-             {"resolution": 4.0, "stability": 0.7, "modularity": 0.9, "n_concepts": 9}]
-    assert choose_resolution(curve, g) == 1.0
-    curve[0]["stability"] = 1.0 + 0.02  # now a clear winner beyond the tie tolerance
-    assert choose_resolution(curve, g) == 0.5
+             {"resolution": 1.0, "stability": 0.90, "modularity": 0.6, "n_concepts": 5},
+             {"resolution": 2.0, "stability": 0.95, "modularity": 0.6, "n_concepts": 6},
+             {"resolution": 3.0, "stability": 0.945, "modularity": 0.55, "n_concepts": 7},  # within tol: go on
+             {"resolution": 4.0, "stability": 0.80, "modularity": 0.5, "n_concepts": 9},  # a drop: stop before it
+             {"resolution": 8.0, "stability": 0.99, "modularity": 0.3, "n_concepts": 12}]
+    assert choose_resolution(curve, g) == 3.0  # never back to the coarser, more stable 0.5; never past the drop
+    assert choose_resolution(list(reversed(curve)), g) == 3.0  # the order of the curve does not matter
+    curve[3]["stability"] = 0.93  # now a drop of 0.02 > tol at 3.0
+    assert choose_resolution(curve, g) == 2.0
+    assert choose_resolution(curve, g, start=0.5) == 0.5  # 0.5 -> 1.0 drops: stays at the start
+    assert choose_resolution(curve[:1], g) == 0.5  # nothing at or above the start: the finest candidate
 
 
 def test_trivial_partitions_are_not_candidates():

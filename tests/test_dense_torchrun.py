@@ -15,7 +15,7 @@ from selflabel.runfiles import read_labels
 
 from conftest import COLORS, make_image
 
-SLOW_DENSE = Path(__file__).resolve().parent / "slow_dense.py"
+SLOW_DENSE = Path(__file__).resolve().parent / "drivers" / "slow_dense.py"
 
 
 def _free_port() -> int:

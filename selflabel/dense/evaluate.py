@@ -5,7 +5,9 @@ image extension), or in `labels_dir` (same relative path, or same stem). Two sco
 - Hungarian: one-to-one matching of predicted segments to classes (unmatched classes score IoU 0);
 - overclustering: many-to-one, every segment goes to its majority class.
 and the boundary F-measure of the concept maps (`metrics.boundary_fscore`, BSDS/DAVIS: tolerance 0.75 % of
-the image diagonal rounded up, mean over images). Void pixels are ignored. The class count and void value
+the image diagonal rounded up, mean over images). Void pixels are ignored. `source="coco"` scores the
+concept masks a user gets, painted back per image from the RLE masks of `dense/coco.json`, instead of the
+PNG maps. The class count and void value
 come from `classes.txt` beside the labels folder when present (one name per line; a line `void` marks the
 void value), else from known layouts (CamVid: 11 classes, 11 = void), else void = 255 and classes 0..max label.
 """
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..annotations import paint_annotations
 from ..errors import InputError
 from ..metrics import boundary_fscore, confusion, miou_hungarian, miou_overcluster
 from .masks import resize_labels
@@ -85,15 +88,30 @@ def mean_boundary_f(gts: list[np.ndarray], preds: list[np.ndarray], void: int | 
     return {"f": float(scores[:, 0].mean()), "precision": float(scores[:, 1].mean()), "recall": float(scores[:, 2].mean())}
 
 
+def coco_label_maps(coco_path: str | Path) -> dict[str, np.ndarray]:
+    """Concept label map per image `file_name`, painted back from a COCO file's RLE masks (0 = no mask):
+    what a consumer of the export sees, to be scored like the PNG maps."""
+    doc = json.loads(Path(coco_path).read_text(encoding="utf-8"))
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for ann in doc["annotations"]:
+        by_image.setdefault(int(ann["image_id"]), []).append(ann)
+    return {im["file_name"]: paint_annotations(by_image.get(int(im["id"]), []), int(im["height"]), int(im["width"]))
+            for im in doc["images"]}
+
+
 def evaluate_dense(run_dir: str | Path, labels_dir: str | Path | None = None, *, n_classes: int | None = None,
-                   void: int | None = None) -> dict[str, Any]:
+                   void: int | None = None, source: str = "maps") -> dict[str, Any]:
     """mIoU (Hungarian and overclustering) of concepts and parts, and the concepts' boundary F, of
-    `run_dir/dense` against label maps."""
+    `run_dir/dense` against label maps; concepts from the PNG maps (`source="maps"`) or decoded from the
+    COCO export (`source="coco"`)."""
     dense_dir = Path(run_dir) / "dense"
     meta_path = dense_dir / "dense.json"
     if not meta_path.is_file():
         raise InputError(f"{run_dir}: no dense/dense.json (not a dense run)")
+    if source not in ("maps", "coco"):
+        raise InputError(f"evaluate_dense: source '{source}' is not one of maps, coco")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    coco_maps = coco_label_maps(dense_dir / "coco.json") if source == "coco" else None
     root = Path(meta["data_root"])
     ldir = Path(labels_dir) if labels_dir is not None else None
     pairs = []
@@ -108,7 +126,7 @@ def evaluate_dense(run_dir: str | Path, labels_dir: str | Path | None = None, *,
     if any(g.ndim != 2 for g in gts):
         raise InputError("ground-truth label maps must be single-channel class-index images")
     observed = max(int(g.max()) for g in gts)
-    spec_n, spec_void, names, source = class_spec(pairs[0][1].parent, observed)
+    spec_n, spec_void, names, spec_source = class_spec(pairs[0][1].parent, observed)
     n_cls = n_classes if n_classes is not None else spec_n
     void_v = void if void is not None else spec_void
     n_concepts = len(meta["concepts"])
@@ -117,7 +135,8 @@ def evaluate_dense(run_dir: str | Path, labels_dir: str | Path | None = None, *,
     conf_p = np.zeros((k + 1, n_cls), dtype=np.int64)
     cmaps = []
     for (entry, _), gt in zip(pairs, gts):
-        cmap = resize_labels(_read_map(dense_dir / entry["map"]).astype(np.int64), gt.shape)
+        raw = coco_maps[entry["id"]] if coco_maps is not None else _read_map(dense_dir / entry["map"])
+        cmap = resize_labels(raw.astype(np.int64), gt.shape)
         pmap = resize_labels(_read_map(dense_dir / entry["parts"]).astype(np.int64), gt.shape)
         conf_c += confusion(gt, cmap, n_cls, n_concepts + 1, void=void_v)
         conf_p += confusion(gt, pmap, n_cls, k + 1, void=void_v)
@@ -136,7 +155,8 @@ def evaluate_dense(run_dir: str | Path, labels_dir: str | Path | None = None, *,
         "n_missing_gt": len(meta["images"]) - len(pairs),
         "n_classes": n_cls,
         "void": void_v,
-        "class_spec": source,
+        "class_spec": spec_source,
+        "source": source,
         "concepts": {"n": n_concepts, "miou_hungarian": c_h, "miou_overcluster": c_o,
                      "pixel_accuracy_overcluster": pixel_acc, "iou_per_class_hungarian": per_class,
                      "boundary_f": bf["f"], "boundary_precision": bf["precision"], "boundary_recall": bf["recall"],

@@ -11,10 +11,11 @@ Steps, each a pure function in this package:
   6. per image: concept map (small regions filled), PNG maps, overlays, COCO instances.
 
 Options: `dense.refine` (none | slic | guided, `refine`) snaps the part boundaries to image edges before the
-argmax; `dense.select=stability` picks the Louvain resolution without labels (`resolution`).
+argmax; `dense.select=stability` picks the Louvain resolution without labels (`resolution`), `dense.fg_cut=otsu`
+the CBFE cut (`foreground.otsu_threshold`); both choices are written to settings.json.
 
-Outputs under `out_dir/dense/`: dense.json, graph.json, coco.json, settings.json (the Louvain resolution and
-how it was chosen), prototypes.npy, maps/*.png (concept ids, 0 = unassigned), parts/*.png (part ids + 1),
+Outputs under `out_dir/dense/`: dense.json, graph.json, coco.json, settings.json (the Louvain resolution, the
+foreground cut, and how they were chosen), prototypes.npy, maps/*.png (concept ids, 0 = unassigned), parts/*.png (part ids + 1),
 overlays/*.png.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from ..errors import ImageLoadError, InputError
 from ..annotations import coco_document, concept_name, label_map_annotations
 from ..progress import progress_bar
 from .extract import DenseFeatures, extract_dense
-from .foreground import cluster_fg_precision, noisy_foreground, select_foreground
+from .foreground import cluster_fg_precision, noisy_foreground, otsu_threshold, select_foreground
 from .graph import LOUVAIN_METHODS, cooccurrence, graph_json, merge_parts, part_graph
 from .masks import fill_small_regions, overlay, palette, resize_labels, upsampled_argmax
 from .parts import PartModel, fit_part_prototypes, part_scores
@@ -162,7 +163,8 @@ def fit_concepts(feats: DenseFeatures, dcfg: Any, seed: int = 0, parts: PartMode
         fg = noisy_foreground(s, mass=dcfg.fg_mass)
         fg_masks.append(resize_labels(fg.astype(np.uint8), hw).astype(bool))
     precision, n_img = cluster_fg_precision(small_maps, fg_masks, k)
-    foreground = select_foreground(precision, dcfg.fg_threshold)
+    fg_threshold = foreground_cut(precision, n_img, dcfg)
+    foreground = select_foreground(precision, fg_threshold)
     timings["foreground"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -179,8 +181,21 @@ def fit_concepts(feats: DenseFeatures, dcfg: Any, seed: int = 0, parts: PartMode
     concept_of_part, concepts = concepts_from_parts(communities, part_area, foreground)
     timings["graph"] = time.perf_counter() - t
     settings["n_concepts"] = len(concepts)
+    settings["foreground"] = {"fg_cut": dcfg.fg_cut, "fg_threshold": round(fg_threshold, 4),
+                              "n_foreground_parts": int(foreground.sum()),
+                              "rule": "Otsu's cut of the parts' CBFE precisions (parts that appear)"
+                              if dcfg.fg_cut == "otsu" else "dense.fg_threshold"}
     return ConceptModel(parts, precision, n_img, foreground, adj, graph, modularity, part_area, concept_of_part,
                         concepts, timings, resolution, settings)
+
+
+def foreground_cut(precision: np.ndarray, n_images: np.ndarray, dcfg: Any) -> float:
+    """CBFE's threshold on the part precisions: `dense.fg_threshold` (fg_cut=fixed) or Otsu's label-free cut of
+    the precisions of the parts that appear (fg_cut=otsu, `foreground.otsu_threshold`)."""
+    if dcfg.fg_cut == "fixed":
+        return float(dcfg.fg_threshold)
+    seen = np.asarray(precision)[np.asarray(n_images) > 0]
+    return otsu_threshold(seen) if len(seen) >= 2 else float(dcfg.fg_threshold)
 
 
 def select_resolution(adj: np.ndarray, foreground: np.ndarray | None, dcfg: Any, seed: int = 0
@@ -195,9 +210,10 @@ def select_resolution(adj: np.ndarray, foreground: np.ndarray | None, dcfg: Any,
     log.info("dense: label-free resolution %.3g (stability %s)", chosen,
              ", ".join(f"{c['resolution']:g}: {c['stability']:.3f}" for c in curve))
     return chosen, {"select": "stability", "resolution": chosen, "seed": seed, "n_seeds": dcfg.select_seeds,
-                    "rule": "most stable resolution (mean pairwise ARI of Louvain partitions over seeds) with more "
-                            "communities than graph components and at most half the nodes; ties (within 0.01) "
-                            "to the higher modularity, then the lower resolution",
+                    "rule": "from the first resolution >= 1 whose partition has more communities than graph "
+                            "components and at most half the nodes, step to the next finer such resolution while "
+                            "its stability (mean pairwise ARI of Louvain partitions over seeds) drops by at most "
+                            "0.01; stop at the first larger drop",
                     "curve": curve}
 
 
@@ -321,6 +337,8 @@ def check_refine_select(dcfg: Any) -> None:
         raise InputError(f"dense.refine: '{dcfg.refine}' is not one of {', '.join(REFINE_METHODS)}")
     if dcfg.select not in ("fixed", "stability"):
         raise InputError(f"dense.select: '{dcfg.select}' is not one of fixed, stability")
+    if dcfg.fg_cut not in ("fixed", "otsu"):
+        raise InputError(f"dense.fg_cut: '{dcfg.fg_cut}' is not one of fixed, otsu")
     for key, low in (("slic_segments", 1), ("guided_radius", 1), ("guided_subsample", 1), ("guided_top", 1),
                      ("select_seeds", 2)):
         if getattr(dcfg, key) < low:

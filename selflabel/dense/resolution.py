@@ -5,13 +5,19 @@ structure of the part graph, different seeds find the same communities; between 
 they split or merge communities differently each time. So for every resolution on a grid we run
 Louvain with `n_seeds` seeds and score the agreement of the partitions (mean pairwise adjusted Rand
 index over the graph's nodes; von Luxburg, "Clustering stability: an overview", 2010; Lancichinetti &
-Fortunato, "Consensus clustering in complex networks", 2012). The rule:
+Fortunato, "Consensus clustering in complex networks", 2012). The rule, coarse to fine:
 
 1. candidates: resolutions whose best partition has more communities than the graph has connected
    components and at most half as many as nodes (one community per component, or singletons, are
    stable for every seed and say nothing);
-2. the highest stability wins; resolutions within `tol` of it tie, and the tie goes to the highest
-   standard modularity (resolution 1) of the partition, then to the lower resolution.
+2. start at the standard modularity (the first candidate at resolution >= 1);
+3. step to the next finer candidate while its stability is at least the current one's minus `tol`;
+   stop at the first drop: there Louvain starts to split communities differently for each seed.
+
+Why not the most stable resolution overall: coarse partitions are the most reproducible almost by
+construction (few communities, little to disagree on): on CamVid (mobilenet_v2, image_size 640, fg/bg
+split) the global maximum fell on 3 concepts for 101 train frames (mIoU 0.14) and 7 for val (0.16);
+walking up from resolution 1 keeps the finer partitions that are as stable as the standard one.
 
 No label is read; with the same graph, grid and seed the choice is the same.
 """
@@ -57,14 +63,17 @@ def stability_curve(graph: nx.Graph, resolutions: Sequence[float], *, seed: int 
     return curve
 
 
-def choose_resolution(curve: Sequence[dict[str, Any]], graph: nx.Graph, *, tol: float = 0.01) -> float:
-    """The label-free rule on a `stability_curve` of `graph`: the most stable non-trivial resolution (ties
-    within `tol` go to the higher standard modularity, then the lower resolution)."""
+def choose_resolution(curve: Sequence[dict[str, Any]], graph: nx.Graph, *, tol: float = 0.01, start: float = 1.0
+                      ) -> float:
+    """The label-free rule on a `stability_curve` of `graph`: from the first non-trivial resolution at or above
+    `start`, finer while the stability does not drop by more than `tol` (see the module docstring)."""
     if not curve:
         raise ValueError("choose_resolution: empty curve")
     n_nodes = graph.number_of_nodes()
     low = nx.number_connected_components(graph) + 1 if n_nodes else 1
     ok = [c for c in curve if low <= c["n_concepts"] <= max(low, n_nodes // 2)] or list(curve)
-    top = max(c["stability"] for c in ok)
-    tied = [c for c in ok if c["stability"] >= top - tol]
-    return float(min(tied, key=lambda c: (-round(c["modularity"], 6), c["resolution"]))["resolution"])
+    ok = sorted(ok, key=lambda c: c["resolution"])
+    i = next((j for j, c in enumerate(ok) if c["resolution"] >= start), len(ok) - 1)
+    while i + 1 < len(ok) and ok[i + 1]["stability"] >= ok[i]["stability"] - tol:
+        i += 1
+    return float(ok[i]["resolution"])

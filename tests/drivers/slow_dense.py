@@ -1,6 +1,6 @@
 """`selflabel` with a dense stage that outlasts the collectives' deadline on rank 0 (for torchrun tests).
 
-    python -m torch.distributed.run ... tests/slow_dense.py SECONDS selflabel-args...
+    python -m torch.distributed.run ... tests/drivers/slow_dense.py SECONDS selflabel-args...
 
 Rank 0's dense stage runs, then holds on for SECONDS more: a dense stage longer than
 SELFLABEL_DIST_TIMEOUT, as on a large folder, without a large folder. The delay simulates work; it
