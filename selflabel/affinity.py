@@ -9,7 +9,10 @@ from __future__ import annotations
 import networkx as nx
 import numpy as np
 import torch
+from scipy.cluster.hierarchy import fcluster, linkage
 from torch import Tensor
+
+from .neighbors import knn_exact
 
 __all__ = ["knn_indices", "affinity_graph", "modularity", "modularity_merge", "sample_rows"]
 
@@ -19,16 +22,11 @@ def sample_rows(n: int, max_rows: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False)) if n > max_rows else np.arange(n)
 
 
-def knn_indices(x: Tensor, knn: int, chunk: int = 2048) -> Tensor:
-    """Indices [n, knn] of each row's ``knn`` most cosine-similar other rows (x L2-normalised)."""
-    n = x.shape[0]
-    knn = min(knn, n - 1)
-    out = torch.empty((n, knn), dtype=torch.long)
-    for s in range(0, n, chunk):
-        sim = x[s:s + chunk] @ x.T
-        sim[torch.arange(sim.shape[0]), torch.arange(s, s + sim.shape[0])] = -float("inf")
-        out[s:s + chunk] = sim.topk(knn, dim=1).indices.cpu()
-    return out
+def knn_indices(x: Tensor, knn: int) -> Tensor:
+    """Indices [n, knn] of each row's ``knn`` most cosine-similar other rows (x L2-normalised; at most
+    n - 1 of them): the project's exact chunked search, ``selflabel.neighbors.knn_exact``."""
+    found = knn_exact(x, min(knn, x.shape[0] - 1), exclude_self=True, normalized=True, device=x.device)
+    return torch.from_numpy(found.indices)
 
 
 def affinity_graph(labels: np.ndarray, nbrs: np.ndarray, k0: int) -> np.ndarray:
@@ -71,8 +69,6 @@ def modularity_merge(w: np.ndarray, k: int) -> np.ndarray:
     for i, members in enumerate(sorted(comms, key=min)):  # numbered by their smallest node: stable
         groups[sorted(members)] = i
     if len(comms) > k:  # disconnected pieces: join the communities with the most similar link profiles
-        from scipy.cluster.hierarchy import fcluster, linkage
-
         prof = np.stack([w[groups == c].sum(0) + 1e-12 for c in range(len(comms))])
         cut = fcluster(linkage(prof, method="average", metric="cosine"), k, criterion="maxclust") - 1
         groups = cut[groups].astype(np.int64)
