@@ -8,11 +8,15 @@ input layer) and K = the number of classes. Scores: NMI, ARI, Hungarian accuracy
 
     python -m benchmarks.quality [--quick] [--datasets imagenette-val cifar10-test] [--seeds 3] [--threads 1]
                                  [--backbone mobilenet_v2] [--methods k-means neighbors] [--features plain flip concat]
+                                 [--output NAME]
 
 --methods: only the methods whose name contains one of these words (case-insensitive).
 --features: feature variants, each a full table block: plain (the backbone's cached features), flip (the
 library's `backbone.tta=flip`: the mean of the image's and its horizontal mirror's features), concat (mobilenet_v2 and efficientnet_lite2
 features, each centred and L2-normalised, side by side).
+--output: the result file's name (benchmarks/results/NAME.md) instead of the one built from --quick, --backbone
+and --methods (quality[-quick][-BACKBONE][-METHODS]), e.g. so that a concat-only run does not replace the plain
+table of the same backbone and methods.
 
 --quick: a class-balanced 2,000-image subset of each data set, 2 seeds and fewer epochs (a smoke run of
 about a minute; results go to quality-quick.md).
@@ -20,6 +24,7 @@ about a minute; results go to quality-quick.md).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -34,6 +39,7 @@ from benchmarks.common import machine_info, markdown_table, shared_data, write_r
 
 DATASETS = ("imagenette-val", "cifar10-test")
 WARD_MAX = 10_000  # Ward is O(N^2) memory: subsample above this many images
+FEATURES_FROM: dict[str, str] = {}  # "data set backbone[ tta]" -> "engine precision" of the features used
 
 
 def load_features(name: str, backbone: str = "mobilenet_v2", tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
@@ -46,6 +52,8 @@ def load_features(name: str, backbone: str = "mobilenet_v2", tta: str = "none") 
 
     scan = scan_folder(shared_data(name), gt="folders")
     fr = extract_features(scan.records, create_backbone(backbone), device="cpu", show_progress=False, tta=tta)
+    on = fr.computed_on  # the engine whose cache served them: an engine that fails its parity check falls back to torch
+    FEATURES_FROM[f"{name} {backbone}" + ("" if tta == "none" else f" {tta}")] = f"{on.get('engine')} {on.get('precision')}"
     return np.asarray(fr.features, dtype=np.float32), np.array([r.gt for r in fr.records])
 
 
@@ -161,7 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--features", nargs="+", default=["plain"], help="feature variants: plain flip concat")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch and BLAS/OpenMP threads for every method (default: the libraries' own)")
+    ap.add_argument("--output", default=None,
+                    help="result file name in benchmarks/results (no .md; default: built from --quick, --backbone, --methods)")
     args = ap.parse_args(argv)
+    # the feature extraction's progress and engine messages (cached / to compute, a torch fallback) on stderr
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for logger in ("selflabel.features", "selflabel.engine"):  # not the trainers' per-epoch lines
+        logging.getLogger(logger).setLevel(logging.INFO)
     if args.threads:  # the same budget for every method; on a shared, loaded CPU 1 thread is the fastest
         import torch
         from threadpoolctl import threadpool_limits
@@ -200,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# Clustering quality on frozen {args.backbone} features" + (" (quick)" if args.quick else ""), "",
         f"Machine: {machine_info()}; CPU capability {cpu_capability()}", "",
         f"Command: python -m benchmarks.quality {' '.join(argv if argv is not None else sys.argv[1:])}", "",
+        "Features from (engine, precision): " + "; ".join(f"{k}: {v}" for k, v in FEATURES_FROM.items()), "",
         "Same features for every method (centred and L2-normalised; k-means: L2-normalised only); K = number of classes;"
         " mean ± std over seeds; accuracy = Hungarian-matched. k-means: scikit-learn KMeans(n_init=10) on the"
         " L2-normalised features (the baseline a user would run). Ward: scikit-learn AgglomerativeClustering."
@@ -210,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     suffix = "" if args.backbone == "mobilenet_v2" else f"-{args.backbone}"
     if args.methods:  # a subset of the methods keeps the full table as it is
         suffix += "-" + "-".join(w.lower() for w in args.methods)
-    write_result(("quality-quick" if args.quick else "quality") + suffix, text)
+    write_result(args.output or (("quality-quick" if args.quick else "quality") + suffix), text)
     return 0
 
 
