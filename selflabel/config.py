@@ -174,6 +174,10 @@ class DenseConfig:
     fusion: Fusion = "none"  # stride16: mobilenet_v2's stride-16 map beside the upsampled last one (finer masks)
     pca_dim: int = 50  # standardise + PCA of patch features (Leopart); 0: standardise only
     k_parts: int = 150  # part clusters (overclustering)
+    k_parts_select: Literal["fixed", "stability"] = "fixed"  # stability: label-free, the K of k_parts_grid whose concepts agree most across part seeds
+    k_parts_grid: list[int] = field(default_factory=lambda: [100, 150, 200, 300])  # k_parts_select=stability
+    k_parts_seeds: int = 3  # k_parts_select=stability: part seeds per K (mean pairwise ARI of their concepts)
+    k_parts_sample: int = 30_000  # k_parts_select=stability: patches each candidate fit sees (the chosen K is refitted on max_patches)
     eps: float = 0.05  # Sinkhorn entropic regularisation of the part assignment
     epochs: int = 20  # alternations of Sinkhorn assignment and prototype update
     max_patches: int = 100_000  # patch sample for fitting the part prototypes
@@ -185,6 +189,8 @@ class DenseConfig:
     edge_threshold: float = 0.0  # keep edge (i, j) when both co-occurrences reach this
     louvain: Louvain = "networkx"
     louvain_seeds: int = 5  # Louvain runs; the best modularity wins
+    consensus: int = 5  # concept fits (part seeds) that vote: concepts by majority over them (evidence accumulation); 1: one fit
+    consensus_cut: float = 0.5  # consensus > 1: average-linkage cut on 1 - co-association (0.5: join when most fits, on average, agree)
     select: Literal["fixed", "stability"] = "stability"  # stability: label-free, finer from r=1 while Louvain stays as stable
     resolution_grid: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0])  # select=stability
     select_seeds: int = 8  # select=stability: Louvain seeds per resolution (mean pairwise ARI)
@@ -302,12 +308,12 @@ _AT_LEAST: dict[str, float] = {
     "swav.queue_length": 0, "swav.queue_start_epoch": 0, "swav.freeze_prototypes_iters": 0, "swav.finetune_epochs": 0,
     "swav.cpu_threads": 0, "swav.weight_decay": 0, "swav.finetune_lr": 0, "swav.feature_noise": 0, "swav.small_noise": 0,
     "dense.image_size": 16, "dense.shift_stitch": 1, "dense.pca_dim": 0, "dense.k_parts": 2, "dense.epochs": 1,
-    "dense.max_patches": 1, "dense.louvain_seeds": 1, "dense.min_area": 0, "dense.mask_size": 0, "dense.n_overlays": 0,
+    "dense.max_patches": 1, "dense.k_parts_seeds": 2, "dense.consensus": 1, "dense.k_parts_sample": 2, "dense.louvain_seeds": 1, "dense.min_area": 0, "dense.mask_size": 0, "dense.n_overlays": 0,
     "dense.edge_threshold": 0,
 }
 _POSITIVE = ("cluster.eps", "cluster.temperature", "sela.lamb", "sela.lr", "sela.temperature", "sela.init_temperature",
              "swav.lr", "swav.eps", "swav.temperature", "dense.eps", "dense.resolution")
-_FRACTION = ("sela.feature_dropout", "swav.feature_dropout", "swav.small_dropout", "dense.fg_threshold")  # in [0, 1]
+_FRACTION = ("sela.feature_dropout", "swav.feature_dropout", "swav.small_dropout", "dense.fg_threshold", "dense.consensus_cut")  # in [0, 1]
 
 
 def _get(cfg: RunConfig, key: str) -> Any:

@@ -53,3 +53,23 @@ def _restore_main_module():
     yield
     if main is not None and sys.modules.get("__main__") is not main:
         sys.modules["__main__"] = main
+
+
+def planted_dense_features(n: int = 12, seed: int = 0):
+    """Maps of three planted regions (sky band, road band, a salient car block), 8-d features around three
+    well separated centres (DenseFeatures for the concept step, no backbone)."""
+    from selflabel.data import ImageRecord
+    from selflabel.dense.extract import DenseFeatures, Projector
+
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (3, 8)) * 4
+    feats, sal = [], []
+    for _ in range(n):
+        lab = np.ones((10, 12), np.int64)
+        lab[: int(rng.integers(3, 6))] = 0
+        y, x = int(rng.integers(5, 7)), int(rng.integers(0, 7))
+        lab[y:y + 3, x:x + 4] = 2
+        feats.append((centres[lab] + rng.normal(0, 0.6, lab.shape + (8,))).astype(np.float16))
+        sal.append(np.where(lab == 2, 1.0, 0.05).astype(np.float32))
+    recs = [ImageRecord(f"i{i}.png", Path(f"i{i}.png")) for i in range(n)]
+    return DenseFeatures(recs, feats, sal, [(40, 48)] * n, [], Projector(np.zeros(8, np.float32), np.ones(8, np.float32), None))

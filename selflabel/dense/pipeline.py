@@ -42,6 +42,8 @@ from .extract import DenseFeatures, extract_dense
 from .foreground import cluster_fg_precision, noisy_foreground, otsu_threshold, select_foreground
 from .graph import LOUVAIN_METHODS, cooccurrence, graph_json, merge_parts, part_graph
 from .masks import fill_small_regions, overlay, palette, resize_labels, upsampled_argmax
+from .consensus import attach_absent, coassociation, majority_concepts
+from .kparts import choose_k_parts, labelling_stability
 from .parts import PartModel, fit_part_prototypes, part_scores
 from .refine import REFINE_METHODS, refined_argmax
 from .resolution import choose_resolution, stability_curve
@@ -147,10 +149,18 @@ class ConceptModel:
 def fit_concepts(feats: DenseFeatures, dcfg: Any, seed: int = 0, parts: PartModel | None = None) -> ConceptModel:
     """Steps 2-5 on extracted features: part prototypes (or `parts` given), CBFE, graph, Louvain."""
     timings: dict[str, float] = {}
+    k_settings: dict[str, Any] = {"k_parts_select": "fixed", "k_parts": int(dcfg.k_parts)}
     t = time.perf_counter()
+    if parts is None and dcfg.k_parts_select == "stability":
+        k_parts, k_settings = select_k_parts(feats, dcfg, seed)
+        dcfg = dataclasses.replace(dcfg, k_parts=k_parts)
+        timings["select_k_parts"] = time.perf_counter() - t
+        t = time.perf_counter()
     if parts is None:
         sample = feats.sample(dcfg.max_patches, seed)
         parts = fit_part_prototypes(sample, min(dcfg.k_parts, len(sample)), eps=dcfg.eps, iters=dcfg.epochs, seed=seed)
+    else:
+        k_settings = {"k_parts_select": "given", "k_parts": parts.k}
     protos = torch.from_numpy(parts.prototypes)
     k = parts.k
     timings["parts"] = time.perf_counter() - t
@@ -180,13 +190,76 @@ def fit_concepts(feats: DenseFeatures, dcfg: Any, seed: int = 0, parts: PartMode
     part_area = part_pixels / max(part_pixels.sum(), 1.0)
     concept_of_part, concepts = concepts_from_parts(communities, part_area, foreground)
     timings["graph"] = time.perf_counter() - t
+    if dcfg.consensus > 1:
+        t = time.perf_counter()
+        concept_of_part, concepts, settings["consensus"] = consensus_step(feats, dcfg, seed, parts, concept_of_part,
+                                                                          part_area, foreground)
+        timings["consensus"] = time.perf_counter() - t
     settings["n_concepts"] = len(concepts)
+    settings["parts"] = k_settings
     settings["foreground"] = {"fg_cut": dcfg.fg_cut, "fg_threshold": round(fg_threshold, 4),
                               "n_foreground_parts": int(foreground.sum()),
                               "rule": "Otsu's cut of the parts' CBFE precisions (parts that appear)"
                               if dcfg.fg_cut == "otsu" else "dense.fg_threshold"}
     return ConceptModel(parts, precision, n_img, foreground, adj, graph, modularity, part_area, concept_of_part,
                         concepts, timings, resolution, settings)
+
+
+def consensus_step(feats: DenseFeatures, dcfg: Any, seed: int, parts: PartModel, concept_of_part: np.ndarray,
+                   part_area: np.ndarray, foreground: np.ndarray) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
+    """Concepts of `parts` by majority over `dense.consensus` fits (`consensus`): this fit (`concept_of_part`)
+    and fits with the next seeds, each labelling the same patch sample; average linkage of the parts'
+    co-association cut at `dense.consensus_cut`. Returns (concept per part, concepts, settings)."""
+    z = torch.nn.functional.normalize(torch.from_numpy(feats.sample(dcfg.max_patches, seed + 7919)), dim=1)
+    main = (z @ torch.from_numpy(parts.prototypes).T).argmax(1).numpy()
+    one = dataclasses.replace(dcfg, consensus=1, k_parts_select="fixed", k_parts=parts.k)
+    labellings, sizes = [np.asarray(concept_of_part)[main]], [int(np.max(concept_of_part))]
+    for s in range(seed + 1, seed + dcfg.consensus):
+        m = fit_concepts(feats, one, s)
+        labellings.append(m.concept_of_part[(z @ torch.from_numpy(m.parts.prototypes).T).argmax(1).numpy()])
+        sizes.append(len(m.concepts))
+    a, counts = coassociation(main, labellings, parts.k)
+    present = counts > 0
+    labels = np.zeros(parts.k, dtype=np.int64)
+    labels[present] = majority_concepts(a[np.ix_(present, present)], dcfg.consensus_cut)
+    labels = attach_absent(labels, present, parts.prototypes)
+    out, concepts = concepts_from_parts(labels, part_area, foreground)
+    mean, low = labelling_stability(labellings)
+    log.info("dense: %d concepts by majority over %d fits (%s concepts each; agreement %.3f)", len(concepts),
+             dcfg.consensus, "/".join(map(str, sizes)), mean)
+    return out, concepts, {"n_fits": int(dcfg.consensus), "seeds": list(range(seed, seed + dcfg.consensus)),
+                           "cut": float(dcfg.consensus_cut), "n_patches": int(len(main)),
+                           "n_concepts_per_fit": sizes, "n_concepts": len(concepts),
+                           "agreement": round(mean, 4), "agreement_min": round(low, 4),
+                           "rule": "average linkage of the parts on 1 - co-association (the share of fits that put "
+                                   "their patches in one concept), cut at consensus_cut"}
+
+
+def select_k_parts(feats: DenseFeatures, dcfg: Any, seed: int = 0) -> tuple[int, dict[str, Any]]:
+    """The number of parts by the label-free rule of `kparts`: for each K of `dense.k_parts_grid`, the concept
+    step fitted with `k_parts_seeds` part seeds on `k_parts_sample` patches; each fit labels the same fixed
+    patch sample with its concepts; the K whose labellings agree most wins. Returns (K, settings with the curve)."""
+    probe = torch.nn.functional.normalize(torch.from_numpy(feats.sample(20_000, seed + 7919)), dim=1)
+    small = dataclasses.replace(dcfg, k_parts_select="fixed", consensus=1, max_patches=min(dcfg.k_parts_sample, dcfg.max_patches))
+    curve = []
+    for k in sorted(set(int(k) for k in dcfg.k_parts_grid)):
+        labellings, sizes = [], []
+        for s in range(seed, seed + dcfg.k_parts_seeds):
+            m = fit_concepts(feats, dataclasses.replace(small, k_parts=k), s)
+            part = (probe @ torch.from_numpy(m.parts.prototypes).T).argmax(1).numpy()
+            labellings.append(m.concept_of_part[part])
+            sizes.append(len(m.concepts))
+        mean, low = labelling_stability(labellings)
+        curve.append({"k_parts": k, "stability": round(mean, 4), "stability_min": round(low, 4), "n_concepts": sizes})
+    chosen = choose_k_parts(curve)
+    log.info("dense: label-free number of parts %d (concept stability %s)", chosen,
+             ", ".join(f"{c['k_parts']}: {c['stability']:.3f}" for c in curve))
+    return chosen, {"k_parts_select": "stability", "k_parts": chosen, "seed": seed, "n_seeds": dcfg.k_parts_seeds,
+                    "sample": small.max_patches,
+                    "rule": "for each K of the grid, the concept step fitted with several part seeds on a patch sample; "
+                            "the stability of K is the mean pairwise ARI of the concept labels they give the same "
+                            "sample of 20,000 patches; the most stable K wins (the smaller on a tie)",
+                    "curve": curve}
 
 
 def foreground_cut(precision: np.ndarray, n_images: np.ndarray, dcfg: Any) -> float:
@@ -346,6 +419,10 @@ def check_refine_select(dcfg: Any) -> None:
     for key in ("slic_compactness", "guided_eps"):
         if not getattr(dcfg, key) > 0:
             raise InputError(f"dense.{key} must be above 0 (got {getattr(dcfg, key)})")
+    if dcfg.k_parts_select not in ("fixed", "stability"):
+        raise InputError(f"dense.k_parts_select: '{dcfg.k_parts_select}' is not one of fixed, stability")
+    if dcfg.k_parts_select == "stability" and (not dcfg.k_parts_grid or min(dcfg.k_parts_grid) < 2):
+        raise InputError(f"dense.k_parts_grid must hold numbers of parts of at least 2 (got {dcfg.k_parts_grid})")
     if dcfg.select == "stability" and (not dcfg.resolution_grid or min(dcfg.resolution_grid) <= 0):
         raise InputError(f"dense.resolution_grid must hold resolutions above 0 (got {dcfg.resolution_grid})")
 
