@@ -187,7 +187,12 @@ def test_refined_label_free_run_records_its_settings_and_round_trips(refined_run
     assert summary["refine"] == "guided" and meta["config"]["refine"] == "guided"
     _assert_coco_decodes_to_maps(d, summary)
     fixed = json.loads((dense_run[1] / "dense" / "settings.json").read_text())
+    vote = fixed.pop("consensus")  # the default vote of 5 fits, recorded with what each fit found
+    assert vote["n_fits"] == 5 and vote["seeds"] == [0, 1, 2, 3, 4] and vote["cut"] == 0.5
+    assert len(vote["n_concepts_per_fit"]) == 5 and vote["n_concepts"] == dense_run[2]["n_concepts"]
+    assert -1 <= vote["agreement_min"] <= vote["agreement"] <= 1
     assert fixed == {"select": "fixed", "resolution": 1.0, "n_concepts": dense_run[2]["n_concepts"],
+                     "parts": {"k_parts_select": "fixed", "k_parts": 12},
                      "foreground": {"fg_cut": "fixed", "fg_threshold": 0.5, "n_foreground_parts": fixed["foreground"][
                          "n_foreground_parts"], "rule": "dense.fg_threshold"}}
     fg = settings["foreground"]  # the default cut: Otsu's, between two of the recorded part precisions
