@@ -205,6 +205,11 @@ def fit_concepts(feats: DenseFeatures, dcfg: Any, seed: int = 0, parts: PartMode
                         concepts, timings, resolution, settings)
 
 
+def probe_concepts(model: ConceptModel, probe: torch.Tensor) -> np.ndarray:
+    """The concept of every row of `probe` (unit patch features [n, d]) under a fitted model: nearest part's concept."""
+    return model.concept_of_part[(probe @ torch.from_numpy(model.parts.prototypes).T).argmax(1).numpy()]
+
+
 def consensus_step(feats: DenseFeatures, dcfg: Any, seed: int, parts: PartModel, concept_of_part: np.ndarray,
                    part_area: np.ndarray, foreground: np.ndarray) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
     """Concepts of `parts` by majority over `dense.consensus` fits (`consensus`): this fit (`concept_of_part`)
@@ -216,7 +221,7 @@ def consensus_step(feats: DenseFeatures, dcfg: Any, seed: int, parts: PartModel,
     labellings, sizes = [np.asarray(concept_of_part)[main]], [int(np.max(concept_of_part))]
     for s in range(seed + 1, seed + dcfg.consensus):
         m = fit_concepts(feats, one, s)
-        labellings.append(m.concept_of_part[(z @ torch.from_numpy(m.parts.prototypes).T).argmax(1).numpy()])
+        labellings.append(probe_concepts(m, z))
         sizes.append(len(m.concepts))
     a, counts = coassociation(main, labellings, parts.k)
     present = counts > 0
@@ -246,8 +251,7 @@ def select_k_parts(feats: DenseFeatures, dcfg: Any, seed: int = 0) -> tuple[int,
         labellings, sizes = [], []
         for s in range(seed, seed + dcfg.k_parts_seeds):
             m = fit_concepts(feats, dataclasses.replace(small, k_parts=k), s)
-            part = (probe @ torch.from_numpy(m.parts.prototypes).T).argmax(1).numpy()
-            labellings.append(m.concept_of_part[part])
+            labellings.append(probe_concepts(m, probe))
             sizes.append(len(m.concepts))
         mean, low = labelling_stability(labellings)
         curve.append({"k_parts": k, "stability": round(mean, 4), "stability_min": round(low, 4), "n_concepts": sizes})
