@@ -18,7 +18,10 @@ Three stages on prepared (centred, L2-normalised) features, measured in ``benchm
    ``min_mass / K`` against collapse.
 
 Under torch.distributed (``ctx``) each rank transports its block of rows; column sums, prototype
-sums and the marginal estimate are all-reduced, so every rank holds the one-process result.
+sums and the marginal estimate are all-reduced, so every rank holds the one-process result up to the
+order of floating-point sums. That order can break a near-tie between interchangeable small
+clusters differently (near-duplicate images), which renumbers the merged clusters without changing
+them; so the clusters are numbered canonically at the end: largest first, ties by the first image.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from .ot import sinkhorn
 from .result import LabelResult
 
 __all__ = ["TransportFit", "transport_kmeans", "merge_clusters", "merge_by_links", "estimated_marginal_cluster",
-           "estimated_cluster_prepared"]
+           "estimated_cluster_prepared", "canonical_order"]
 
 
 @dataclass
@@ -200,17 +203,33 @@ def estimated_marginal_cluster(x: Tensor, k: int, *, eps: float = 0.05, iters: i
 
 
 
+def canonical_order(labels: Tensor, k: int) -> Tensor:
+    """The permutation ``order`` [k] (new cluster ``j`` is old cluster ``order[j]``) that numbers
+    clusters by size, largest first, ties by their first image (empty clusters last): a number that
+    depends on the partition only, not on how the fit arrived at it."""
+    n = labels.shape[0]
+    lab = labels.cpu().long()
+    sizes = torch.bincount(lab, minlength=k)
+    first = torch.full((k,), n, dtype=torch.long).scatter_reduce_(0, lab, torch.arange(n), "amin")
+    keys = sorted(range(k), key=lambda c: (-int(sizes[c]), int(first[c]), c))
+    return torch.as_tensor(keys, dtype=torch.long)
+
+
 @torch.no_grad()
 def estimated_cluster_prepared(x: Tensor, k: int, *, eps: float = 0.05, temperature: float = 0.1, iters: int = 30,
                                seed: int = 0, min_mass: float = 0.1, overcluster: int = 6,
                                merge: str = "auto", ctx: DistContext | None = None) -> LabelResult:
     """:func:`estimated_marginal_cluster` as a run's `LabelResult` (the default clustering): labels
     gathered from every rank, prototypes the normalised cluster means, confidences
-    softmax(cos / temperature) of the chosen cluster, and the estimated sizes in ``info``."""
+    softmax(cos / temperature) of the chosen cluster, and the estimated sizes in ``info``; clusters
+    numbered by :func:`canonical_order`."""
     ctx = ctx or DistContext()
     fit = estimated_marginal_cluster(x, k, eps=eps, iters=iters, seed=seed, min_mass=min_mass,
                                      overcluster=overcluster, merge=merge, ctx=ctx)
     labels = all_gather_blocks(fit.labels, ctx)
+    order = canonical_order(labels, k)
+    labels = torch.argsort(order).to(labels.device)[labels]
     return hard_label_result(x, labels, k, temperature, {
-        "method": "sinkhorn", "marginal": "estimated", "estimated_sizes": [round(float(v), 6) for v in fit.marginal],
+        "method": "sinkhorn", "marginal": "estimated",
+        "estimated_sizes": [round(float(v), 6) for v in fit.marginal[order.to(fit.marginal.device)]],
         **fit.info})

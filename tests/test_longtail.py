@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from selflabel.errors import InputError
-from selflabel.imbalanced import estimated_marginal_cluster, merge_clusters, transport_kmeans
+from selflabel.imbalanced import (canonical_order, estimated_cluster_prepared, estimated_marginal_cluster, merge_clusters,
+                                  transport_kmeans)
 from selflabel.marginals import (estimate_marginal, fixed_point_marginal, floor_marginal, total_variation,
                                  validate_prior)
 from selflabel.ot import sinkhorn
@@ -156,6 +157,28 @@ def test_merge_clusters_groups_near_means():
     # empty small clusters carry no mass and leave the grouping of the others alone
     g2 = merge_clusters(np.vstack([sums, np.zeros((1, 3))]), np.array([5, 4, 3, 2, 1.0, 0]), 3)
     assert list(g2[:5]) == list(group)
+
+
+def test_canonical_order_by_size_then_first_image():
+    labels = torch.tensor([3, 1, 1, 0, 3, 0, 1, 3])  # sizes: 0:2, 1:3, 3:3, 2:0 (empty)
+    order = canonical_order(labels, 4)
+    assert order.tolist() == [3, 1, 0, 2]  # 3 and 1 tie at 3 images: 3 holds image 0; the empty cluster last
+    renumbered = torch.argsort(order)[labels]
+    assert renumbered.tolist() == [0, 1, 1, 2, 0, 2, 1, 0]
+    # a permuted numbering of the same partition gives the same canonical labels
+    perm = torch.tensor([2, 0, 3, 1])
+    again = perm[labels]
+    assert (torch.argsort(canonical_order(again, 4))[again] == renumbered).all()
+
+
+def test_estimated_clusters_are_numbered_largest_first(longtail_fit):
+    x, y, _ = longtail_fit
+    res = estimated_cluster_prepared(x, len(PROPS), seed=0)
+    sizes = np.bincount(res.labels, minlength=len(PROPS))
+    assert (np.diff(sizes) <= 0).all(), sizes
+    # the estimated sizes travel with the renumbering: the largest estimate is cluster 0's
+    assert int(np.argmax(res.info["estimated_sizes"])) == 0
+    np.testing.assert_allclose(res.info["estimated_sizes"], sizes / len(x), atol=0.03)
 
 
 # ---------------------------------------------------------------- bad input

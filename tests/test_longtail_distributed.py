@@ -65,3 +65,37 @@ def test_two_processes_equal_one(tmp_path):
         np.testing.assert_allclose(r["sela"].numpy(), estimate_sizes(log_p, None, 25.0, 0.1).numpy(), rtol=1e-12)
     # the estimate is of these long-tailed sizes, not uniform
     assert max(one.info["estimated_sizes"]) > 0.3
+
+
+def _near_duplicates():
+    """3 groups of 6 near-copies (one colour, pixel noise) at K = 3: 18 small clusters for 18 rows, so
+    which copy joins which small cluster is a tie that the order of the ranks' sums can break."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(3, 64, generator=g), dim=1)
+    x = centres.repeat_interleave(6, 0) + 1e-3 * torch.randn(18, 64, generator=g)
+    x = x - x.mean(0)
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def _tie_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    from selflabel.distributed import context
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = estimated_cluster_prepared(_near_duplicates(), 3, seed=0, ctx=context())
+        torch.save(torch.from_numpy(res.labels), f"{out}/ties{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_near_duplicate_groups_keep_their_numbers_across_processes(tmp_path):
+    """The torchrun run equals the one-process run in cluster numbers too, when the small clusters of
+    near-copies are interchangeable (the case that renumbered a torchrun run's clusters)."""
+    mp.spawn(_tie_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    one = estimated_cluster_prepared(_near_duplicates(), 3, seed=0).labels
+    assert one.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    for r in range(2):
+        assert torch.load(tmp_path / f"ties{r}.pt", weights_only=True).tolist() == one.tolist()
