@@ -33,11 +33,12 @@ def test_miou_floors(camvid_run):
     assert summary["n_images"] == 101 and summary["n_skipped"] == 0  # labels/*.png are left out, not segmented
     res = evaluate_dense(out)
     assert res["n_images"] == 101 and res["n_classes"] == 11 and res["void"] == 11
-    # measured (seed 0, 2 CPU cores): concepts 7-8, Hungarian 0.24-0.25, overclustering 0.20-0.23;
-    # parts (K=150) overclustering 0.44; k-means K=11 on the same features: Hungarian 0.23-0.25
-    assert res["concepts"]["miou_hungarian"] > 0.18, res
-    assert res["concepts"]["miou_overcluster"] > 0.15, res
-    assert res["parts"]["miou_overcluster"] > 0.36, res
+    # measured (seed 0, 2-core Intel Xeon, benchmarks/results/dense.md, default row): 19 concepts, Hungarian
+    # 0.327, overclustering 0.358, parts (K=150) overclustering 0.532; seeds 1 and 2 gave Hungarian 0.300
+    # and 0.294; k-means K=11 on the same patch features, refined: 0.270
+    assert res["concepts"]["miou_hungarian"] > 0.27, res
+    assert res["concepts"]["miou_overcluster"] > 0.30, res
+    assert res["parts"]["miou_overcluster"] > 0.45, res
     assert 3 <= res["concepts"]["n"] <= 30
 
 
