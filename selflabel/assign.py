@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .backbones import create_backbone
+from .ensemble import BackboneEnsemble, create_feature_source, ensemble_features, same_weights
 from .config import from_dict
 from .data import scan_folder
 from .errors import InputError
@@ -138,9 +138,9 @@ def assign_folder(run_dir: str | Path, folder: str | Path, out: str | Path, *, u
     scan = scan_folder(folder, follow_symlinks=cfg.ingest.follow_symlinks,
                        gt=None if cfg.ingest.gt == "none" else cfg.ingest.gt)  # as the labelling run was asked
     b = cfg.backbone
-    backbone = create_backbone(b.name, b.weights, b.image_size)
+    backbone = create_feature_source(b.name, b.weights, b.image_size)
     labelled_with = str(manifest["backbone"]["cache_key"])
-    if not labelled_with.startswith(f"{backbone.name}-{backbone.weights_id}-"):  # the weights, not the preprocessing
+    if not same_weights(backbone, labelled_with):  # the weights, not the preprocessing
         raise InputError(f"backbone {b.name}: its weights differ from the ones {run_dir} was labelled with "
                          f"({backbone.cache_key()} != {labelled_with})")
     if labelled_with != backbone.cache_key():
@@ -150,11 +150,14 @@ def assign_folder(run_dir: str | Path, folder: str | Path, out: str | Path, *, u
 
     t = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    feats = extract_features(scan.records, backbone, batch_size=batch_size or b.batch_size, num_workers=b.num_workers,
-                             device=device or b.device, amp=b.amp, cache_dir=cache_dir or b.cache_dir,
-                             max_pixels=cfg.ingest.max_pixels, flush_every=b.flush_every, out_path=out / FEATURES,
-                             engine=None if b.engine == "auto" else b.engine, tta=b.tta,
-                             show_progress=show_progress)
+    extract = dict(batch_size=batch_size or b.batch_size, num_workers=b.num_workers, device=device or b.device, amp=b.amp,
+                   cache_dir=cache_dir or b.cache_dir, max_pixels=cfg.ingest.max_pixels, flush_every=b.flush_every,
+                   engine=None if b.engine == "auto" else b.engine, tta=b.tta, show_progress=show_progress)
+    if isinstance(backbone, BackboneEnsemble):
+        feats = ensemble_features(scan.records, backbone, lambda recs, m: extract_features(recs, m, **extract),
+                                  out_path=out / FEATURES)
+    else:
+        feats = extract_features(scan.records, backbone, out_path=out / FEATURES, **extract)
     timings["features"] = time.perf_counter() - t
     skipped = scan.skipped + feats.skipped
     write_skipped(out / SKIPPED, skipped)

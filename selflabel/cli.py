@@ -56,7 +56,7 @@ def label(
     heads: Annotated[Optional[str], typer.Option(help="Extra heads, e.g. 10,50,100 (SeLa hierarchy).")] = None,
     finetune: Annotated[bool, typer.Option("--finetune", help="Train the backbone end to end (SeLa/SwAV).")] = False,
     dense: Annotated[bool, typer.Option("--dense", help="Also find dense object concepts (Leopart) with masks and COCO.")] = False,
-    backbone: Annotated[Optional[str], typer.Option(help="Backbone name (see `selflabel backbones`).")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="Backbone name, or several joined by '+' (see `selflabel backbones`).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Local weights file for the backbone.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key: --set sela.epochs=10")] = None,
@@ -264,6 +264,8 @@ def backbones() -> None:
 
     for name, desc in list_backbones().items():
         console.print(f"{name:20s} {desc}" + ("  [bold](default)" if name == DEFAULT_BACKBONE else ""))
+    console.print("several joined by '+' (e.g. mobilenet_v2+efficientnet_lite2): each image's features from every "
+                  "member, unit-normalised and concatenated")
 
 
 @app.command()

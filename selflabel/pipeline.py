@@ -13,11 +13,12 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .backbones import create_backbone, list_backbones
 from .cluster import LabelResult
 from .config import RunConfig, to_dict, validate
 from .data import scan_folder
 from .dense.pipeline import segment
+from .ensemble import (BackboneEnsemble, check_backbone_name, create_feature_source, ensemble_features, first_backbone,
+                       is_ensemble)
 from .errors import InputError
 from .distributed import all_gather_objects, device_for, init_from_env, shard, shutdown, wait_for_main
 from .features import extract_features, plan_features
@@ -79,9 +80,10 @@ def check_runnable(cfg: RunConfig) -> None:
     """What can be checked before any work, beyond the config's own values: the backbone name and
     the device. Raises InputError naming the setting, the value and what is allowed."""
     validate(cfg)
-    if cfg.backbone.name not in list_backbones():
-        raise InputError(f"config backbone.name: {cfg.backbone.name!r} is not allowed "
-                         f"(choose {', '.join(sorted(list_backbones()))}; see `selflabel backbones`)")
+    check_backbone_name(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.image_size)
+    if is_ensemble(cfg.backbone.name) and cfg.cluster.finetune:
+        raise InputError(f"--finetune: not allowed with the ensemble backbone {cfg.backbone.name!r} (fine-tuning trains "
+                         "one network; choose one backbone)")
     dev = str(cfg.backbone.device)
     if dev.startswith("cuda"):
         import torch
@@ -122,35 +124,19 @@ def _label_folder(cfg: RunConfig, ctx) -> RunSummary:
 
     t = time.perf_counter()
     device = device_for(ctx, cfg.backbone.device)
-    backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.image_size)
+    backbone = create_feature_source(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.image_size)
     timings["load_backbone"] = time.perf_counter() - t
 
     t = time.perf_counter()
     extract = dict(batch_size=cfg.backbone.batch_size, num_workers=cfg.backbone.num_workers, device=device,
                    amp=cfg.backbone.amp, engine=engine_choice(cfg), cache_dir=cfg.backbone.cache_dir, max_pixels=cfg.ingest.max_pixels,
                    flush_every=cfg.backbone.flush_every, rehash=cfg.backbone.rehash, tta=cfg.backbone.tta)
-    n_sharded = 0
-    if ctx.enabled:
-        # rank 0 settles the engine and precision (probe, export, parity check) and every rank runs that:
-        # ranks deciding alone can disagree (a timed probe, a check on other images) and then store their
-        # blocks under different cache keys, computing everything twice
-        plan = plan_features(scan.records, backbone, **{k: extract[k] for k in ("device", "amp", "engine", "cache_dir",
-                                                                                "max_pixels")}) if ctx.is_main else None
-        extract["spec"] = all_gather_objects(plan, ctx)[0]
-        # each rank computes a disjoint block into the (shared) cache, then all read the whole store
-        part = extract_features(shard(scan.records, ctx), backbone, show_progress=show_progress and ctx.is_main, **extract)
-        ran = all_gather_objects((part.n_computed, part.computed_on.get("engine")), ctx)  # (a collective: every rank is done)
-        n_sharded = int(sum(n for n, _ in ran))
-        if ctx.is_main and any(n and e != extract["spec"].engine for n, e in ran):
-            log.warning("a rank's engine fell back to torch during the sharded pass (ranks ran %s): rank 0 computes "
-                        "the blocks it cannot read", sorted({e for _, e in ran}))
-    feats = extract_features(scan.records, backbone, out_path=out / FEATURES if ctx.is_main else None,
-                             show_progress=show_progress and not ctx.enabled, **extract)
-    if ctx.enabled:
-        if feats.n_computed:
-            log.warning("rank %d computed %d features after the sharded pass: is the cache folder on storage "
-                        "shared by all ranks? (set --cache-dir)", ctx.rank, feats.n_computed)
-        feats.n_computed, feats.n_cached = n_sharded, len(feats.records) - n_sharded
+    if isinstance(backbone, BackboneEnsemble):
+        feats = ensemble_features(scan.records, backbone,
+                                  lambda recs, member: _extract(recs, member, ctx, extract, None, show_progress),
+                                  out_path=out / FEATURES if ctx.is_main else None)
+    else:
+        feats = _extract(scan.records, backbone, ctx, extract, out / FEATURES if ctx.is_main else None, show_progress)
     timings["features"] = time.perf_counter() - t
     skipped = scan.skipped + feats.skipped
     if ctx.is_main:
@@ -168,13 +154,14 @@ def _label_folder(cfg: RunConfig, ctx) -> RunSummary:
 
     t = time.perf_counter()
     result = cluster_features(feats.features, k, cfg, out_dir=out, device=device, records=feats.records,
-                              backbone=backbone, ctx=ctx)
+                              backbone=None if isinstance(backbone, BackboneEnsemble) else backbone, ctx=ctx)
     timings["cluster"] = time.perf_counter() - t
 
     t = time.perf_counter()
     suggested = {}
     if ctx.is_main:  # only rank 0 writes outputs
-        suggested = suggest_for_run(out, feats.features, result.labels, backbone.name, cfg.backbone.weights)
+        names_x, names_backbone = _naming_features(feats, backbone, extract)
+        suggested = suggest_for_run(out, names_x, result.labels, names_backbone, cfg.backbone.weights)
         write_labels(out / LABELS, _rows(feats.records, result, {c: s.label for c, s in suggested.items()}))
         save_geometry(out, result.geometry)  # prototypes.npy, feature_mean.npy, geometry.json
         curate_run(out, device=str(device))  # near-duplicates, outlier scores, neighbours (selflabel.curate)
@@ -184,7 +171,7 @@ def _label_folder(cfg: RunConfig, ctx) -> RunSummary:
     if cfg.dense.enabled:
         t = time.perf_counter()
         if ctx.is_main:
-            dense_summary = segment(feats.records, backbone, cfg, out, device, show_progress=show_progress)
+            dense_summary = segment(feats.records, first_backbone(backbone), cfg, out, device, show_progress=show_progress)
         wait_for_main(ctx)  # the other ranks wait for the dense stage however long it takes
         timings["dense"] = time.perf_counter() - t
 
@@ -219,6 +206,44 @@ def _label_folder(cfg: RunConfig, ctx) -> RunSummary:
         })
     shutdown(ctx)  # (its barrier: no rank exits before rank 0 has written)
     return summary
+
+
+def _extract(records, backbone, ctx, extract: dict[str, Any], out_path: Path | None, show_progress: bool):
+    """`extract_features` of one backbone for the run: under torchrun each rank computes its shard into the
+    shared cache first (with the engine rank 0 planned), then every rank gathers the whole matrix."""
+    extract = dict(extract)
+    n_sharded = 0
+    if ctx.enabled:
+        # rank 0 settles the engine and precision (probe, export, parity check) and every rank runs that:
+        # ranks deciding alone can disagree (a timed probe, a check on other images) and then store their
+        # blocks under different cache keys, computing everything twice
+        plan = plan_features(records, backbone, **{k: extract[k] for k in ("device", "amp", "engine", "cache_dir",
+                                                                                "max_pixels")}) if ctx.is_main else None
+        extract["spec"] = all_gather_objects(plan, ctx)[0]
+        # each rank computes a disjoint block into the (shared) cache, then all read the whole store
+        part = extract_features(shard(records, ctx), backbone, show_progress=show_progress and ctx.is_main, **extract)
+        ran = all_gather_objects((part.n_computed, part.computed_on.get("engine")), ctx)  # (a collective: every rank is done)
+        n_sharded = int(sum(n for n, _ in ran))
+        if ctx.is_main and any(n and e != extract["spec"].engine for n, e in ran):
+            log.warning("a rank's engine fell back to torch during the sharded pass (ranks ran %s): rank 0 computes "
+                        "the blocks it cannot read", sorted({e for _, e in ran}))
+    feats = extract_features(records, backbone, out_path=out_path,
+                             show_progress=show_progress and not ctx.enabled, **extract)
+    if ctx.enabled:
+        if feats.n_computed:
+            log.warning("rank %d computed %d features after the sharded pass: is the cache folder on storage "
+                        "shared by all ranks? (set --cache-dir)", ctx.rank, feats.n_computed)
+        feats.n_computed, feats.n_cached = n_sharded, len(feats.records) - n_sharded
+    return feats
+
+
+def _naming_features(feats, backbone, extract: dict[str, Any]) -> tuple[np.ndarray, str]:
+    """(features, backbone name) for the ImageNet-head names: the run's own, or for an ensemble its first
+    member's raw features of the same images (from that member's cache, no forward)."""
+    if not isinstance(backbone, BackboneEnsemble):
+        return feats.features, backbone.name
+    first = backbone.first
+    return extract_features(feats.records, first, show_progress=False, **extract).features, first.name
 
 
 def choose_run_k(cfg: RunConfig, features: np.ndarray, n: int, device) -> tuple[int, KSelection | None]:

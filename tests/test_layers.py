@@ -24,7 +24,7 @@ LAYERS = {
     "selflabel.api": 5, "selflabel.run": 5, "selflabel.assign": 5, "selflabel.pipeline": 5, "selflabel.evaluate": 5,
     "selflabel.review": 5, "selflabel.export": 5, "selflabel.dense.pipeline": 5, "selflabel.dense.evaluate": 5,
     "selflabel.methods": 4, "selflabel.method_estimator": 4, "selflabel.train": 4, "selflabel.curate": 4,
-    "selflabel.data": 3, "selflabel.backbones": 3, "selflabel.features": 3, "selflabel.digests": 3,
+    "selflabel.data": 3, "selflabel.backbones": 3, "selflabel.ensemble": 3, "selflabel.features": 3, "selflabel.digests": 3,
     "selflabel.dense": 3, "selflabel.geometry_io": 3, "selflabel.sample": 3, "selflabel.kselect_io": 3,
     "selflabel.ot": 2, "selflabel.kmeans": 2, "selflabel.cluster": 2,
     "selflabel.estimators": 2, "selflabel.geometry": 2, "selflabel.metrics": 2,
