@@ -13,7 +13,7 @@ input layer) and K = the number of classes. Scores: NMI, ARI, Hungarian accuracy
 --methods: only the methods whose name contains one of these words (case-insensitive).
 --features: feature variants, each a full table block: plain (the backbone's cached features), flip (the
 library's `backbone.tta=flip`: the mean of the image's and its horizontal mirror's features), concat (mobilenet_v2 and efficientnet_lite2
-features, each centred and L2-normalised, side by side).
+features side by side, each row L2-normalised: the library's ensemble `--backbone mobilenet_v2+efficientnet_lite2`).
 --output: the result file's name (benchmarks/results/NAME.md) instead of the one built from --quick, --backbone
 and --methods (quality[-quick][-BACKBONE][-METHODS]), e.g. so that a concat-only run does not replace the plain
 table of the same backbone and methods.
@@ -59,7 +59,7 @@ def load_features(name: str, backbone: str = "mobilenet_v2", tta: str = "none") 
 
 def feature_variant(name: str, variant: str, backbone: str) -> tuple[np.ndarray, np.ndarray]:
     """(features, ground truth) of one feature variant (see --features)."""
-    from selflabel.cluster import prepare_features
+    from selflabel.ensemble import combine_blocks
 
     x, y = load_features(name, backbone)
     if variant == "plain":
@@ -70,7 +70,7 @@ def feature_variant(name: str, variant: str, backbone: str) -> tuple[np.ndarray,
         other = "efficientnet_lite2" if backbone != "efficientnet_lite2" else "mobilenet_v2"
         x2, y2 = load_features(name, other)
         assert (y == y2).all(), "the two backbones list the images in different orders"
-        return np.concatenate([prepare_features(x).numpy(), prepare_features(x2).numpy()], 1) / np.sqrt(2), y
+        return combine_blocks([x, x2]), y  # the library's `--backbone mobilenet_v2+efficientnet_lite2` features
     raise SystemExit(f"--features {variant!r}: choose plain, flip or concat")
 
 
@@ -124,6 +124,15 @@ def methods(quick: bool) -> dict[str, Callable[[np.ndarray, int, int], np.ndarra
         "neighbors (SCAN)": lambda x, k, seed: train_neighbors(x, k, trainer_cfg("neighbors", seed, quick)).labels,
         "neighbors (TEMI)": lambda x, k, seed: train_neighbors(x, k, temi_cfg(seed, quick)).labels,
     }
+    def default(x, k, seed):  # what `selflabel label --k K` runs: estimated cluster sizes (README "Long-tailed folders")
+        from selflabel.config import RunConfig
+        from selflabel.methods import cluster_features
+
+        cfg = RunConfig(seed=seed)
+        cfg.backbone.device = "cpu"
+        return cluster_features(x, k, cfg, device="cpu").labels
+
+    out["default clustering (estimated sizes)"] = default
     try:
         from selflabel.cluster import sinkhorn_cluster
 
