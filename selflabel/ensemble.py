@@ -16,11 +16,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .atomic import atomic_path
 from .backbones import Backbone, create_backbone, list_backbones
 from .data import ImageRecord, Skipped
 from .errors import InputError
-from .features import CacheWriteError, FeatureResult
+from .features import FeatureResult, feature_matrix
 
 SEP = "+"
 
@@ -153,20 +152,7 @@ def ensemble_features(records: Sequence[ImageRecord], ensemble: BackboneEnsemble
             col += d
         out *= np.float32(1.0 / np.sqrt(len(results)))  # combine_blocks of one block left them unit
 
-    if out_path is not None:
-        try:
-            with atomic_path(out_path) as tmp:
-                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, sum(dims)))
-                fill(mm)
-                mm.flush()
-                del mm
-        except OSError as exc:
-            raise CacheWriteError(f"{exc.filename or out_path}: cannot write the run's feature matrix "
-                                  f"({exc.strerror or exc}); the feature caches are complete, a rerun only gathers them") from None
-        feats = np.load(out_path, mmap_mode="r", allow_pickle=False)
-    else:
-        feats = np.empty((n, sum(dims)), dtype=np.float32)
-        fill(feats)
+    feats = feature_matrix(out_path, (n, sum(dims)), fill)
     seconds: dict[str, float] = {}
     for res in results:
         for key, value in res.seconds.items():

@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ GPU_DECODE_ENV = "SELFLABEL_GPU_DECODE"
 
 # re-exported for callers that still import them from here (they live in selflabel/devices.py)
 __all__ = ["CacheWriteError", "FeatureCache", "FeatureResult", "autocast_dtype", "default_cache_root",
-           "default_num_workers", "extract_features", "feature_cache_key", "forward_global", "plan_features", "resolve_device"]
+           "default_num_workers", "extract_features", "feature_cache_key", "feature_matrix", "forward_global", "plan_features", "resolve_device"]
 
 
 class CacheWriteError(StorageError):
@@ -248,20 +248,7 @@ def extract_features(
     ok = [(r, d) for r, d in pairs if d not in failed]
     skipped += [Skipped(r.id, failed[d]) for r, d in pairs if d in failed]
     digests = [d for _, d in ok]
-    if out_path is not None:
-        try:
-            with atomic_path(out_path) as tmp:
-                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(ok), backbone.dim))
-                gather_from(stores, digests, mm)
-                mm.flush()
-                del mm
-        except OSError as exc:
-            raise CacheWriteError(f"{exc.filename or out_path}: cannot write the run's feature matrix "
-                                  f"({exc.strerror or exc}); the feature cache is complete, a rerun only gathers it") from None
-        feats = np.load(out_path, mmap_mode="r", allow_pickle=False)
-    else:
-        feats = np.empty((len(ok), backbone.dim), dtype=np.float32)
-        gather_from(stores, digests, feats)
+    feats = feature_matrix(out_path, (len(ok), backbone.dim), lambda out: gather_from(stores, digests, out))
     t_gather = time.perf_counter() - t2
     return FeatureResult(
         features=feats,
@@ -273,6 +260,25 @@ def extract_features(
         computed_on={"device": str(dev), "engine": (runner.active if runner is not None else spec).engine,
                      "precision": (runner.active if runner is not None else spec).precision},
     )
+
+
+def feature_matrix(out_path: str | Path | None, shape: tuple[int, int], fill: Callable[[np.ndarray], None]) -> np.ndarray:
+    """A float32 matrix of `shape` filled by `fill(out)`: with `out_path`, written there atomically through a
+    memory-mapped .npy and returned memory-mapped (N x D never twice in RAM); else in memory."""
+    if out_path is None:
+        out = np.empty(shape, dtype=np.float32)
+        fill(out)
+        return out
+    try:
+        with atomic_path(out_path) as tmp:
+            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+            fill(mm)
+            mm.flush()
+            del mm
+    except OSError as exc:
+        raise CacheWriteError(f"{exc.filename or out_path}: cannot write the run's feature matrix "
+                              f"({exc.strerror or exc}); the feature cache is complete, a rerun only gathers it") from None
+    return np.load(out_path, mmap_mode="r", allow_pickle=False)
 
 
 def _missing(pairs: Sequence[tuple[ImageRecord, str]], cache: FeatureCache) -> dict[str, ImageRecord]:
