@@ -98,6 +98,8 @@ def methods(quick: bool) -> dict[str, Callable[[np.ndarray, int, int], np.ndarra
     from sklearn.cluster import AgglomerativeClustering, KMeans
 
     from selflabel.cluster import prepare_features
+    from selflabel.config import RunConfig
+    from selflabel.methods import cluster_features
     from selflabel.train.neighbors import train_neighbors
     from selflabel.train.sela import train_sela
     from selflabel.train.swav import train_swav
@@ -116,6 +118,9 @@ def methods(quick: bool) -> dict[str, Callable[[np.ndarray, int, int], np.ndarra
         cent = np.stack([xp[sub][lab == c].mean(0) for c in range(k)])
         return ((xp[:, None, :] - cent[None]) ** 2).sum(-1).argmin(1)
 
+    def default(x, k, seed):  # what `selflabel label --k K` runs: estimated cluster sizes (README "Long-tailed folders")
+        return cluster_features(x, k, RunConfig(seed=seed), device="cpu").labels
+
     out = {
         "k-means (sklearn)": kmeans,
         "Ward": ward,
@@ -123,16 +128,8 @@ def methods(quick: bool) -> dict[str, Callable[[np.ndarray, int, int], np.ndarra
         "SwAV (frozen)": lambda x, k, seed: train_swav(x, k, trainer_cfg("swav", seed, quick)).labels,
         "neighbors (SCAN)": lambda x, k, seed: train_neighbors(x, k, trainer_cfg("neighbors", seed, quick)).labels,
         "neighbors (TEMI)": lambda x, k, seed: train_neighbors(x, k, temi_cfg(seed, quick)).labels,
+        "default clustering (estimated sizes)": default,
     }
-    def default(x, k, seed):  # what `selflabel label --k K` runs: estimated cluster sizes (README "Long-tailed folders")
-        from selflabel.config import RunConfig
-        from selflabel.methods import cluster_features
-
-        cfg = RunConfig(seed=seed)
-        cfg.backbone.device = "cpu"
-        return cluster_features(x, k, cfg, device="cpu").labels
-
-    out["default clustering (estimated sizes)"] = default
     try:
         from selflabel.cluster import sinkhorn_cluster
 
