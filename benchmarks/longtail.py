@@ -11,7 +11,7 @@ folders, read with gt="folders"): exponential profile n_i = n_max * ratio^(-i / 
 chooses which classes are large and which images are kept. Features: cached mobilenet_v2.
 
     python -m benchmarks.longtail [--quick] [--datasets imagenette-val cifar10-test] [--ratios 1 10 100]
-                                  [--seeds 3] [--sela-seeds 1] [--no-sela] [--threads 1]
+                                  [--seeds 3] [--sela-seeds 1] [--no-sela] [--no-neighbors] [--threads 1]
 
 --quick: 1 seed, at most 150 images per class, SeLa for 10 epochs (results go to longtail-quick.md).
 SeLa trains a network per run (minutes on 10,000 images with 2 cores): its rows use the first
@@ -90,13 +90,14 @@ def proportion_tv(y: np.ndarray, labels: np.ndarray) -> float:
     return 0.5 * float(np.abs(true[r] - est[c]).sum())
 
 
-def methods(quick: bool, sela: bool) -> dict[str, Callable[[np.ndarray, int, int], np.ndarray]]:
+def methods(quick: bool, sela: bool, neighbors: bool = True) -> dict[str, Callable[[np.ndarray, int, int], np.ndarray]]:
     """name -> fn(features, k, seed) -> labels."""
     from sklearn.cluster import KMeans
 
     from selflabel.cluster import prepare_features, sinkhorn_cluster
     from selflabel.config import RunConfig
     from selflabel.imbalanced import estimated_marginal_cluster
+    from selflabel.train.neighbors import train_neighbors
     from selflabel.train.sela import train_sela
 
     def kmeans(x, k, seed):
@@ -123,6 +124,19 @@ def methods(quick: bool, sela: bool) -> dict[str, Callable[[np.ndarray, int, int
            "balanced Sinkhorn (cluster.marginal=uniform)": lambda x, k, seed: sinkhorn_cluster(x, k, seed=seed).labels,
            "estimated sizes (default)": default,
            "estimated sizes, merge by means (cluster.merge=average)": by_means}
+    def neighbors_fn(init, marginal):
+        def fn(x, k, seed):
+            cfg = RunConfig()
+            cfg.seed = seed
+            cfg.neighbors.init, cfg.neighbors.marginal = init, marginal
+            if quick:
+                cfg.neighbors.epochs = 10
+            return train_neighbors(x, k, cfg).labels
+        return fn
+
+    if neighbors:
+        out["neighbour heads, random start (SCAN: neighbors.init=random, marginal=uniform)"] = neighbors_fn("random", "uniform")
+        out["neighbour heads from the clustering (--method neighbors)"] = neighbors_fn("clustering", "estimated")
     if sela:
         out["SeLa, balanced (before)"] = sela_fn("uniform")
         out["SeLa, estimated sizes (after)"] = sela_fn("estimated")
@@ -162,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--no-sela", action="store_true", help="skip the SeLa rows (the slowest)")
+    ap.add_argument("--no-neighbors", action="store_true", help="skip the neighbour-heads rows")
     ap.add_argument("--sela-seeds", type=int, default=1, help="seeds for the SeLa rows (the first of --seeds)")
     ap.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (default 1: a shared CPU)")
     ap.add_argument("--small", type=int, default=100,
@@ -179,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     threadpool_limits(args.threads)
     n_seeds = args.seeds or (1 if args.quick else 3)
     per_class = 150 if args.quick else None
-    fns = methods(args.quick, not args.no_sela)
+    fns = methods(args.quick, not args.no_sela, not args.no_neighbors)
     rows, krows = [], []
     for name in args.datasets:
         x_all, y_all = load_features(name)

@@ -31,6 +31,7 @@ HeadInit = Literal["sinkhorn", "kmeans++", "random"]
 FinalAssign = Literal["argmax", "sinkhorn"]
 Louvain = Literal["networkx", "python-louvain"]
 Merge = Literal["auto", "modularity", "average"]
+NeighborInit = Literal["clustering", "random"]
 Fusion = Literal["none", "stride16"]  # dense maps: the last one only | with the stride-16 one beside it
 NeighborObjective = Literal["scan", "temi"]
 Marginal = Literal["estimated", "uniform"]  # cluster sizes: estimated from the data (selflabel.imbalanced) | equal
@@ -145,6 +146,7 @@ class NeighborsConfig:
     objective: NeighborObjective = "scan"  # scan (Van Gansbeke et al. 2020) | temi (Adaloglou et al. 2023)
     neighbors: int = 20  # mined neighbours per image (cosine, exact)
     n_heads: int = 10  # heads trained together; the lowest-loss one is kept
+    init: NeighborInit = "clustering"  # clustering: heads start from the run's transport clustering and keep its sizes | random (SCAN)
     epochs: int = 30
     batch_size: int = 256
     lr: float = 1e-3  # Adam
@@ -157,7 +159,7 @@ class NeighborsConfig:
     feature_noise: float = 0.5  # augmentation: noise norm vs unit-norm features
     self_label_epochs: int = 10  # SCAN's self-labelling on confident samples after the neighbour epochs
     confidence: float = 0.9  # self-labelling: minimum head probability of a sample to train on
-    marginal: Marginal = "uniform"  # label step's cluster sizes: uniform (balanced) | estimated (the head's own)
+    marginal: Marginal = "estimated"  # label step's cluster sizes: estimated (the start clustering's, or with init=random the head's own) | uniform (balanced: SCAN)
     lamb: float = 25.0  # label step: Sinkhorn on P ** lamb
     final_assign: FinalAssign = "argmax"  # argmax: the chosen head | sinkhorn: a balanced (or estimated-marginal) label step
     cpu_threads: int = 1  # torch threads on CPU (0: torch's default)

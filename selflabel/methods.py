@@ -15,12 +15,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .cluster import kmeans_cluster_prepared, sinkhorn_cluster_prepared
+from .cluster import kmeans_cluster_prepared
 from .config import RunConfig
+from .default_clustering import transport_clustering
 from .distributed import DistContext
 from .errors import InputError
 from .geometry import Geometry, feature_mean, prepare
-from .imbalanced import estimated_cluster_prepared
 from .result import LabelResult
 from .train.neighbors import train_neighbors
 from .train.sela import train_sela
@@ -88,13 +88,7 @@ def get_method(name: str) -> Method:
 def _transport_clustering(inp: MethodInput, k: int, prior) -> LabelResult:
     """One K: fixed sizes (the user's prior, or equal with cluster.marginal=uniform) or sizes estimated
     from the data (cluster.marginal=estimated, the default; selflabel.imbalanced)."""
-    c = inp.cfg.cluster
-    if prior is None and c.marginal == "estimated":
-        return estimated_cluster_prepared(inp.prepared, k, eps=c.eps, temperature=c.temperature, iters=c.iters,
-                                          seed=inp.cfg.seed, min_mass=c.min_mass, overcluster=c.overcluster,
-                                          merge=c.merge, ctx=inp.ctx)
-    return sinkhorn_cluster_prepared(inp.prepared, k, eps=c.eps, temperature=c.temperature, iters=c.iters,
-                                     seed=inp.cfg.seed, prior=prior, ctx=inp.ctx)
+    return transport_clustering(inp.prepared, k, inp.cfg.cluster, inp.cfg.seed, prior, inp.ctx)
 
 
 @register_method("sinkhorn", lambda cfg: cfg.cluster.temperature)

@@ -28,7 +28,7 @@ LAYERS = {
     "selflabel.dense": 3, "selflabel.geometry_io": 3, "selflabel.sample": 3, "selflabel.kselect_io": 3,
     "selflabel.ot": 2, "selflabel.kmeans": 2, "selflabel.cluster": 2,
     "selflabel.estimators": 2, "selflabel.geometry": 2, "selflabel.metrics": 2,
-    "selflabel.marginals": 2, "selflabel.imbalanced": 2, "selflabel.kselect": 2,
+    "selflabel.marginals": 2, "selflabel.imbalanced": 2, "selflabel.kselect": 2, "selflabel.default_clustering": 2,
     "selflabel.errors": 1, "selflabel.atomic": 1, "selflabel.result": 1, "selflabel.config": 1,
     "selflabel.runfiles": 1, "selflabel.rundir": 1, "selflabel.devices": 1, "selflabel.precision": 1,
     "selflabel.naming": 1, "selflabel.suggest": 3, "selflabel.neighbors": 2, "selflabel.engine": 3, "selflabel.distributed": 1, "selflabel.progress": 1,

@@ -1,4 +1,4 @@
-"""SeLa and SwAV under DistributedDataParallel (2 CPU processes, gloo) equal a single-process run.
+"""SeLa, SwAV and the neighbour heads under DistributedDataParallel (2 CPU processes, gloo) equal a single-process run.
 
 Equality is up to floating-point summation order: DDP averages two slice gradients instead of one
 batch gradient, the Sinkhorn marginals and the global BatchNorm statistics are all-reduced. Those
@@ -40,15 +40,21 @@ CASES = {
              "sela.final_assign=sinkhorn"],
     "swav": ["swav.epochs=4", "swav.batch_size=40", "swav.hidden_dim=32", "swav.proj_dim=16", "swav.queue_start_epoch=1",
              "swav.final_assign=sinkhorn"],
+    # heads started from the (distributed) estimated-size clustering, 2 self-labelling epochs, a final label step
+    "neighbors": ["neighbors.epochs=2", "neighbors.self_label_epochs=2", "neighbors.batch_size=40",
+                  "neighbors.neighbors=5", "neighbors.n_heads=3", "neighbors.final_assign=sinkhorn",
+                  "neighbors.confidence=0.6", "neighbors.cpu_threads=1"],
 }
+EPOCHS = {"sela": 4, "swav": 4, "neighbors": 4}  # every epoch of each case (the resumed run starts after the last)
 
 
 def _train(method, feats, out_dir):
+    from selflabel.train.neighbors import train_neighbors
     from selflabel.train.sela import train_sela
     from selflabel.train.swav import train_swav
 
     cfg = load_config(None, [*CASES[method], "seed=5"])
-    fn = train_sela if method == "sela" else train_swav
+    fn = {"sela": train_sela, "swav": train_swav, "neighbors": train_neighbors}[method]
     return fn(feats, 5, cfg, heads=[3], out_dir=out_dir)
 
 
@@ -68,7 +74,7 @@ def _worker(rank, world, port, method, feats, out):
     shutdown(context())
 
 
-@pytest.mark.parametrize("method", ["sela", "swav"])
+@pytest.mark.parametrize("method", ["sela", "swav", "neighbors"])
 def test_ddp_trainer_equals_single_process(tmp_path, method):
     feats = _features()
     single = _train(method, feats, None)
@@ -87,7 +93,7 @@ def test_ddp_trainer_equals_single_process(tmp_path, method):
     ckpt = tmp_path / f"{method}.ckpt" / "checkpoints" / f"{method}.pt"
     assert ckpt.is_file() and not list(ckpt.parent.glob(".*tmp*"))
     resumed = _train(method, feats, tmp_path / f"{method}.ckpt")
-    assert resumed.info["resumed_from_epoch"] == 4
+    assert resumed.info["resumed_from_epoch"] == EPOCHS[method]
     np.testing.assert_array_equal(resumed.labels, single.labels)
 
 

@@ -14,11 +14,12 @@ from selflabel.errors import InputError
 from selflabel.metrics import hungarian_accuracy
 from selflabel.train.common import TrainingInterrupted, cpu_threads
 from selflabel.train.neighbor_losses import scan_loss, temi_loss
-from selflabel.train.neighbors import head_losses, mine_neighbors, neighbor_diagnostics, train_neighbors
+from selflabel.train.neighbors import (INIT_JITTER, build_heads, head_losses, init_from_clustering, mine_neighbors,
+                                       neighbor_diagnostics, train_neighbors)
 from selflabel.distributed import DistContext
 
 
-def blobs(n_per: int = 60, d: int = 16, k: int = 2, sep: float = 3.0, seed: int = 0):
+def blobs(n_per: int | list[int] = 60, d: int = 16, k: int = 2, sep: float = 3.0, seed: int = 0):
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(k, d)) * sep
     y = np.repeat(np.arange(k), n_per)
@@ -77,11 +78,29 @@ def test_scan_loss_prefers_consistent_balanced_heads():
     assert scan_loss(good, good)[0] < scan_loss(good, good.flip(-1))[0]  # disagreeing neighbours cost
 
 
-@pytest.mark.parametrize("objective", ["scan", "temi"])
-def test_trainer_separates_blobs_and_writes_diagnostics(tmp_path, objective):
+def test_scan_loss_with_sizes_is_the_kl_to_them():
+    """With cluster sizes, the entropy term is KL(mean prediction || sizes): equal sizes give the entropy
+    loss shifted by w log K, and a head whose mean prediction matches unequal sizes pays no size term."""
+    g = torch.Generator().manual_seed(0)
+    a, n = torch.randn(2, 64, 3, generator=g), torch.randn(2, 64, 3, generator=g)
+    plain, _, entropy = scan_loss(a, n, 5.0)
+    kl_loss, _, kl = scan_loss(a, n, 5.0, sizes=torch.full((3,), 1 / 3))
+    torch.testing.assert_close(kl_loss, plain + 5.0 * np.log(3))
+    torch.testing.assert_close(kl, np.log(3) - entropy)
+    tail = torch.tensor([[4.0, 0.0, -9.0]]).repeat(1, 50, 1)  # one head, every row p = softmax([4, 0, -9])
+    p = tail[0, 0].softmax(-1)
+    loss, consistency, term = scan_loss(tail, tail, 5.0, sizes=p)
+    assert float(term.abs().max()) < 1e-6
+    torch.testing.assert_close(loss, consistency, atol=1e-5, rtol=0)
+    assert float(scan_loss(tail, tail, 5.0, sizes=torch.full((3,), 1 / 3))[2][0]) > 0.5  # uniform sizes: far
+
+
+@pytest.mark.parametrize("objective, init", [("scan", "random"), ("temi", "random"), ("scan", "clustering"),
+                                             ("temi", "clustering")])
+def test_trainer_separates_blobs_and_writes_diagnostics(tmp_path, objective, init):
     x, y = blobs()
     records = [SimpleNamespace(gt=f"c{v}") for v in y]
-    cfg = small_cfg(objective=objective, epochs=8 if objective == "scan" else 20)
+    cfg = small_cfg(objective=objective, init=init, epochs=8 if objective == "scan" else 20)
     res = train_neighbors(x, 2, cfg, out_dir=tmp_path, records=records)
     assert hungarian_accuracy(y, res.labels) == 1.0
     diag = json.loads((tmp_path / "neighbors.json").read_text())
@@ -89,7 +108,56 @@ def test_trainer_separates_blobs_and_writes_diagnostics(tmp_path, objective):
     assert diag["chosen_head_loss"] == pytest.approx(min(diag["head_losses"]))
     assert sorted(diag["cluster_sizes"]) == [60, 60]
     assert diag["neighbor_purity"] == 1.0 and diag["neighbor_agreement"] == 1.0
+    assert diag["init"] == init and (diag["start_sizes"] is None) == (init == "random")
+    if init == "clustering":
+        assert diag["start_sizes"] == pytest.approx([0.5, 0.5])
     assert res.probs.shape == (120, 2) and np.allclose(res.probs.sum(1), 1, atol=1e-5)
+
+
+def test_heads_start_as_the_clusterings_prototype_classifier():
+    """init=clustering: every K's head 0 is prototypes / temperature with bias log(sizes) of the run's own
+    transport clustering (its labels back), the other heads the same plus small seeded noise."""
+    from selflabel.default_clustering import transport_clustering
+    from selflabel.geometry import prepare_features
+
+    x, y = blobs(n_per=[90, 30], seed=1)
+    cfg = small_cfg()
+    xp = prepare_features(x)
+    model = build_heads(x.shape[1], [2, 3], 3, seed=0)
+    sizes = init_from_clustering(model, xp, [2, 3], cfg, 0, DistContext())
+    for bank, kk, b in zip(model.banks, [2, 3], sizes):
+        fit = transport_clustering(xp, kk, cfg.cluster, 0)
+        w = torch.from_numpy(fit.prototypes) / cfg.cluster.temperature
+        torch.testing.assert_close(bank.weight[0].detach(), w)
+        counts = np.bincount(fit.labels, minlength=kk)
+        torch.testing.assert_close(b, torch.from_numpy(counts / counts.sum()).float())  # no cluster under the floor
+        torch.testing.assert_close(bank.bias.detach(), b.log()[None].expand(3, kk))
+        jitter = (bank.weight[1:].detach() - w).norm(dim=2) / w.norm(dim=1)
+        assert float(jitter.min()) > 0.5 * INIT_JITTER and float(jitter.max()) < 2 * INIT_JITTER
+        assert (bank(xp)[0].argmax(1).detach().numpy() == fit.labels).mean() > 0.9  # the head starts as the clustering
+    assert sorted(np.bincount(model.banks[0](xp)[0].argmax(1).detach().numpy()).tolist()) == [30, 90]
+
+
+def test_heads_from_the_clustering_keep_a_long_tail():
+    """Blobs of 150, 40 and 10 images: started from the estimated-size clustering and trained against its
+    sizes, the heads keep every blob whole; SCAN's random start with its entropy term (and a balanced label
+    step) pulls the sizes toward equal and splits the large blob."""
+    x, y = blobs(n_per=[150, 40, 10], k=3, seed=1)
+    ours = train_neighbors(x, 3, small_cfg())
+    assert hungarian_accuracy(y, ours.labels) == 1.0
+    assert sorted(np.bincount(ours.labels, minlength=3).tolist()) == [10, 40, 150]
+    scan = train_neighbors(x, 3, small_cfg(init="random", marginal="uniform"))
+    assert hungarian_accuracy(y, scan.labels) < 0.8
+
+
+def test_label_step_follows_the_given_sizes():
+    from selflabel.train.neighbors import label_step
+
+    probs = torch.full((200, 2), 0.5)
+    probs[:, 0] += torch.linspace(-0.1, 0.1, 200)  # a ranking, no preference overall
+    probs[:, 1] = 1 - probs[:, 0]
+    assert np.bincount(label_step(probs, "estimated", 25.0, sizes=torch.tensor([0.8, 0.2])).numpy()).tolist() == [160, 40]
+    assert np.bincount(label_step(probs, "uniform", 25.0, sizes=torch.tensor([0.8, 0.2])).numpy()).tolist() == [100, 100]
 
 
 def test_head_choice_is_the_lowest_loss_over_all_pairs():
@@ -122,10 +190,11 @@ def test_deterministic_for_a_seed_and_seed_matters():
     assert not np.array_equal(train_neighbors(x, 4, cfg).probs, a.probs)
 
 
-@pytest.mark.parametrize("objective, self_label", [("scan", 0), ("temi", 0), ("scan", 3)])
-def test_resume_after_kill_gives_the_same_labels(tmp_path, objective, self_label):
+@pytest.mark.parametrize("objective, self_label, init", [("scan", 0, "clustering"), ("temi", 0, "clustering"),
+                                                         ("scan", 3, "clustering"), ("scan", 3, "random")])
+def test_resume_after_kill_gives_the_same_labels(tmp_path, objective, self_label, init):
     x, _ = blobs(k=3, n_per=40, sep=1.0)
-    cfg = small_cfg(objective=objective, self_label_epochs=self_label, confidence=0.6, feature_noise=0.2)
+    cfg = small_cfg(objective=objective, self_label_epochs=self_label, confidence=0.6, feature_noise=0.2, init=init)
     full = train_neighbors(x, 3, cfg)
     with pytest.raises(TrainingInterrupted):
         train_neighbors(x, 3, cfg, out_dir=tmp_path, stop_after_epoch=cfg.neighbors.epochs - 2 + self_label)
@@ -138,7 +207,7 @@ def test_resume_after_kill_gives_the_same_labels(tmp_path, objective, self_label
 
 def test_self_labelling_and_sinkhorn_assign_balance_the_clusters():
     x, y = blobs(k=2, n_per=60, sep=0.6, seed=3)
-    res = train_neighbors(x, 2, small_cfg(self_label_epochs=3, confidence=0.5, final_assign="sinkhorn"))
+    res = train_neighbors(x, 2, small_cfg(self_label_epochs=3, confidence=0.5, final_assign="sinkhorn", marginal="uniform"))
     assert sorted(np.bincount(res.labels).tolist()) == [60, 60]  # uniform marginal in the label step
     assert res.info["epochs"] == 11 and len(res.info["loss"]) == 11
 
@@ -158,6 +227,7 @@ def test_extra_heads_and_dispatch():
     ("neighbors", 0, "neighbors.neighbors=0"),
     ("n_heads", 0, "neighbors.n_heads=0"),
     ("objective", "dino", "neighbors.objective"),
+    ("init", "kmeans", "neighbors.init"),
     ("marginal", "zipf", "neighbors.marginal"),
     ("final_assign", "vote", "neighbors.final_assign"),
     ("confidence", 1.0, "neighbors.confidence"),

@@ -21,17 +21,28 @@ def local_mean(t: Tensor) -> Tensor:
 
 
 def scan_loss(anchor_logits: Tensor, neighbor_logits: Tensor, entropy_weight: float = 5.0,
-              batch_mean: BatchMean = local_mean) -> tuple[Tensor, Tensor, Tensor]:
+              batch_mean: BatchMean = local_mean, sizes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """SCAN (Van Gansbeke et al., ECCV 2020, eq. 2): -log <p(x), p(x')> over mined neighbour pairs, minus
     `entropy_weight` times the entropy of the mean prediction (which keeps every cluster in use).
+    With `sizes` [K] or [H, K] (cluster proportions, e.g. estimated from the data) the entropy term becomes
+    `entropy_weight` * KL(mean prediction || sizes): with equal sizes that is the same loss up to a
+    constant (KL = log K - entropy), with unequal ones it no longer pulls a long tail toward equal sizes.
 
-    Returns (loss [H], consistency [H], entropy [H]).
+    Returns (loss [H], consistency [H], size term [H]: the entropy, or the KL with `sizes`).
     """
     pa, pn = anchor_logits.softmax(-1), neighbor_logits.softmax(-1)
     consistency = batch_mean(-torch.log((pa * pn).sum(-1).clamp_min(1e-7)))
     mean_p = batch_mean(pa)
+    if sizes is not None:
+        kl = size_divergence(mean_p, sizes)
+        return consistency + entropy_weight * kl, consistency, kl
     entropy = -(mean_p * mean_p.clamp_min(1e-8).log()).sum(-1)
     return consistency - entropy_weight * entropy, consistency, entropy
+
+
+def size_divergence(mean_p: Tensor, sizes: Tensor) -> Tensor:
+    """KL(mean prediction || sizes) per head [H] for mean_p [H, K] and sizes [K] or [H, K]."""
+    return (mean_p * (mean_p.clamp_min(1e-8).log() - sizes.clamp_min(1e-8).log())).sum(-1)
 
 
 def temi_loss(anchor_logits: Tensor, neighbor_logits: Tensor, teacher_anchor: Tensor, teacher_neighbor: Tensor,

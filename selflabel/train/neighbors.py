@@ -2,13 +2,17 @@
 
 1. mining: the `neighbors.neighbors` nearest neighbours of every image by cosine on the prepared
    (centred, L2-normalised) features, exact (`selflabel.neighbors.knn_exact`);
-2. heads: `n_heads` linear heads per K, trained together on (image, random mined neighbour) pairs with
-   SCAN's neighbour consistency + entropy (Van Gansbeke et al., ECCV 2020) or TEMI's weighted PMI with
+2. start (`init=clustering`, the default): every head begins as the prototype classifier of the run's own
+   transport clustering (`selflabel.default_clustering`: sizes estimated from the data, or the user's prior),
+   and SCAN's entropy term becomes KL(mean prediction || that clustering's sizes), which keeps a long tail
+   long; `init=random` is SCAN's random start with the entropy term;
+3. heads: `n_heads` linear heads per K, trained together on (image, random mined neighbour) pairs with
+   SCAN's neighbour consistency + size term (Van Gansbeke et al., ECCV 2020) or TEMI's weighted PMI with
    an EMA teacher (Adaloglou et al., BMVC 2023);
-3. choice without labels: each head's loss over every mined pair; the lowest is kept;
-4. optional self-labelling (SCAN step 3): the chosen head trains on its own confident predictions,
-   labelled by a Sinkhorn label step (balanced, or with the head's estimated marginal);
-5. final labels: the chosen head's argmax, or one more Sinkhorn label step (`final_assign=sinkhorn`).
+4. choice without labels: each head's loss over every mined pair; the lowest is kept;
+5. optional self-labelling (SCAN step 3): the chosen head trains on its own confident predictions,
+   labelled by a Sinkhorn label step (the start clustering's sizes, the head's estimated marginal, or balanced);
+6. final labels: the chosen head's argmax, or one more Sinkhorn label step (`final_assign=sinkhorn`).
 
 Deterministic for a seed (every draw from `make_generator(seed, epoch, step)`), resumable (a checkpoint
 after every epoch), and under torchrun each rank trains on its slice of every global batch with the batch
@@ -31,19 +35,23 @@ from ..atomic import atomic_write_json
 from ..geometry import prepare_features
 from ..result import LabelResult
 from ..config import NeighborsConfig, RunConfig
+from ..default_clustering import transport_clustering
 from ..distributed import DistContext, all_gather_blocks, context
 from ..errors import InputError
+from ..marginals import floor_marginal
 from ..neighbors import knn_exact
 from ..ot import sinkhorn
 from .augment import make_generator
 from .checkpoint import checkpoint_path, fingerprint, load_checkpoint
 from .common import check_features, cpu_threads, data_digest, end_epoch, head_ks, wrap_ddp
-from .neighbor_losses import local_mean, scan_loss, teacher_marginal, temi_loss
+from .neighbor_losses import local_mean, scan_loss, size_divergence, teacher_marginal, temi_loss
 
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("scan", "temi")
 MARGINALS = ("uniform", "estimated")
+INITS = ("clustering", "random")
+INIT_JITTER = 0.1  # init=clustering: heads after the first start from the prototypes plus this much relative noise
 FINAL_ASSIGN = ("argmax", "sinkhorn")
 MIN_STEPS = 20
 
@@ -63,6 +71,8 @@ def check_settings(ncfg: NeighborsConfig, n: int, ks: Sequence[int]) -> None:
 
     if ncfg.objective not in OBJECTIVES:
         raise bad("objective", ncfg.objective, f"choose {' or '.join(OBJECTIVES)}")
+    if ncfg.init not in INITS:
+        raise bad("init", ncfg.init, f"choose {' or '.join(INITS)}")
     if ncfg.marginal not in MARGINALS:
         raise bad("marginal", ncfg.marginal, f"choose {' or '.join(MARGINALS)}")
     if ncfg.final_assign not in FINAL_ASSIGN:
@@ -110,6 +120,28 @@ def build_heads(dim: int, ks: Sequence[int], n_heads: int, seed: int) -> Neighbo
         return NeighborHeads(dim, ks, n_heads)
 
 
+@torch.no_grad()
+def init_from_clustering(model: NeighborHeads, x: Tensor, ks: Sequence[int], cfg: RunConfig, seed: int,
+                         ctx: DistContext) -> list[Tensor]:
+    """Start each K's heads as the prototype classifier of the run's own transport clustering
+    (`selflabel.default_clustering`: estimated sizes by default, the user's prior for the main K):
+    weights = prototypes / cluster.temperature, bias = log of the cluster proportions, so training starts
+    from that partition instead of a random one; heads after the first get INIT_JITTER relative noise.
+    Returns each K's cluster proportions (floored at cluster.min_mass / K), the heads' size targets."""
+    sizes = []
+    for i, (bank, kk) in enumerate(zip(model.banks, ks)):
+        fit = transport_clustering(x, kk, cfg.cluster, seed, cfg.cluster.prior if i == 0 else None, ctx)
+        counts = torch.bincount(torch.as_tensor(fit.labels), minlength=kk).double()
+        b = floor_marginal(counts / counts.sum(), cfg.cluster.min_mass).float()
+        w = torch.as_tensor(fit.prototypes, dtype=torch.float32) / cfg.cluster.temperature
+        noise = torch.randn(bank.weight.shape, generator=make_generator(seed, 4, kk))
+        noise[0] = 0.0
+        bank.weight.copy_((w[None] + noise * (INIT_JITTER * w.norm(dim=1).mean() / w.shape[1] ** 0.5)).to(bank.weight))
+        bank.bias.copy_(b.log()[None].expand_as(bank.bias).to(bank.bias))
+        sizes.append(b.to(x.device))
+    return sizes
+
+
 # ----------------------------------------------------------------------------- distributed batch means
 def batch_mean_fn(ctx: DistContext, global_batch: int):
     """The mean over the GLOBAL batch of [H, B_local, ...] tensors: the local sum all-reduced with autograd
@@ -154,9 +186,11 @@ def predict(model: NeighborHeads, x: Tensor, temperature: float = 1.0, batch_siz
 
 
 @torch.no_grad()
-def head_losses(probs: Tensor, neighbors: Tensor, ncfg: NeighborsConfig, chunk: int = 4096) -> Tensor:
+def head_losses(probs: Tensor, neighbors: Tensor, ncfg: NeighborsConfig, chunk: int = 4096,
+                sizes: Tensor | None = None) -> Tensor:
     """Each head's objective over EVERY mined pair, without augmentation [H] (the label-free head choice).
-    SCAN: consistency - w * entropy; TEMI: the PMI loss with the head as its own teacher. Rows in chunks."""
+    SCAN: consistency - w * entropy (+ w * KL to `sizes` instead, as trained with init=clustering);
+    TEMI: the PMI loss with the head as its own teacher. Rows in chunks."""
     h, n, k = probs.shape
     mean_p = probs.mean(1)  # [H, K]
     total = torch.zeros(h, dtype=torch.float64)
@@ -172,16 +206,23 @@ def head_losses(probs: Tensor, neighbors: Tensor, ncfg: NeighborsConfig, chunk: 
             term = -agree.mean(0, keepdim=True) * torch.log(joint)
         total += term.double().sum((1, 2))
     loss = (total / (n * neighbors.shape[1])).float()
-    if ncfg.objective == "scan":
+    if ncfg.objective == "scan" and sizes is not None:
+        loss = loss + ncfg.entropy_weight * size_divergence(mean_p, sizes.cpu().to(mean_p.dtype))
+    elif ncfg.objective == "scan":
         loss = loss - ncfg.entropy_weight * (-(mean_p * mean_p.clamp_min(1e-8).log()).sum(-1))
     return loss
 
 
 @torch.no_grad()
-def label_step(probs: Tensor, marginal: str, lamb: float, ctx: DistContext | None = None) -> Tensor:
+def label_step(probs: Tensor, marginal: str, lamb: float, ctx: DistContext | None = None,
+               sizes: Tensor | None = None) -> Tensor:
     """SeLa's label step on one head's probabilities [N, K]: Sinkhorn on P ** lamb with equal cluster
-    sizes (`uniform`) or the head's own mean prediction as the column marginal (`estimated`)."""
-    b = None if marginal == "uniform" else probs.double().mean(0)
+    sizes (`uniform`) or sizes estimated from the data (`estimated`): `sizes` when given (the clustering
+    the heads started from), else the head's own mean prediction."""
+    if marginal == "uniform":
+        b = None
+    else:
+        b = probs.double().mean(0) if sizes is None else sizes.double().cpu() / sizes.double().sum()
     # targets for confident rows need cluster sizes within 0.1 %, not one image (0.1 / N): on near one-hot
     # heads the stricter tolerance took 2,000 iterations per step (imagenette-val) for the same argmax
     tol = 1e-3 / probs.shape[1] ** 0.5
@@ -252,10 +293,12 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
     steps = max(MIN_STEPS, n // batch_size)
 
     fp = fingerprint(method="neighbors", data=data_digest(features), ks=ks, seed=seed,
-                     neighbors=dataclasses.asdict(ncfg), world=ctx.world_size)
+                     neighbors=dataclasses.asdict(ncfg),  # not the world size: every world gives one result
+                     cluster=dataclasses.asdict(cfg.cluster) if ncfg.init == "clustering" else None)
     ckpt_file = checkpoint_path(out_dir, "neighbors") if out_dir is not None else None
     state = load_checkpoint(ckpt_file, fp) if ckpt_file is not None else None
     start_epoch = 0
+    sizes: list[Tensor] | None = None  # init=clustering: each K's size target of the SCAN loss
     if state is not None:
         start_epoch = int(state["epoch"])
         model.load_state_dict(state["model"])
@@ -263,7 +306,13 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
         optimizer.load_state_dict(state["optimizer"])
         priors = [p.to(device) for p in state["priors"]]
         history = state["history"]
+        sizes = [b.to(device) for b in state["sizes"]] if state.get("sizes") is not None else None
         log.info("neighbors: resuming from %s after epoch %d/%d", ckpt_file, start_epoch, total_epochs)
+    elif ncfg.init == "clustering":
+        t0 = time.perf_counter()
+        sizes = init_from_clustering(model, x, ks, cfg, seed, ctx)
+        teacher.load_state_dict(model.state_dict())
+        log.info("neighbors: heads start from the transport clustering (%.1fs)", time.perf_counter() - t0)
     ddp = wrap_ddp(model, ctx, device)
 
     chosen: list[int] | None = None
@@ -273,8 +322,10 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
         self_label = epoch >= ncfg.epochs
         if self_label:  # SCAN step 3 on the chosen heads: targets from a Sinkhorn label step, confident rows only
             probs = predict(model, x, student_t)
-            chosen = [int(head_losses(p, nbrs.cpu(), ncfg).argmin()) for p in probs]
-            targets = [label_step(p[h], ncfg.marginal, ncfg.lamb).to(device) for p, h in zip(probs, chosen)]
+            chosen = [int(head_losses(p, nbrs.cpu(), ncfg, sizes=None if sizes is None else sizes[i]).argmin())
+                      for i, p in enumerate(probs)]
+            targets = [label_step(p[h], ncfg.marginal, ncfg.lamb, sizes=None if sizes is None else sizes[i]).to(device)
+                       for i, (p, h) in enumerate(zip(probs, chosen))]
             confident = [(p[h].max(1).values >= ncfg.confidence).to(device) for p, h in zip(probs, chosen)]
         perm = epoch_order(n, steps * batch_size, seed, epoch).to(device)
         losses = []
@@ -291,7 +342,8 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
                 both = ddp(torch.cat([va, vn]))  # one forward: DDP sees each parameter once per step
                 out_a, out_n = [o[:, :len(va)] for o in both], [o[:, len(va):] for o in both]
                 if ncfg.objective == "scan":
-                    per_bank = [scan_loss(a, b, ncfg.entropy_weight, bmean)[0] for a, b in zip(out_a, out_n)]
+                    per_bank = [scan_loss(a, b, ncfg.entropy_weight, bmean, None if sizes is None else sizes[i])[0]
+                                for i, (a, b) in enumerate(zip(out_a, out_n))]
                 else:
                     with torch.no_grad():
                         ta, tn = teacher(va), teacher(vn)
@@ -312,24 +364,28 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
             losses.append(float(loss.detach()))
         end_epoch("neighbors", epoch, total_epochs, losses, t0, history, ctx, ckpt_file, lambda: {
             "fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(), "teacher": teacher.state_dict(),
-            "optimizer": optimizer.state_dict(), "priors": [p.cpu() for p in priors], "history": history},
+            "optimizer": optimizer.state_dict(), "priors": [p.cpu() for p in priors], "history": history,
+            "sizes": None if sizes is None else [b.cpu() for b in sizes]},
             stop_after_epoch)
 
     # ---- choose each K's head by its loss over every mined pair, then the final labels
     use_teacher = ncfg.objective == "temi" and ncfg.self_label_epochs == 0  # TEMI predicts with its teacher
     probs = predict(teacher if use_teacher else model, x, ncfg.teacher_temperature if use_teacher else student_t)
     nb_cpu = nbrs.cpu()
-    losses_per_k = [head_losses(p, nb_cpu, ncfg) for p in probs]
+    losses_per_k = [head_losses(p, nb_cpu, ncfg, sizes=None if sizes is None else sizes[i]) for i, p in enumerate(probs)]
     chosen = [int(l.argmin()) for l in losses_per_k]
     final: dict[int, np.ndarray] = {}
-    for kk, p, h in zip(ks, probs, chosen):
-        lab = p[h].argmax(1) if ncfg.final_assign == "argmax" else label_step(p[h], ncfg.marginal, ncfg.lamb)
+    for i, (kk, p, h) in enumerate(zip(ks, probs, chosen)):
+        lab = p[h].argmax(1) if ncfg.final_assign == "argmax" else \
+            label_step(p[h], ncfg.marginal, ncfg.lamb, sizes=None if sizes is None else sizes[i])
         final[kk] = lab.numpy().astype(np.int64)
     chosen_probs = probs[0][chosen[0]].numpy().astype(np.float32)
     labels = final[k]
     gt = [getattr(r, "gt", None) for r in records] if records is not None and len(records) == n else None
     diagnostics = {
-        "objective": ncfg.objective, "k": k, "n_heads": ncfg.n_heads, "neighbors": ncfg.neighbors,
+        "objective": ncfg.objective, "k": k, "n_heads": ncfg.n_heads, "neighbors": ncfg.neighbors, "init": ncfg.init,
+        # init=clustering: the start clustering's cluster proportions, the size target of the loss
+        "start_sizes": None if sizes is None else [round(float(v), 6) for v in sizes[0].cpu()],
         "chosen_head": chosen[0], "chosen_head_loss": float(losses_per_k[0][chosen[0]]),
         "head_losses": [float(v) for v in losses_per_k[0]],
         "chosen_heads_by_k": {str(kk): h for kk, h in zip(ks, chosen)},
