@@ -32,17 +32,15 @@ def scan_loss(anchor_logits: Tensor, neighbor_logits: Tensor, entropy_weight: fl
     """
     pa, pn = anchor_logits.softmax(-1), neighbor_logits.softmax(-1)
     consistency = batch_mean(-torch.log((pa * pn).sum(-1).clamp_min(1e-7)))
-    mean_p = batch_mean(pa)
-    if sizes is not None:
-        kl = size_divergence(mean_p, sizes)
-        return consistency + entropy_weight * kl, consistency, kl
-    entropy = -(mean_p * mean_p.clamp_min(1e-8).log()).sum(-1)
-    return consistency - entropy_weight * entropy, consistency, entropy
+    penalty = size_penalty(batch_mean(pa), sizes)
+    return consistency + entropy_weight * penalty, consistency, penalty if sizes is not None else -penalty
 
 
-def size_divergence(mean_p: Tensor, sizes: Tensor) -> Tensor:
-    """KL(mean prediction || sizes) per head [H] for mean_p [H, K] and sizes [K] or [H, K]."""
-    return (mean_p * (mean_p.clamp_min(1e-8).log() - sizes.clamp_min(1e-8).log())).sum(-1)
+def size_penalty(mean_p: Tensor, sizes: Tensor | None = None) -> Tensor:
+    """SCAN's size term per head [H] for mean_p [H, K]: minus the entropy of the mean prediction, or with
+    `sizes` ([K] or [H, K]) KL(mean prediction || sizes)."""
+    log_p = mean_p.clamp_min(1e-8).log()
+    return (mean_p * (log_p if sizes is None else log_p - sizes.clamp_min(1e-8).log())).sum(-1)
 
 
 def temi_loss(anchor_logits: Tensor, neighbor_logits: Tensor, teacher_anchor: Tensor, teacher_neighbor: Tensor,

@@ -44,7 +44,7 @@ from ..ot import sinkhorn
 from .augment import make_generator
 from .checkpoint import checkpoint_path, fingerprint, load_checkpoint
 from .common import check_features, cpu_threads, data_digest, end_epoch, head_ks, wrap_ddp
-from .neighbor_losses import local_mean, scan_loss, size_divergence, teacher_marginal, temi_loss
+from .neighbor_losses import local_mean, scan_loss, size_penalty, teacher_marginal, temi_loss
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +206,8 @@ def head_losses(probs: Tensor, neighbors: Tensor, ncfg: NeighborsConfig, chunk: 
             term = -agree.mean(0, keepdim=True) * torch.log(joint)
         total += term.double().sum((1, 2))
     loss = (total / (n * neighbors.shape[1])).float()
-    if ncfg.objective == "scan" and sizes is not None:
-        loss = loss + ncfg.entropy_weight * size_divergence(mean_p, sizes.cpu().to(mean_p.dtype))
-    elif ncfg.objective == "scan":
-        loss = loss - ncfg.entropy_weight * (-(mean_p * mean_p.clamp_min(1e-8).log()).sum(-1))
+    if ncfg.objective == "scan":
+        loss = loss + ncfg.entropy_weight * size_penalty(mean_p, None if sizes is None else sizes.cpu().to(mean_p.dtype))
     return loss
 
 
@@ -222,7 +220,7 @@ def label_step(probs: Tensor, marginal: str, lamb: float, ctx: DistContext | Non
     if marginal == "uniform":
         b = None
     else:
-        b = probs.double().mean(0) if sizes is None else sizes.double().cpu() / sizes.double().sum()
+        b = probs.double().mean(0) if sizes is None else sizes.double().cpu()  # sizes sum to 1
     # targets for confident rows need cluster sizes within 0.1 %, not one image (0.1 / N): on near one-hot
     # heads the stricter tolerance took 2,000 iterations per step (imagenette-val) for the same argmax
     tol = 1e-3 / probs.shape[1] ** 0.5
@@ -298,7 +296,7 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
     ckpt_file = checkpoint_path(out_dir, "neighbors") if out_dir is not None else None
     state = load_checkpoint(ckpt_file, fp) if ckpt_file is not None else None
     start_epoch = 0
-    sizes: list[Tensor] | None = None  # init=clustering: each K's size target of the SCAN loss
+    sizes: list[Tensor | None] = [None] * len(ks)  # each K's size target (init=clustering), None: SCAN's entropy
     if state is not None:
         start_epoch = int(state["epoch"])
         model.load_state_dict(state["model"])
@@ -306,7 +304,7 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
         optimizer.load_state_dict(state["optimizer"])
         priors = [p.to(device) for p in state["priors"]]
         history = state["history"]
-        sizes = [b.to(device) for b in state["sizes"]] if state.get("sizes") is not None else None
+        sizes = [None if b is None else b.to(device) for b in state["sizes"]]
         log.info("neighbors: resuming from %s after epoch %d/%d", ckpt_file, start_epoch, total_epochs)
     elif ncfg.init == "clustering":
         t0 = time.perf_counter()
@@ -322,10 +320,9 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
         self_label = epoch >= ncfg.epochs
         if self_label:  # SCAN step 3 on the chosen heads: targets from a Sinkhorn label step, confident rows only
             probs = predict(model, x, student_t)
-            chosen = [int(head_losses(p, nbrs.cpu(), ncfg, sizes=None if sizes is None else sizes[i]).argmin())
-                      for i, p in enumerate(probs)]
-            targets = [label_step(p[h], ncfg.marginal, ncfg.lamb, sizes=None if sizes is None else sizes[i]).to(device)
-                       for i, (p, h) in enumerate(zip(probs, chosen))]
+            chosen = [int(head_losses(p, nbrs.cpu(), ncfg, sizes=b).argmin()) for p, b in zip(probs, sizes)]
+            targets = [label_step(p[h], ncfg.marginal, ncfg.lamb, sizes=b).to(device)
+                       for p, h, b in zip(probs, chosen, sizes)]
             confident = [(p[h].max(1).values >= ncfg.confidence).to(device) for p, h in zip(probs, chosen)]
         perm = epoch_order(n, steps * batch_size, seed, epoch).to(device)
         losses = []
@@ -342,8 +339,8 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
                 both = ddp(torch.cat([va, vn]))  # one forward: DDP sees each parameter once per step
                 out_a, out_n = [o[:, :len(va)] for o in both], [o[:, len(va):] for o in both]
                 if ncfg.objective == "scan":
-                    per_bank = [scan_loss(a, b, ncfg.entropy_weight, bmean, None if sizes is None else sizes[i])[0]
-                                for i, (a, b) in enumerate(zip(out_a, out_n))]
+                    per_bank = [scan_loss(a, b, ncfg.entropy_weight, bmean, sz)[0]
+                                for a, b, sz in zip(out_a, out_n, sizes)]
                 else:
                     with torch.no_grad():
                         ta, tn = teacher(va), teacher(vn)
@@ -365,19 +362,18 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
         end_epoch("neighbors", epoch, total_epochs, losses, t0, history, ctx, ckpt_file, lambda: {
             "fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(), "teacher": teacher.state_dict(),
             "optimizer": optimizer.state_dict(), "priors": [p.cpu() for p in priors], "history": history,
-            "sizes": None if sizes is None else [b.cpu() for b in sizes]},
+            "sizes": [None if b is None else b.cpu() for b in sizes]},
             stop_after_epoch)
 
     # ---- choose each K's head by its loss over every mined pair, then the final labels
     use_teacher = ncfg.objective == "temi" and ncfg.self_label_epochs == 0  # TEMI predicts with its teacher
     probs = predict(teacher if use_teacher else model, x, ncfg.teacher_temperature if use_teacher else student_t)
     nb_cpu = nbrs.cpu()
-    losses_per_k = [head_losses(p, nb_cpu, ncfg, sizes=None if sizes is None else sizes[i]) for i, p in enumerate(probs)]
+    losses_per_k = [head_losses(p, nb_cpu, ncfg, sizes=b) for p, b in zip(probs, sizes)]
     chosen = [int(l.argmin()) for l in losses_per_k]
     final: dict[int, np.ndarray] = {}
-    for i, (kk, p, h) in enumerate(zip(ks, probs, chosen)):
-        lab = p[h].argmax(1) if ncfg.final_assign == "argmax" else \
-            label_step(p[h], ncfg.marginal, ncfg.lamb, sizes=None if sizes is None else sizes[i])
+    for kk, p, h, b in zip(ks, probs, chosen, sizes):
+        lab = p[h].argmax(1) if ncfg.final_assign == "argmax" else label_step(p[h], ncfg.marginal, ncfg.lamb, sizes=b)
         final[kk] = lab.numpy().astype(np.int64)
     chosen_probs = probs[0][chosen[0]].numpy().astype(np.float32)
     labels = final[k]
@@ -385,7 +381,7 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
     diagnostics = {
         "objective": ncfg.objective, "k": k, "n_heads": ncfg.n_heads, "neighbors": ncfg.neighbors, "init": ncfg.init,
         # init=clustering: the start clustering's cluster proportions, the size target of the loss
-        "start_sizes": None if sizes is None else [round(float(v), 6) for v in sizes[0].cpu()],
+        "start_sizes": None if sizes[0] is None else [round(float(v), 6) for v in sizes[0].cpu()],
         "chosen_head": chosen[0], "chosen_head_loss": float(losses_per_k[0][chosen[0]]),
         "head_losses": [float(v) for v in losses_per_k[0]],
         "chosen_heads_by_k": {str(kk): h for kk, h in zip(ks, chosen)},
