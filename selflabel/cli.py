@@ -52,7 +52,7 @@ def label(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path("runs/latest"),
     k: Annotated[Optional[int], typer.Option(help="Number of clusters, at least 2 (default: chosen from the data, "
                                              "see k_selection.png; folder names never set it).")] = None,
-    method: Annotated[Optional[str], typer.Option(help=f"{METHOD_HELP} (default sinkhorn).")] = None,
+    method: Annotated[Optional[str], typer.Option(help=f"{METHOD_HELP} (default neighbors).")] = None,
     heads: Annotated[Optional[str], typer.Option(help="Extra heads, e.g. 10,50,100 (SeLa hierarchy).")] = None,
     finetune: Annotated[bool, typer.Option("--finetune", help="Train the backbone end to end (SeLa/SwAV).")] = False,
     dense: Annotated[bool, typer.Option("--dense", help="Also find dense object concepts (Leopart) with masks and COCO.")] = False,
@@ -186,7 +186,7 @@ def export(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/demo"),
-    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "sinkhorn",
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "neighbors",
     k: Annotated[Optional[int], typer.Option(help="Clusters (the sample holds 10 ImageNet classes).")] = 10,
     choose_k: Annotated[bool, typer.Option("--choose-k", help="Choose K from the data instead of 10.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run --out holds (see `label --help`).")] = False,

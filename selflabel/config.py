@@ -75,7 +75,7 @@ class BackboneConfig:
 class ClusterConfig:
     """Image-level pseudo-labelling."""
 
-    method: Method = "sinkhorn"
+    method: Method = "neighbors"  # measured best on long-tailed and balanced folders (README "Clustering")
     k: int | None = None  # None: chosen from the data (selflabel.kselect), or len(prior); else at least 2
     heads: list[int] = field(default_factory=list)  # extra heads (SeLa hierarchy), e.g. [50, 100]
     eps: float = 0.05  # Sinkhorn entropic regularisation on cosine scores
@@ -144,7 +144,7 @@ class NeighborsConfig:
     """Cluster heads trained on mined nearest neighbours of the cached features (SCAN / TEMI)."""
 
     objective: NeighborObjective = "scan"  # scan (Van Gansbeke et al. 2020) | temi (Adaloglou et al. 2023)
-    neighbors: int = 20  # mined neighbours per image (cosine, exact)
+    neighbors: int | None = None  # mined neighbours per image (cosine); None: 20, or N - 1 in a folder of at most 20 images
     n_heads: int = 10  # heads trained together; the lowest-loss one is kept
     init: NeighborInit = "clustering"  # clustering: heads start from the run's transport clustering and keep its sizes | random (SCAN)
     epochs: int = 30

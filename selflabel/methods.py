@@ -20,7 +20,7 @@ from .config import RunConfig
 from .default_clustering import transport_clustering
 from .distributed import DistContext
 from .errors import InputError
-from .geometry import Geometry, feature_mean, prepare
+from .geometry import Geometry, feature_mean, hard_label_result, prepare
 from .result import LabelResult
 from .train.neighbors import train_neighbors
 from .train.sela import train_sela
@@ -125,11 +125,17 @@ def _swav(inp: MethodInput) -> LabelResult:
                       records=inp.records, backbone=inp.backbone)
 
 
-@register_method("neighbors", lambda cfg: cfg.cluster.temperature)  # cosine confidences of a later `assign`
+@register_method("neighbors", lambda cfg: cfg.cluster.temperature)
 def _neighbors(inp: MethodInput) -> LabelResult:
-    """SCAN / TEMI heads trained on mined nearest neighbours of the cached features."""
-    return train_neighbors(inp.features, inp.k, inp.cfg, heads=inp.heads, out_dir=inp.out_dir, device=str(inp.device),
-                           records=inp.records, prepared=inp.prepared)
+    """SCAN / TEMI heads trained on mined nearest neighbours of the cached features (the default)."""
+    res = train_neighbors(inp.features, inp.k, inp.cfg, heads=inp.heads, out_dir=inp.out_dir, device=str(inp.device),
+                          records=inp.records, prepared=inp.prepared)
+    # confidences as the sinkhorn method's: softmax(cos / T) to the final clusters' means, what the run's
+    # geometry gives a later `selflabel assign` (the heads' own softmax is sharpened by self-labelling)
+    labels = torch.from_numpy(np.asarray(res.labels, dtype=np.int64))
+    geo = hard_label_result(inp.prepared.cpu(), labels, inp.k, inp.cfg.cluster.temperature, res.info)
+    geo.head_labels = res.head_labels
+    return geo
 
 
 def run_geometry(inp: MethodInput, result: LabelResult, method: Method) -> Geometry:
@@ -144,7 +150,11 @@ def cluster_features(features: np.ndarray, k: int, cfg: RunConfig, *, out_dir=No
     `geometry` is set and its `prototypes` are the geometry's (prepared space, every method)."""
     method = get_method(cfg.cluster.method)
     inp = MethodInput(features, k, cfg, [h for h in cfg.cluster.heads if h != k], out_dir, device, records, backbone, ctx)
-    result = method.run(inp)
+    if k == 1 and not inp.heads:  # one cluster holds every row (a folder of one kind): nothing to train
+        result = hard_label_result(inp.prepared.cpu(), torch.zeros(len(features), dtype=torch.int64), 1,
+                                   method.temperature(cfg), {"method": method.name, "trivial": True})
+    else:
+        result = method.run(inp)
     result.geometry = run_geometry(inp, result, method)
     result.prototypes = result.geometry.prototypes
     return result

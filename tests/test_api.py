@@ -45,7 +45,7 @@ def test_label_api_equals_cli(color_folder, cache_dir, tmp_path):
 
 def test_label_api_defaults_are_the_cli_defaults():
     cfg = selflabel.run_config("imgs")
-    assert cfg.out == "runs/latest" and cfg.cluster.method == "sinkhorn" and cfg.cluster.k is None
+    assert cfg.out == "runs/latest" and cfg.cluster.method == "neighbors" and cfg.cluster.k is None
     assert cfg.backbone.name == "mobilenet_v2" and cfg.dense.enabled is False
     with pytest.raises(InputError, match="cluster.k"):
         selflabel.run_config("imgs", k="many")
@@ -80,10 +80,10 @@ def test_run_labels_reflect_review_edits(run):
     assert "tomato" in text and target.is_file()
 
 
-@pytest.mark.parametrize("method", ["sinkhorn", "kmeans", "sela", "swav"])
+@pytest.mark.parametrize("method", ["neighbors", "sinkhorn", "kmeans", "sela", "swav"])
 def test_stored_geometry_is_the_same_for_every_method(color_folder, cache_dir, tmp_path, method):
     run = selflabel.label(color_folder, out=tmp_path / method, backbone="tiny", k=3, method=method, cache_dir=cache_dir,
-                          overrides=["sela.epochs=2", "swav.epochs=2"])
+                          overrides=["sela.epochs=2", "swav.epochs=2", "neighbors.epochs=2"])
     g = load_geometry(run.path)
     feats = np.asarray(run.features, dtype=np.float64)
     np.testing.assert_allclose(g.mean, feats.mean(0), rtol=1e-5, atol=1e-6)  # the centring mean is stored
@@ -93,7 +93,7 @@ def test_stored_geometry_is_the_same_for_every_method(color_folder, cache_dir, t
     norms = np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)  # an empty cluster: a zero row
     np.testing.assert_allclose(g.prototypes, sums / norms, atol=1e-5)
     assert g.method == method and g.temperature == {"sela": 0.1, "swav": 0.1}.get(method, 0.1)
-    if method in ("sinkhorn", "kmeans"):  # the run's confidences are the geometry's probabilities
+    if method in ("neighbors", "sinkhorn", "kmeans"):  # the run's confidences are the geometry's probabilities
         p = g.probabilities(feats)
         np.testing.assert_allclose(p[np.arange(24), labels], run.labels.confidence, atol=1e-5)
 

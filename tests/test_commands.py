@@ -30,7 +30,7 @@ def _blobs(sizes, d=16, seed=0, spread=0.3):
     return (centres[truth] + spread * rng.normal(size=(len(truth), d))).astype(np.float32), truth
 
 
-# ----------------------------------------------------------------------------- the default method (sinkhorn)
+# ----------------------------------------------------------------------------- the transport clustering (--method sinkhorn, where the default starts)
 def test_default_method_finds_separable_blobs():
     x, truth = _blobs([60, 60, 60, 60])
     res = sinkhorn_cluster(x, 4, seed=0)
@@ -68,12 +68,30 @@ def _label(folder, out, cache, *extra):
                                "-q", "--set", "backbone.num_workers=0", *extra])
 
 
-def test_label_defaults_to_the_sinkhorn_method(color_folder, cache_dir, tmp_path):
+def test_label_defaults_to_the_neighbors_method(color_folder, cache_dir, tmp_path):
     res = _label(color_folder, tmp_path / "run", cache_dir, "--k", "3")
     assert res.exit_code == 0, res.output
     man = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert man["config"]["cluster"]["method"] == "sinkhorn" and man["method_info"]["method"] == "sinkhorn"
+    assert man["config"]["cluster"]["method"] == "neighbors" and man["method_info"]["objective"] == "scan"
+    assert man["method_info"]["neighbors"] == 20  # 24 images: the default 20 neighbours fit
+    assert (tmp_path / "run" / "neighbors.json").is_file()
     assert sorted(np.bincount([r.cluster for r in read_labels(tmp_path / "run")])) == [8, 8, 8]
+
+
+def test_the_default_mines_fewer_neighbours_in_a_small_folder(tmp_path, cache_dir):
+    from conftest import COLORS, make_image
+
+    root = tmp_path / "few"
+    for ci, (name, color) in enumerate(COLORS.items()):
+        for i in range(3):
+            make_image(root / name / f"img_{i}.png", color, seed=ci * 100 + i)
+    res = _label(root, tmp_path / "run", cache_dir, "--k", "3")
+    assert res.exit_code == 0, res.output
+    man = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert man["method_info"]["neighbors"] == 8  # 9 images: every other image, not the 20 that cannot exist
+    assert sorted(np.bincount([r.cluster for r in read_labels(tmp_path / "run")])) == [3, 3, 3]
+    res = _label(root, tmp_path / "run2", cache_dir, "--k", "3", "--set", "neighbors.neighbors=20")
+    assert res.exit_code == 2 and "neighbors.neighbors=20 is not valid" in res.output  # an explicit 20 is refused
 
 
 # ----------------------------------------------------------------------------- commands

@@ -17,7 +17,7 @@ def test_every_shipped_yaml_loads(path):
 def test_default_yaml_mirrors_dataclass_defaults():
     cfg = load_config(CONFIGS / "default.yaml")
     d, ref = to_dict(cfg), to_dict(RunConfig())
-    for section in ("ingest", "backbone", "cluster"):
+    for section in ("ingest", "backbone", "cluster", "neighbors"):
         assert d[section] == ref[section]
 
 

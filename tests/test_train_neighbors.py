@@ -145,9 +145,13 @@ def test_heads_from_the_clustering_keep_a_long_tail():
     x, y = blobs(n_per=[150, 40, 10], k=3, seed=1)
     ours = train_neighbors(x, 3, small_cfg())
     assert hungarian_accuracy(y, ours.labels) == 1.0
-    assert sorted(np.bincount(ours.labels, minlength=3).tolist()) == [10, 40, 150]
+    assert np.bincount(ours.labels, minlength=3).tolist() == [150, 40, 10]  # numbered by size, largest first
+    assert ours.info["start_sizes"] == sorted(ours.info["start_sizes"], reverse=True)  # in the same numbering
+    np.testing.assert_array_equal(ours.probs.argmax(1), ours.labels)  # the probabilities' columns too
     scan = train_neighbors(x, 3, small_cfg(init="random", marginal="uniform"))
     assert hungarian_accuracy(y, scan.labels) < 0.8
+    sizes = np.bincount(scan.labels, minlength=3)
+    assert (np.diff(sizes) <= 0).all(), sizes  # a random start's clusters are numbered by size as well
 
 
 def test_label_step_follows_the_given_sizes():

@@ -1,7 +1,8 @@
 """Cluster heads trained on mined nearest neighbours of cached features (SCAN / TEMI), no backbone forward.
 
-1. mining: the `neighbors.neighbors` nearest neighbours of every image by cosine on the prepared
-   (centred, L2-normalised) features, exact (`selflabel.neighbors.knn_exact`);
+1. mining: the `neighbors.neighbors` (default 20) nearest neighbours of every image by cosine on the
+   prepared (centred, L2-normalised) features, exact up to 50,000 images and the faiss index beyond
+   when installed (`selflabel.neighbors.knn`, method "auto");
 2. start (`init=clustering`, the default): every head begins as the prototype classifier of the run's own
    transport clustering (`selflabel.default_clustering`: sizes estimated from the data, or the user's prior),
    and SCAN's entropy term becomes KL(mean prediction || that clustering's sizes), which keeps a long tail
@@ -38,8 +39,9 @@ from ..config import NeighborsConfig, RunConfig
 from ..default_clustering import transport_clustering
 from ..distributed import DistContext, all_gather_blocks, context
 from ..errors import InputError
+from ..imbalanced import canonical_order
 from ..marginals import floor_marginal
-from ..neighbors import knn_exact
+from ..neighbors import knn, knn_exact
 from ..ot import sinkhorn
 from .augment import make_generator
 from .checkpoint import checkpoint_path, fingerprint, load_checkpoint
@@ -54,6 +56,12 @@ INITS = ("clustering", "random")
 INIT_JITTER = 0.1  # init=clustering: heads after the first start from the prototypes plus this much relative noise
 FINAL_ASSIGN = ("argmax", "sinkhorn")
 MIN_STEPS = 20
+DEFAULT_NEIGHBORS = 20  # neighbors.neighbors=null: this many, or N - 1 in a smaller folder
+
+
+def n_neighbors(ncfg: NeighborsConfig, n: int) -> int:
+    """The neighbours mined per image: the setting, or by default 20 (N - 1 in a folder of at most 20)."""
+    return ncfg.neighbors if ncfg.neighbors is not None else max(1, min(DEFAULT_NEIGHBORS, n - 1))
 
 
 def epoch_order(n: int, length: int, seed: int, epoch: int) -> Tensor:
@@ -77,8 +85,8 @@ def check_settings(ncfg: NeighborsConfig, n: int, ks: Sequence[int]) -> None:
         raise bad("marginal", ncfg.marginal, f"choose {' or '.join(MARGINALS)}")
     if ncfg.final_assign not in FINAL_ASSIGN:
         raise bad("final_assign", ncfg.final_assign, f"choose {' or '.join(FINAL_ASSIGN)}")
-    if not 1 <= ncfg.neighbors < n:
-        raise bad("neighbors", ncfg.neighbors, f"needs 1 <= neighbors < the number of images ({n})")
+    if ncfg.neighbors is not None and not 1 <= ncfg.neighbors < n:
+        raise bad("neighbors", ncfg.neighbors, f"needs 1 <= neighbors < the number of images ({n}), or null")
     if ncfg.n_heads < 1:
         raise bad("n_heads", ncfg.n_heads, "at least one head is needed")
     if ncfg.epochs < 1 or ncfg.self_label_epochs < 0:
@@ -161,8 +169,9 @@ def batch_mean_fn(ctx: DistContext, global_batch: int):
 def mine_neighbors(x: Tensor, n_neighbors: int, ctx: DistContext) -> Tensor:
     """[N, n_neighbors] int64 indices of each row's nearest rows (self excluded); each rank mines its block
     of query rows, then the blocks are gathered."""
-    if not ctx.enabled:
-        return torch.from_numpy(knn_exact(x, n_neighbors, exclude_self=True, normalized=True, device=x.device).indices)
+    if not ctx.enabled:  # exact up to EXACT_MAX_ROWS, the faiss index beyond when installed (as the curation)
+        return torch.from_numpy(knn(x, n_neighbors, exclude_self=True, normalized=True, device=x.device,
+                                    method="auto").indices)
     s, e = ctx.block(x.shape[0])
     idx = knn_exact(x[s:e], n_neighbors + 1, x, normalized=True, device=x.device).indices  # own row is among them
     own = idx == np.arange(s, e)[:, None]
@@ -276,9 +285,10 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
 
     x = prepare_features(features, device) if prepared is None else prepared
     t0 = time.perf_counter()
-    nbrs = mine_neighbors(x, ncfg.neighbors, ctx).to(device)
+    n_nbrs = n_neighbors(ncfg, n)
+    nbrs = mine_neighbors(x, n_nbrs, ctx).to(device)
     mining_s = time.perf_counter() - t0
-    log.info("neighbours: %d per image mined in %.1fs", ncfg.neighbors, mining_s)
+    log.info("neighbours: %d per image mined in %.1fs", n_nbrs, mining_s)
 
     model = build_heads(d, ks, ncfg.n_heads, seed).to(device)
     teacher = build_heads(d, ks, ncfg.n_heads, seed).to(device).requires_grad_(False)
@@ -329,7 +339,7 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
         for step in range(steps):
             gen = make_generator(seed, epoch, step, 2)
             idx = perm[step * batch_size:(step + 1) * batch_size]
-            pick = torch.randint(ncfg.neighbors, (len(idx),), generator=gen).to(device)
+            pick = torch.randint(n_nbrs, (len(idx),), generator=gen).to(device)
             nidx = nbrs[idx, pick]
             va, vn = _view(x[idx], gen, ncfg.feature_noise), _view(x[nidx], gen, ncfg.feature_noise)
             va, vn, idx = va[lo:hi], vn[lo:hi], idx[lo:hi]  # this rank's slice (noise drawn for the whole batch)
@@ -375,13 +385,16 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
     for kk, p, h, b in zip(ks, probs, chosen, sizes):
         lab = p[h].argmax(1) if ncfg.final_assign == "argmax" else label_step(p[h], ncfg.marginal, ncfg.lamb, sizes=b)
         final[kk] = lab.numpy().astype(np.int64)
-    chosen_probs = probs[0][chosen[0]].numpy().astype(np.float32)
+    # clusters numbered by size, largest first, as the transport clustering numbers them (the partition's number)
+    orders = {kk: canonical_order(torch.from_numpy(v), kk) for kk, v in final.items()}
+    final = {kk: torch.argsort(orders[kk]).numpy()[v] for kk, v in final.items()}
+    chosen_probs = probs[0][chosen[0]][:, orders[k]].numpy().astype(np.float32)
     labels = final[k]
     gt = [getattr(r, "gt", None) for r in records] if records is not None and len(records) == n else None
     diagnostics = {
-        "objective": ncfg.objective, "k": k, "n_heads": ncfg.n_heads, "neighbors": ncfg.neighbors, "init": ncfg.init,
+        "objective": ncfg.objective, "k": k, "n_heads": ncfg.n_heads, "neighbors": n_nbrs, "init": ncfg.init,
         # init=clustering: the start clustering's cluster proportions, the size target of the loss
-        "start_sizes": None if sizes[0] is None else [round(float(v), 6) for v in sizes[0].cpu()],
+        "start_sizes": None if sizes[0] is None else [round(float(v), 6) for v in sizes[0].cpu()[orders[k]]],
         "chosen_head": chosen[0], "chosen_head_loss": float(losses_per_k[0][chosen[0]]),
         "head_losses": [float(v) for v in losses_per_k[0]],
         "chosen_heads_by_k": {str(kk): h for kk, h in zip(ks, chosen)},
