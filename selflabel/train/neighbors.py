@@ -59,7 +59,7 @@ MIN_STEPS = 20
 DEFAULT_NEIGHBORS = 20  # neighbors.neighbors=null: this many, or N - 1 in a smaller folder
 
 
-def n_neighbors(ncfg: NeighborsConfig, n: int) -> int:
+def neighbor_count(ncfg: NeighborsConfig, n: int) -> int:
     """The neighbours mined per image: the setting, or by default 20 (N - 1 in a folder of at most 20)."""
     return ncfg.neighbors if ncfg.neighbors is not None else max(1, min(DEFAULT_NEIGHBORS, n - 1))
 
@@ -285,7 +285,7 @@ def _train(features: np.ndarray, k: int, cfg: RunConfig, *, heads: Sequence[int]
 
     x = prepare_features(features, device) if prepared is None else prepared
     t0 = time.perf_counter()
-    n_nbrs = n_neighbors(ncfg, n)
+    n_nbrs = neighbor_count(ncfg, n)
     nbrs = mine_neighbors(x, n_nbrs, ctx).to(device)
     mining_s = time.perf_counter() - t0
     log.info("neighbours: %d per image mined in %.1fs", n_nbrs, mining_s)
