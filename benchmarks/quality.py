@@ -126,8 +126,10 @@ def methods(quick: bool) -> dict[str, Callable[[np.ndarray, int, int], np.ndarra
         cent = np.stack([xp[sub][lab == c].mean(0) for c in range(k)])
         return ((xp[:, None, :] - cent[None]) ** 2).sum(-1).argmin(1)
 
-    def default(x, k, seed):  # what `selflabel label --k K` runs: estimated cluster sizes (README "Long-tailed folders")
-        return cluster_features(x, k, RunConfig(seed=seed), device="cpu").labels
+    def transport(x, k, seed):  # `selflabel label --k K --method sinkhorn`: estimated cluster sizes, where the default starts
+        cfg = RunConfig(seed=seed)
+        cfg.cluster.method = "sinkhorn"
+        return cluster_features(x, k, cfg, device="cpu").labels
 
     out = {
         "k-means (sklearn)": kmeans,
@@ -138,7 +140,7 @@ def methods(quick: bool) -> dict[str, Callable[[np.ndarray, int, int], np.ndarra
         "neighbors (SCAN, from the clustering: default)":
             lambda x, k, seed: train_neighbors(x, k, trainer_cfg("neighbors", seed, quick)).labels,
         "neighbors (TEMI)": lambda x, k, seed: train_neighbors(x, k, temi_cfg(seed, quick)).labels,
-        "default clustering (estimated sizes)": default,
+        "transport clustering (--method sinkhorn, estimated sizes)": transport,
     }
     try:
         from selflabel.cluster import sinkhorn_cluster

@@ -33,8 +33,10 @@ def test_accuracy_and_nmi_floor(imagenette_runs):
     cfg, summary = imagenette_runs[0]
     assert summary.n_images == 3925 and summary.n_skipped == 0
     m = evaluate_run(cfg.out)["image"]
-    assert m["accuracy"] >= 0.93, m  # the default (estimated sizes): 0.959 at seed 0 (balanced: 0.965)
-    assert m["nmi"] >= 0.88, m  # estimated: 0.909, balanced: 0.917 at seed 0
+    # the default (neighbour heads from the transport clustering) at seed 0: 0.968 / 0.923 (README worked
+    # example); above KMeans(n_init=10) on the same features (0.951 / 0.901) and --method sinkhorn (0.959 / 0.908)
+    assert m["accuracy"] >= 0.955, m
+    assert m["nmi"] >= 0.91, m
     sizes = sorted(summary.cluster_sizes.values())
     assert sizes[0] > 0.5 * 3925 / 10  # balanced classes: estimated sizes stay near 1/K, no empty cluster
 
