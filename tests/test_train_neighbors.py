@@ -252,3 +252,25 @@ def test_shipped_yaml_mirrors_the_defaults():
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "neighbors.yaml")
     assert cfg.cluster.method == "neighbors"
     assert asdict(cfg.neighbors) == asdict(RunConfig().neighbors)
+
+
+def test_mining_takes_the_index_beyond_the_exact_limit(monkeypatch):
+    """One process mines with `knn(method="auto")`: exact up to EXACT_MAX_ROWS, the faiss index beyond (as the
+    curation); here the limit is lowered and the index replaced by a recorder, so no faiss is needed."""
+    import selflabel.neighbors as nbmod
+    from selflabel.distributed import DistContext
+    from selflabel.train.neighbors import mine_neighbors
+
+    x = torch.nn.functional.normalize(torch.from_numpy(blobs()[0]), dim=1)
+    exact = mine_neighbors(x, 5, DistContext())
+    calls = []
+
+    def fake_faiss(queries, k, database=None, *, exclude_self=False, **kw):
+        calls.append((k, exclude_self, kw.get("normalized")))
+        return nbmod.knn_exact(queries, k, database, exclude_self=exclude_self, normalized=True)
+
+    monkeypatch.setattr(nbmod, "EXACT_MAX_ROWS", 50)
+    monkeypatch.setattr(nbmod, "faiss_available", lambda: True)
+    monkeypatch.setattr(nbmod, "knn_faiss", fake_faiss)
+    assert torch.equal(mine_neighbors(x, 5, DistContext()), exact)
+    assert calls == [(5, True, True)]  # 120 rows > 50: the index, on the already normalised rows
