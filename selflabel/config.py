@@ -144,7 +144,7 @@ class NeighborsConfig:
     """Cluster heads trained on mined nearest neighbours of the cached features (SCAN / TEMI)."""
 
     objective: NeighborObjective = "scan"  # scan (Van Gansbeke et al. 2020) | temi (Adaloglou et al. 2023)
-    neighbors: int | None = None  # mined neighbours per image (cosine); None: 20, or N - 1 in a folder of at most 20 images
+    neighbors: int | None = None  # mined neighbours per image (cosine); None: 20, or N // K - 1 when that is fewer (small folders)
     n_heads: int = 10  # heads trained together; the lowest-loss one is kept
     init: NeighborInit = "clustering"  # clustering: heads start from the run's transport clustering and keep its sizes | random (SCAN)
     epochs: int = 30

@@ -73,7 +73,7 @@ def test_label_defaults_to_the_neighbors_method(color_folder, cache_dir, tmp_pat
     assert res.exit_code == 0, res.output
     man = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert man["config"]["cluster"]["method"] == "neighbors" and man["method_info"]["objective"] == "scan"
-    assert man["method_info"]["neighbors"] == 20  # 24 images: the default 20 neighbours fit
+    assert man["method_info"]["neighbors"] == 7  # 24 images, K = 3: a cluster's other members, not 20
     assert (tmp_path / "run" / "neighbors.json").is_file()
     assert sorted(np.bincount([r.cluster for r in read_labels(tmp_path / "run")])) == [8, 8, 8]
 
@@ -88,7 +88,7 @@ def test_the_default_mines_fewer_neighbours_in_a_small_folder(tmp_path, cache_di
     res = _label(root, tmp_path / "run", cache_dir, "--k", "3")
     assert res.exit_code == 0, res.output
     man = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert man["method_info"]["neighbors"] == 8  # 9 images: every other image, not the 20 that cannot exist
+    assert man["method_info"]["neighbors"] == 2  # 9 images, K = 3: a cluster's other members, not 20
     assert sorted(np.bincount([r.cluster for r in read_labels(tmp_path / "run")])) == [3, 3, 3]
     res = _label(root, tmp_path / "run2", cache_dir, "--k", "3", "--set", "neighbors.neighbors=20")
     assert res.exit_code == 2 and "neighbors.neighbors=20 is not valid" in res.output  # an explicit 20 is refused

@@ -274,3 +274,15 @@ def test_mining_takes_the_index_beyond_the_exact_limit(monkeypatch):
     monkeypatch.setattr(nbmod, "knn_faiss", fake_faiss)
     assert torch.equal(mine_neighbors(x, 5, DistContext()), exact)
     assert calls == [(5, True, True)]  # 120 rows > 50: the index, on the already normalised rows
+
+
+def test_default_neighbour_count_is_a_clusters_worth_in_small_folders():
+    from selflabel.train.neighbors import neighbor_count
+
+    cfg = RunConfig().neighbors  # neighbors: null
+    assert neighbor_count(cfg, 10_000, 10) == 20  # SCAN's 20 where clusters are large
+    assert neighbor_count(cfg, 100, 10) == 9  # 10 images a class: the other 9, not 11 strangers more
+    assert neighbor_count(cfg, 9, 3) == 2
+    assert neighbor_count(cfg, 3, 3) == 1  # never below one
+    cfg.neighbors = 5
+    assert neighbor_count(cfg, 100, 10) == 5  # an explicit setting is kept
