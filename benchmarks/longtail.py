@@ -228,8 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 start = cluster_metrics(y, estimated_marginal_cluster(x, sel.k, seed=seed).labels.numpy())
                 sc["t_nmi"].append(start["nmi"])
                 sc["t_accuracy"].append(start["accuracy"])
-                labels = np.asarray(fns[DEFAULT_ROW](x_all[keep], sel.k, seed)) if DEFAULT_ROW in fns else None
-                if labels is not None:
+                if DEFAULT_ROW in fns:  # not with --no-neighbors
+                    labels = np.asarray(fns[DEFAULT_ROW](x_all[keep], sel.k, seed))
                     for key, v in cluster_metrics(y, labels).items():
                         sc[key].append(v)
                     sc["tv"].append(proportion_tv(y, labels))

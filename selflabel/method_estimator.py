@@ -16,19 +16,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .config import RunConfig, apply_overrides
 from .errors import InputError
-from .geometry import Geometry, feature_mean, prepare
-from .methods import cluster_features, get_method, list_methods
-from .result import LabelResult
-
-
-def trivial_result(x: np.ndarray, cfg: RunConfig) -> LabelResult:
-    """The one-cluster labelling of `x`, in the method's geometry."""
-    method = get_method(cfg.cluster.method)
-    mean = feature_mean(x)
-    labels = np.zeros(len(x), dtype=np.int64)
-    geometry = Geometry.from_labels(prepare(x, mean), mean, labels, 1, method.temperature(cfg), method.name)
-    return LabelResult(labels, np.ones(len(x), dtype=np.float32), geometry.prototypes, geometry=geometry,
-                       info={"method": method.name, "trivial": True})
+from .methods import cluster_features, list_methods
 
 
 class SelfLabelClustering(ClusterMixin, TransformerMixin, BaseEstimator):
@@ -64,11 +52,8 @@ class SelfLabelClustering(ClusterMixin, TransformerMixin, BaseEstimator):
             raise ValueError(f"n_samples={X.shape[0]} should be >= n_clusters={self.n_clusters}")
         cfg.cluster.k = k = int(self.n_clusters)
         x = np.array(X, dtype=np.float32, order="C", copy=True)  # our own writable copy (X may be a read-only memmap)
-        if k == 1:  # one cluster holds every row (the trainers need two heads' worth of classes)
-            res = trivial_result(x, cfg)
-        else:
-            with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
-                res = cluster_features(x, k, cfg)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was; k = 1: one trivial cluster
+            res = cluster_features(x, k, cfg)
         self.labels_ = np.asarray(res.labels, dtype=np.int64)
         self.geometry_ = res.geometry
         self.cluster_centers_ = res.geometry.prototypes
