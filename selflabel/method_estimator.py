@@ -20,10 +20,10 @@ from .methods import cluster_features, list_methods
 
 
 class SelfLabelClustering(ClusterMixin, TransformerMixin, BaseEstimator):
-    """Cluster rows with a registered method (sinkhorn, kmeans, sela, swav) and the run config's
-    defaults; `overrides` are `--set` strings ("sela.epochs=10") or a nested dict."""
+    """Cluster rows with a registered method (neighbors, the run's default; sinkhorn, kmeans, sela, swav)
+    and the run config's defaults; `overrides` are `--set` strings ("sela.epochs=10") or a nested dict."""
 
-    def __init__(self, method: str = "sela", n_clusters: int = 8, *, overrides: Any = None, random_state=None) -> None:
+    def __init__(self, method: str = "neighbors", n_clusters: int = 8, *, overrides: Any = None, random_state=None) -> None:
         self.method = method
         self.n_clusters = n_clusters
         self.overrides = overrides

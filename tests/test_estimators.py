@@ -16,6 +16,7 @@ from selflabel.geometry import prepare
 # rows, which that check forbids; its balanced final assignment (swav.final_assign=sinkhorn) passes.
 @parametrize_with_checks([
     SinkhornKMeans(n_clusters=3, random_state=0),
+    SelfLabelClustering(n_clusters=3, overrides=["neighbors.epochs=3", "neighbors.self_label_epochs=1"], random_state=0),
     SelfLabelClustering("sela", 3, overrides=["sela.epochs=3"], random_state=0),
     SelfLabelClustering("swav", 3, overrides=["swav.epochs=3", "swav.final_assign=sinkhorn"], random_state=0),
 ])
@@ -58,10 +59,24 @@ def test_prior_sets_the_cluster_sizes_and_random_state_reproduces():
         SinkhornKMeans(n_clusters=4).fit(x[:3])
 
 
-@pytest.mark.parametrize("method", ["sinkhorn", "kmeans", "sela", "swav"])
+def test_the_default_method_is_the_runs():
+    """Scripted from Python, the estimator clusters as `selflabel label` does unless told otherwise."""
+    from selflabel.config import RunConfig
+    from selflabel.methods import cluster_features
+
+    assert SelfLabelClustering().method == RunConfig().cluster.method == "neighbors"
+    x, _ = blobs(n=400, k=4)
+    est = SelfLabelClustering(n_clusters=4, random_state=0).fit(x)
+    cfg = est._config()
+    cfg.cluster.k = 4
+    np.testing.assert_array_equal(est.labels_, cluster_features(x.astype(np.float32), 4, cfg).labels)
+
+
+@pytest.mark.parametrize("method", ["neighbors", "sinkhorn", "kmeans", "sela", "swav"])
 def test_every_registered_method_as_an_estimator(method):
     x, y = blobs(n=400, k=4)
-    est = SelfLabelClustering(method, 4, overrides=["sela.epochs=5", "swav.epochs=5"], random_state=0).fit(x)
+    est = SelfLabelClustering(method, 4, overrides=["sela.epochs=5", "swav.epochs=5", "neighbors.epochs=5"],
+                              random_state=0).fit(x)
     assert adjusted_rand_score(y, est.labels_) > 0.95, method
     assert (est.predict(x) == est.labels_).mean() > 0.95  # the stored geometry places rows as the method did
     assert est.geometry_.method == method and est.cluster_centers_.shape == (4, 16)
