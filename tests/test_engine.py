@@ -219,3 +219,48 @@ def test_export_name_follows_the_backbone_code_and_variant(monkeypatch):
     assert export.export_name(bb, 64, 96) != name
     monkeypatch.setattr(export, "_module_digest", lambda cls: "edited")
     assert export.export_name(bb, 64, 64) != name
+
+
+def test_parity_rule_measures_a_reduced_precision_engine_against_the_fallback():
+    """Below the fixed bf16 threshold an engine passes only when it is no further from torch fp32 than
+    torch's own bf16 run (the fallback), and never below the floor."""
+    assert runners.parity_failure("dense", 0.995, 0.99) is None
+    assert "0.9853 < 0.99" in runners.parity_failure("dense", 0.9853, 0.99)  # no fallback measured: fails
+    assert runners.parity_failure("dense", 0.9853, 0.99, fallback_cos=0.9864) is None  # CIFAR frames, this CPU
+    assert runners.parity_failure("dense", 0.9816, 0.99, fallback_cos=0.9609) is None  # closer than the fallback
+    why = runners.parity_failure("dense", 0.97, 0.99, fallback_cos=0.995)  # 6x the fallback's deviation
+    assert why and "further from it than torch's own run" in why and "0.9950" in why
+    assert runners.parity_failure("dense", 0.94, 0.99, fallback_cos=0.93) is not None  # below the floor
+
+
+def _bf16_engine(noise: float):
+    """A stand-in compiled engine: torch's own bf16 outputs, plus `noise` x their norm of Gaussian noise."""
+    def compile_(self, path, pixels=False):
+        tr = TorchRunner(self.backbone, CPU, "bf16")
+        gen = torch.Generator().manual_seed(0)
+
+        def run(x):
+            out = tr(torch.from_numpy(x))
+            outs = []
+            for o in (out.global_feat, out.dense, out.saliency):
+                e = torch.randn(o.shape, generator=gen)
+                outs.append((o + noise * e * o.norm() / e.norm()).numpy())
+            return outs
+        return run
+    return compile_
+
+
+@needs_engine
+@pytest.mark.parametrize("noise, keeps_engine", [(0.0, True), (0.05, False)])
+def test_bf16_engine_as_close_as_torch_bf16_is_kept(tmp_path, monkeypatch, noise, keeps_engine):
+    """With a threshold no bf16 run meets, an engine giving torch's bf16 outputs is kept (falling back
+    would buy no accuracy, only cost speed); one that adds its own error on top falls back, with the reason."""
+    monkeypatch.setattr(runners, "PARITY_BF16", 0.999999)
+    monkeypatch.setattr(runners.EngineRunner, "_compile", _bf16_engine(noise))
+    bb = create_backbone("tiny")
+    x = _photos(bb, n=4, size=64)
+    runner = make_runner(bb, CPU, EngineSpec(ENGINES[0], "bf16"), tmp_path)
+    got = runner(x)
+    assert runner.active.engine == (ENGINES[0] if keeps_engine else "torch")
+    ref = TorchRunner(bb, CPU, "bf16")(x)
+    assert cosine_per_image(got.dense.numpy(), ref.dense.numpy()).min() > (0.9999 if keeps_engine else 0.99)
