@@ -7,7 +7,9 @@ modularity on the image-neighbour graph.**
    (K0 = ``min(n_small, N // 3)``, 40 by default), as the dense path does for parts.
 2. Build the cluster-affinity graph: edge (a, b) weighs how many of the ``knn`` nearest neighbours
    (cosine) of the images of cluster a lie in cluster b, symmetrised (Leopart's co-occurrence graph
-   at image level; self-loops kept).
+   at image level; self-loops kept). In a small folder ``knn`` shrinks to the small clusters' mean size
+   (N // K0, at least ``MIN_KNN``): 10 neighbours of an image in a folder of 10 per class are half
+   strangers, and their links merge classes (the shipped 100-photo sample: K = 6 of 10 at 10, 7-9 at 3).
 3. Merge the small clusters by average linkage on the cosine distance of their means (the merge the
    clustering itself uses) and score each cut K = 2 .. ``max_k`` by the modularity (Newman 2006) of
    the partition it induces on the graph. The chosen K is the argmax: the grouping whose clusters
@@ -30,7 +32,15 @@ from .affinity import affinity_graph, knn_indices, modularity, sample_rows
 from .imbalanced import OVERCLUSTER_ITERS, OVERCLUSTER_SIZE_TOL, cluster_sums, transport_kmeans
 from .kmeans import kmeanspp_init
 
-__all__ = ["KSelection", "choose_k"]
+__all__ = ["KSelection", "choose_k", "graph_neighbors"]
+
+MIN_KNN = 3  # the fewest neighbours per image of the graph, however small the folder
+
+
+def graph_neighbors(knn: int, n: int, k0: int) -> int:
+    """Neighbours per image of the affinity graph: `knn`, or the small clusters' mean size n // k0 when
+    that is fewer (never below MIN_KNN, never n or more)."""
+    return max(1, min(knn, max(MIN_KNN, n // max(k0, 1)), n - 1))
 
 
 @dataclass
@@ -66,6 +76,7 @@ def choose_k(x: Tensor, *, seed: int = 0, eps: float = 0.05, n_small: int = 40, 
     if len(full) < 3:
         return KSelection(len(full), f"only {len(full)} non-empty small clusters: K = {len(full)}", [], k0, n)
     rows = sample_rows(n, max_graph, seed)
+    knn = graph_neighbors(knn, len(rows), k0)
     nbrs = knn_indices(x[torch.as_tensor(rows)], knn).numpy()
     w = affinity_graph(labels[rows], nbrs, k0)[np.ix_(full, full)]
     means = sums.cpu().numpy()[full]

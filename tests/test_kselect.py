@@ -28,6 +28,20 @@ def test_chosen_k_follows_the_data():
     assert choose_k(x, seed=0).k == 3
 
 
+def test_small_folder_links_images_to_a_cluster_s_worth_of_neighbours():
+    """Ten groups of ten: the graph takes N // K0 = 3 neighbours, not 10 (half of them strangers, whose
+    links merged groups: 8-9 of 10 found), and K is right for every draw."""
+    from selflabel.kselect import graph_neighbors
+
+    assert graph_neighbors(10, 100, 33) == 3 and graph_neighbors(10, 4000, 40) == 10
+    assert graph_neighbors(10, 40, 13) == 3 and graph_neighbors(10, 3, 1) == 2  # the floor; never n or more
+    for seed in range(3):
+        x, _ = mixture([0.1] * 10, n=100, spread=0.6, seed=seed)
+        sel = choose_k(x, seed=0)
+        assert sel.k == 10, (seed, sel.reason)
+        assert "3-nearest-neighbour graph of 100 images" in sel.reason
+
+
 def test_identical_images_give_one_cluster():
     x = torch.zeros(40, 16)  # a folder of copies: all features equal, zero after centring
     sel = choose_k(x, seed=0)
