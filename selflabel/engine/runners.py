@@ -219,19 +219,16 @@ class EngineRunner:
             return False
         if got is not None:
             normalized = self._normalized(sample) if pixels else sample
-            ref = self._torch_fp32(normalized)
+            ref = _arrays(self._torch_fp32(normalized))
             need = PARITY_FP32 if self.spec.precision == "fp32" else PARITY_BF16
-            cosines: dict[str, float] = {}
-            for name, g, r in zip(OUTPUTS, got, (ref.global_feat, ref.dense, ref.saliency)):
-                if g.shape != tuple(r.shape):
-                    self.fall_back(f"{name} shape {g.shape} differs from torch's {tuple(r.shape)}")
+            for name, g, r in zip(OUTPUTS, got, ref):
+                if g.shape != r.shape:
+                    self.fall_back(f"{name} shape {g.shape} differs from torch's {r.shape}")
                     return False
-                cosines[name] = float(cosine_per_image(g, r.numpy()).min())
+            cosines = _min_cosines(got, ref)
             fallback = None
             if self.spec.precision != "fp32" and min(cosines.values()) < need:  # only then: one more small forward
-                out = TorchRunner(self.backbone, torch.device("cpu"), self.spec.precision)(normalized)
-                fallback = {name: float(cosine_per_image(o.numpy(), r.numpy()).min()) for name, o, r in
-                            zip(OUTPUTS, (out.global_feat, out.dense, out.saliency), (ref.global_feat, ref.dense, ref.saliency))}
+                fallback = _min_cosines(_arrays(TorchRunner(self.backbone, torch.device("cpu"), self.spec.precision)(normalized)), ref)
             for name, cos in cosines.items():
                 why = parity_failure(name, cos, need, None if fallback is None else fallback[name])
                 if why is not None:
@@ -278,6 +275,16 @@ class EngineRunner:
             self.fall_back(f"{type(exc).__name__}: {exc}")
             return self._fallback(self._normalized(x))
         return BackboneOutput(torch.from_numpy(g), torch.from_numpy(d), torch.from_numpy(s))
+
+
+def _arrays(out: BackboneOutput) -> tuple[np.ndarray, ...]:
+    """A runner's three outputs as arrays, in the order of `OUTPUTS`."""
+    return out.global_feat.numpy(), out.dense.numpy(), out.saliency.numpy()
+
+
+def _min_cosines(got, ref) -> dict[str, float]:
+    """Output name -> the smallest per-image cosine of `got` to `ref` (both in the order of `OUTPUTS`)."""
+    return {name: float(cosine_per_image(g, r).min()) for name, g, r in zip(OUTPUTS, got, ref)}
 
 
 def pixel_input(model, mean, std):
