@@ -8,14 +8,17 @@ input layer) and K = the number of classes. Scores: NMI, ARI, Hungarian accuracy
 
     python -m benchmarks.quality [--quick] [--datasets imagenette-val cifar10-test] [--seeds 3] [--threads 1]
                                  [--backbone mobilenet_v2] [--methods k-means neighbors] [--features plain flip concat]
-                                 [--output NAME]
+                                 [--image-size 160 224] [--crop 0.875 1] [--output NAME]
 
 --methods: only the methods whose name contains one of these words (case-insensitive).
 --features: feature variants, each a full table block: plain (the backbone's cached features), flip (the
 library's `backbone.tta=flip`: the mean of the image's and its horizontal mirror's features), concat (mobilenet_v2 and efficientnet_lite2
 features side by side, each row L2-normalised: the library's ensemble `--backbone mobilenet_v2+efficientnet_lite2`).
---output: the result file's name (benchmarks/results/NAME.md) instead of the one built from --quick, --backbone
-and --methods (quality[-quick][-BACKBONE][-METHODS]), e.g. so that a concat-only run does not replace the plain
+--image-size: the network's input side(s) (`backbone.image_size`: short side to size / 0.875, centre crop),
+each a table block; several are compared side by side in one run. --crop: the share(s) of the short side
+the centre crop keeps (`backbone.crop`: 0.875 ImageNet evaluation, 1 the whole short side), likewise.
+--output: the result file's name (benchmarks/results/NAME.md) instead of the one built from --quick, --backbone,
+--image-size and --methods (quality[-quick][-BACKBONE][-sSIZE...][-cropC...][-METHODS]), e.g. so that a concat-only run does not replace the plain
 table of the same backbone and methods.
 
 --quick: a class-balanced 2,000-image subset of each data set, 2 seeds and fewer epochs (a smoke run of
@@ -42,30 +45,35 @@ WARD_MAX = 10_000  # Ward is O(N^2) memory: subsample above this many images
 FEATURES_FROM: dict[str, str] = {}  # "data set backbone[ tta]" -> "engine precision" of the features used
 
 
-def load_features(name: str, backbone: str = "mobilenet_v2", tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
+def load_features(name: str, backbone: str = "mobilenet_v2", tta: str = "none",
+                  image_size: int | None = None, crop: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cached backbone features of a shared data set and its ground truth (class folder names, asked for
     with gt="folders": folder names are not labels unless asked). `tta='flip'`: the library's flip
-    test-time averaging (`backbone.tta`), cached apart."""
+    test-time averaging (`backbone.tta`), cached apart. `image_size`: the network's input side
+    (`backbone.image_size`; None: the backbone's own); `crop`: the share of the short side kept
+    (`backbone.crop`; None: 0.875)."""
     from selflabel.backbones import create_backbone
     from selflabel.data import scan_folder
     from selflabel.features import extract_features
 
     scan = scan_folder(shared_data(name), gt="folders")
-    fr = extract_features(scan.records, create_backbone(backbone), device="cpu", show_progress=False, tta=tta)
+    fr = extract_features(scan.records, create_backbone(backbone, image_size=image_size, crop_ratio=crop), device="cpu",
+                          show_progress=False, tta=tta)
     on = fr.computed_on  # the engine whose cache served them: an engine that fails its parity check falls back to torch
-    FEATURES_FROM[f"{name} {backbone}" + ("" if tta == "none" else f" {tta}")] = f"{on.get('engine')} {on.get('precision')}"
+    FEATURES_FROM[f"{name} {backbone}" + ("" if tta == "none" else f" {tta}") + (f" {image_size} px" if image_size else "") + (f" crop {crop:g}" if crop else "")] = f"{on.get('engine')} {on.get('precision')}"
     return np.asarray(fr.features, dtype=np.float32), np.array([r.gt for r in fr.records])
 
 
-def feature_variant(name: str, variant: str, backbone: str) -> tuple[np.ndarray, np.ndarray]:
-    """(features, ground truth) of one feature variant (see --features)."""
+def feature_variant(name: str, variant: str, backbone: str, image_size: int | None = None,
+                    crop: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(features, ground truth) of one feature variant (see --features) at input side `image_size`, centre crop `crop`."""
     from selflabel.ensemble import combine_blocks
 
-    x, y = load_features(name, backbone)
+    x, y = load_features(name, backbone, image_size=image_size, crop=crop)
     if variant == "plain":
         return x, y
     if variant == "flip":
-        return load_features(name, backbone, tta="flip")
+        return load_features(name, backbone, tta="flip", image_size=image_size, crop=crop)
     if variant == "concat":
         other = "efficientnet_lite2" if backbone != "efficientnet_lite2" else "mobilenet_v2"
         x2, y2 = load_features(name, other)
@@ -184,6 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="class-balanced subset of each data set of at most this many images (quick: 2000)")
     ap.add_argument("--backbone", default="mobilenet_v2")
     ap.add_argument("--methods", nargs="+", default=None, help="only methods whose name contains one of these")
+    ap.add_argument("--image-size", type=int, nargs="+", default=[None],
+                    help="the network's input side(s) in pixels, compared side by side (backbone.image_size; "
+                         "default: the backbone's own)")
+    ap.add_argument("--crop", type=float, nargs="+", default=[None],
+                    help="share(s) of the short side the centre crop keeps, compared side by side (backbone.crop; default 0.875)")
     ap.add_argument("--features", nargs="+", default=["plain"], help="feature variants: plain flip concat")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch and BLAS/OpenMP threads for every method (default: the libraries' own)")
@@ -206,9 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     chosen = {m: fn for m, fn in methods(args.quick).items()
               if not args.methods or any(w.lower() in m.lower() for w in args.methods)}
-    for name, variant in [(d, v) for d in args.datasets for v in args.features]:
+    for name, variant, size, crop in [(d, v, s, c) for d in args.datasets for v in args.features for s in args.image_size
+                                      for c in args.crop]:
         t0 = time.perf_counter()
-        x, y = feature_variant(name, variant, args.backbone)
+        x, y = feature_variant(name, variant, args.backbone, size, crop)
         cap = args.max_images or (2000 if args.quick else None)
         if cap and cap < len(y):
             keep = balanced_subset(y, cap)
@@ -224,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scores["time"].append(time.perf_counter() - t)
                 for key, v in cluster_metrics(y, labels).items():
                     scores[key].append(v)
-            rows.append([name if variant == "plain" else f"{name} ({variant})", method, len(seeds), pm(scores["nmi"]), pm(scores["ari"]), pm(scores["accuracy"]),
+            shown = name + ("" if variant == "plain" else f" ({variant})") + (f" at {size} px" if size else "") + (f", crop {crop:g}" if crop else "")
+            rows.append([shown, method, len(seeds), pm(scores["nmi"]), pm(scores["ari"]), pm(scores["accuracy"]),
                          f"{np.mean(scores['time']):.1f}"])
             print(" | ".join(map(str, rows[-1])), file=sys.stderr)
     table = markdown_table(["data set", "method", "seeds", "NMI", "ARI", "accuracy", "time (s)"], rows)
@@ -243,8 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         table, "",
     ])
     suffix = "" if args.backbone == "mobilenet_v2" else f"-{args.backbone}"
+    suffix += "".join(f"-s{s}" for s in args.image_size if s) + "".join(f"-crop{c:g}" for c in args.crop if c)
     if args.methods:  # a subset of the methods keeps the full table as it is
-        suffix += "-" + "-".join(w.lower() for w in args.methods)
+        suffix += "-" + "-".join(w.lower().replace(" ", "-") for w in args.methods)
     write_result(args.output or (("quality-quick" if args.quick else "quality") + suffix), text)
     return 0
 

@@ -138,7 +138,7 @@ def assign_folder(run_dir: str | Path, folder: str | Path, out: str | Path, *, u
     scan = scan_folder(folder, follow_symlinks=cfg.ingest.follow_symlinks,
                        gt=None if cfg.ingest.gt == "none" else cfg.ingest.gt)  # as the labelling run was asked
     b = cfg.backbone
-    backbone = create_feature_source(b.name, b.weights, b.image_size)
+    backbone = create_feature_source(b.name, b.weights, b.image_size, b.crop)
     labelled_with = str(manifest["backbone"]["cache_key"])
     if not same_weights(backbone, labelled_with):  # the weights, not the preprocessing
         raise InputError(f"backbone {b.name}: its weights differ from the ones {run_dir} was labelled with "

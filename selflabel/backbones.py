@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_BACKBONE = "mobilenet_v2"
+DEFAULT_CROP_RATIO = 0.875  # ImageNet evaluation: short side to size / 0.875, centre crop of size
 DOWNLOAD_TIMEOUT_S = float(os.environ.get("SELFLABEL_DOWNLOAD_TIMEOUT", "5"))
 
 
@@ -49,14 +50,15 @@ class Backbone(nn.Module):
     dim: int = 0
     dense_dim: int = 0
     image_size: int = 224
+    crop_ratio: float = DEFAULT_CROP_RATIO  # share of the short side the centre crop keeps (global features)
     stride: int = 32
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     weights_id: str = "random"  # identifies the weights in cache keys
 
     def make_transform(self, size: int | None = None, crop: bool = True) -> Callable:
-        """PIL -> normalised tensor. crop=True: resize short side to size/0.875 then centre-crop
-        (ImageNet eval); crop=False: resize the whole image to size x size (dense maps)."""
+        """PIL -> normalised tensor. crop=True: resize short side to size / `crop_ratio` then centre-crop
+        (ImageNet eval at 0.875); crop=False: resize the whole image to size x size (dense maps)."""
         size = size or self.image_size
         if crop:  # the uint8 pixels of `make_pixels`, normalised: both paths give the same tensor
             return CropPixels(self.decode_size(size), size, tuple(self.mean), tuple(self.std))
@@ -81,11 +83,12 @@ class Backbone(nn.Module):
 
     def decode_size(self, size: int | None = None) -> int:
         """Smallest side the decoder must deliver for `make_transform(size, crop=True)` (JPEG draft mode)."""
-        return int(round((size or self.image_size) / 0.875))
+        return int(round((size or self.image_size) / self.crop_ratio))
 
     def cache_key(self, size: int | None = None, crop: bool = True) -> str:
         """Identifies weights + preprocessing (JPEG draft decoding included), so cached features are reused only when valid."""
-        return f"{self.name}-{self.weights_id}-s{size or self.image_size}-{'crop' if crop else 'full'}-draft{'-tv' if crop else ''}"
+        ratio = f"{self.crop_ratio:g}" if crop and self.crop_ratio != DEFAULT_CROP_RATIO else ""  # 0.875 keys unchanged
+        return f"{self.name}-{self.weights_id}-s{size or self.image_size}-{'crop' if crop else 'full'}{ratio}-draft{'-tv' if crop else ''}"
 
     @property
     def variant(self) -> str:
@@ -389,14 +392,18 @@ def list_backbones() -> dict[str, str]:
     return dict(_DESCRIPTIONS)
 
 
-def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None, image_size: int | None = None) -> Backbone:
-    """Build a backbone by name in eval mode. Raises InputError for an unknown name and
-    BackboneUnavailable when its weights cannot be found or fetched."""
+def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None, image_size: int | None = None,
+                    crop_ratio: float | None = None) -> Backbone:
+    """Build a backbone by name in eval mode (`image_size`, `crop_ratio`: its input side and centre crop;
+    None: its own). Raises InputError for an unknown name and BackboneUnavailable when its weights
+    cannot be found or fetched."""
     if name not in _REGISTRY:
         raise InputError(f"unknown backbone '{name}' (known: {', '.join(sorted(_REGISTRY))})")
     bb = _REGISTRY[name](weights=weights)
     if image_size:
         bb.image_size = int(image_size)
+    if crop_ratio is not None:
+        bb.crop_ratio = float(crop_ratio)
     return bb.eval()
 
 

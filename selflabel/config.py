@@ -60,6 +60,7 @@ class BackboneConfig:
     name: str = "mobilenet_v2"
     weights: str | None = None
     image_size: int | None = None  # None: the backbone's own
+    crop: float = 0.875  # share of the short side the centre crop keeps: 0.875 ImageNet evaluation; 1.0 the whole short side (small, tightly framed images: README "Method: neighbour heads")
     batch_size: int = 64
     num_workers: int = -1  # -1: min(4, cpu count)
     amp: Amp = "auto"
@@ -372,6 +373,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     crops = cfg.swav.nmb_crops
     if not 1 <= len(crops) <= 2 or crops[0] < 2 or min(crops) < 0:
         raise bad("swav.nmb_crops", crops, "[large, small]: at least 2 large views, small views 0 or more")
+    if not 0.5 <= cfg.backbone.crop <= 1.0:
+        raise bad("backbone.crop", cfg.backbone.crop, "a share of the short side in [0.5, 1.0]: 0.875 ImageNet's centre crop, 1.0 no margin cut")
     if cfg.backbone.image_size is not None and cfg.backbone.image_size < 16:
         raise bad("backbone.image_size", cfg.backbone.image_size, "at least 16, or null for the backbone's own")
     if not _DEVICE_RE.fullmatch(str(cfg.backbone.device)):

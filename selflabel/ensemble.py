@@ -109,12 +109,14 @@ class BackboneEnsemble:
 FeatureSource = Backbone | BackboneEnsemble
 
 
-def create_feature_source(name: str, weights: str | None = None, image_size: int | None = None) -> FeatureSource:
-    """`create_backbone` for one name, a `BackboneEnsemble` of its members for 'a+b'."""
+def create_feature_source(name: str, weights: str | None = None, image_size: int | None = None,
+                          crop_ratio: float | None = None) -> FeatureSource:
+    """`create_backbone` for one name, a `BackboneEnsemble` of its members for 'a+b' (each at its own
+    input size; `crop_ratio` applies to every member)."""
     if not is_ensemble(name):
-        return create_backbone(name, weights, image_size)
+        return create_backbone(name, weights, image_size, crop_ratio)
     check_backbone_name(name, weights, image_size)
-    return BackboneEnsemble([create_backbone(n) for n in member_names(name)])
+    return BackboneEnsemble([create_backbone(n, crop_ratio=crop_ratio) for n in member_names(name)])
 
 
 def first_backbone(source: FeatureSource) -> Backbone:

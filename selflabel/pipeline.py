@@ -124,7 +124,7 @@ def _label_folder(cfg: RunConfig, ctx) -> RunSummary:
 
     t = time.perf_counter()
     device = device_for(ctx, cfg.backbone.device)
-    backbone = create_feature_source(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.image_size)
+    backbone = create_feature_source(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.image_size, cfg.backbone.crop)
     timings["load_backbone"] = time.perf_counter() - t
 
     t = time.perf_counter()

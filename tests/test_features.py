@@ -208,3 +208,48 @@ def test_flip_tta_averages_each_image_with_its_mirror(tmp_path, cache_dir):
     assert feature_cache_key(bb, EngineSpec("torch", "fp32"), "flip") != feature_cache_key(bb, EngineSpec("torch", "fp32"))
     with pytest.raises(ValueError, match="tta 'mirror' is not one of none, flip"):
         _extract(scan_folder(plain).records, cache_dir, tta="mirror")
+
+
+def test_crop_ratio_one_keeps_the_whole_frame_and_is_cached_apart(tmp_path, cache_dir):
+    """backbone.crop = 1.0: the short side is resized to the input size and nothing of a square frame is
+    cut (a 1-px border survives); 0.875 (ImageNet's evaluation crop) cuts it. Features of the two are
+    cached apart, and the 0.875 key is the one earlier versions wrote."""
+    from PIL import Image
+
+    from selflabel.config import RunConfig, validate
+
+    arr = np.zeros((32, 32, 3), np.uint8)
+    arr[[0, -1], :] = arr[:, [0, -1]] = [255, 0, 0]
+    img = Image.fromarray(arr)
+    full = create_backbone("mobilenet_v2", image_size=160, crop_ratio=1.0)
+    eval_crop = create_backbone("mobilenet_v2", image_size=160)
+    a, b = full.make_pixels()(img), eval_crop.make_pixels()(img)
+    assert a.shape == b.shape == (3, 160, 160)
+    assert a[0, 0, 0] > 200 and a[0, -1, 80] > 200 and a[0, 80, -1] > 200  # the border is there
+    assert b[0, 0, 0] < 20 and b[0, :, :5].max() < 20  # cut
+    assert full.decode_size() == 160 and eval_crop.decode_size() == 183
+    assert eval_crop.cache_key() == f"mobilenet_v2-{eval_crop.weights_id}-s160-crop-draft-tv"
+    assert full.cache_key() == f"mobilenet_v2-{full.weights_id}-s160-crop1-draft-tv"
+    for i in range(3):
+        img.save(tmp_path / f"{i}.png") if i == 0 else Image.fromarray(np.roll(arr, i, 0)).save(tmp_path / f"{i}.png")
+    recs = scan_folder(tmp_path).records
+    kw = dict(engine="torch", amp="fp32", batch_size=8, num_workers=0, cache_dir=cache_dir, show_progress=False)
+    tiny, tiny_full = create_backbone("tiny", None, 32), create_backbone("tiny", None, 32, 1.0)
+    assert extract_features(recs, tiny, **kw).n_computed == 3
+    other = extract_features(recs, tiny_full, **kw)
+    assert other.n_computed == 3  # not served from the 0.875 cache
+    assert np.abs(other.features - extract_features(recs, tiny, **kw).features).max() > 1e-4
+    cfg = RunConfig()
+    cfg.backbone.crop = 0.3
+    with pytest.raises(InputError, match=r"backbone.crop: 0.3 is not allowed \(a share of the short side in \[0.5, 1.0\]"):
+        validate(cfg)
+
+
+def test_the_run_and_an_ensemble_use_the_crop_setting():
+    """`--set backbone.crop=1` reaches the backbone of a run, and every member of an ensemble."""
+    from selflabel.ensemble import create_feature_source
+
+    assert create_feature_source("tiny", None, None, 1.0).crop_ratio == 1.0
+    ens = create_feature_source("mobilenet_v2+efficientnet_lite0", None, None, 1.0)
+    assert [m.crop_ratio for m in ens.members] == [1.0, 1.0]
+    assert create_feature_source("tiny").crop_ratio == 0.875
