@@ -45,6 +45,11 @@ WARD_MAX = 10_000  # Ward is O(N^2) memory: subsample above this many images
 FEATURES_FROM: dict[str, str] = {}  # "data set backbone[ tta]" -> "engine precision" of the features used
 
 
+def input_setting(image_size: int | None, crop: float | None) -> str:
+    """' at 160 px, crop 1' for a non-default input side and crop ('' for the backbone's own), in row names."""
+    return (f" at {image_size} px" if image_size else "") + (f", crop {crop:g}" if crop else "")
+
+
 def load_features(name: str, backbone: str = "mobilenet_v2", tta: str = "none",
                   image_size: int | None = None, crop: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cached backbone features of a shared data set and its ground truth (class folder names, asked for
@@ -60,7 +65,8 @@ def load_features(name: str, backbone: str = "mobilenet_v2", tta: str = "none",
     fr = extract_features(scan.records, create_backbone(backbone, image_size=image_size, crop_ratio=crop), device="cpu",
                           show_progress=False, tta=tta)
     on = fr.computed_on  # the engine whose cache served them: an engine that fails its parity check falls back to torch
-    FEATURES_FROM[f"{name} {backbone}" + ("" if tta == "none" else f" {tta}") + (f" {image_size} px" if image_size else "") + (f" crop {crop:g}" if crop else "")] = f"{on.get('engine')} {on.get('precision')}"
+    FEATURES_FROM[f"{name} {backbone}" + ("" if tta == "none" else f" {tta}") + input_setting(image_size, crop)] = \
+        f"{on.get('engine')} {on.get('precision')}"
     return np.asarray(fr.features, dtype=np.float32), np.array([r.gt for r in fr.records])
 
 
@@ -238,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scores["time"].append(time.perf_counter() - t)
                 for key, v in cluster_metrics(y, labels).items():
                     scores[key].append(v)
-            shown = name + ("" if variant == "plain" else f" ({variant})") + (f" at {size} px" if size else "") + (f", crop {crop:g}" if crop else "")
+            shown = name + ("" if variant == "plain" else f" ({variant})") + input_setting(size, crop)
             rows.append([shown, method, len(seeds), pm(scores["nmi"]), pm(scores["ari"]), pm(scores["accuracy"]),
                          f"{np.mean(scores['time']):.1f}"])
             print(" | ".join(map(str, rows[-1])), file=sys.stderr)

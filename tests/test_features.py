@@ -231,7 +231,7 @@ def test_crop_ratio_one_keeps_the_whole_frame_and_is_cached_apart(tmp_path, cach
     assert eval_crop.cache_key() == f"mobilenet_v2-{eval_crop.weights_id}-s160-crop-draft-tv"
     assert full.cache_key() == f"mobilenet_v2-{full.weights_id}-s160-crop1-draft-tv"
     for i in range(3):
-        img.save(tmp_path / f"{i}.png") if i == 0 else Image.fromarray(np.roll(arr, i, 0)).save(tmp_path / f"{i}.png")
+        Image.fromarray(np.roll(arr, i, 0)).save(tmp_path / f"{i}.png")
     recs = scan_folder(tmp_path).records
     kw = dict(engine="torch", amp="fp32", batch_size=8, num_workers=0, cache_dir=cache_dir, show_progress=False)
     tiny, tiny_full = create_backbone("tiny", None, 32), create_backbone("tiny", None, 32, 1.0)
